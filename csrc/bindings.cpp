@@ -1,0 +1,87 @@
+// Python module `ema_cuda._C`.  Importing it registers the ops (the
+// TORCH_LIBRARY blocks in the other files) and exposes `ListUpdater`, the
+// hot-path object that holds both tensor lists so that a per-step update
+// passes no lists through the dispatcher.
+#include <torch/extension.h>
+
+#include "ema_update.h"
+
+namespace ema_cuda {
+namespace {
+
+constexpr const char* kUpdaterName = "ema_cuda.ListUpdater.update";
+
+class ListUpdater {
+ public:
+  ListUpdater(std::vector<at::Tensor> ema, std::vector<at::Tensor> model)
+      : ema_(std::move(ema)), model_(std::move(model)) {
+    refresh();
+  }
+
+  void update(double decay) {
+    check_decay(kUpdaterName, decay);
+    ensure_plan();
+    release_gil_and_run(nullptr, decay);
+  }
+
+  void update_tensor(const at::Tensor& decay) {
+    check_decay_tensor(kUpdaterName, decay, ema_);
+    double value = 0.0;
+    if (!decay.is_cuda()) {
+      value = decay.item<double>();
+      check_decay(kUpdaterName, value);
+    }
+    ensure_plan();
+    release_gil_and_run(decay.is_cuda() ? &decay : nullptr, value);
+  }
+
+  int64_t num_tensors() const { return static_cast<int64_t>(ema_.size()); }
+  int64_t num_elements() const { return plan_->num_elements; }
+  int64_t num_chunks() const { return plan_->num_chunks; }
+  int64_t rebuilds() const { return rebuilds_; }
+
+ private:
+  // The tensors are held here, so their storages stay alive; but a tensor's
+  // storage can still be swapped (`p.data = ...`, `set_`, `module.to()`
+  // on a parameter).  Comparing the plan's signature with the live tensors
+  // is O(tensors) pointer reads and catches every such change.
+  void ensure_plan() {
+    const int64_t chunk = ema_.empty() ? kCpuChunk : chunk_size_for(ema_[0].device());
+    if (!plan_->matches(ema_, model_, chunk)) refresh();
+  }
+
+  void refresh() {
+    check_lists(kUpdaterName, ema_, model_);
+    const int64_t chunk = ema_.empty() ? kCpuChunk : chunk_size_for(ema_[0].device());
+    plan_ = get_plan(kUpdaterName, ema_, model_, chunk);
+    ++rebuilds_;
+  }
+
+  void release_gil_and_run(const at::Tensor* decay_tensor, double decay) {
+    pybind11::gil_scoped_release no_gil;
+    run_update(*plan_, decay_tensor, decay);
+  }
+
+  std::vector<at::Tensor> ema_, model_;
+  PlanPtr plan_;
+  int64_t rebuilds_ = -1;  // the constructor's build is not a rebuild
+};
+
+}  // namespace
+}  // namespace ema_cuda
+
+PYBIND11_MODULE(_C, m) {
+  using ema_cuda::ListUpdater;
+  m.doc() = "Compiled kernels of ema_cuda (ops are under torch.ops.ema_cuda).";
+  m.def("cuda_compiled", &ema_cuda::cuda_compiled,
+        "True when this build contains the CUDA kernel.");
+  pybind11::class_<ListUpdater>(m, "ListUpdater")
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>>(),
+           pybind11::arg("ema"), pybind11::arg("model"))
+      .def("update", &ListUpdater::update, pybind11::arg("decay"))
+      .def("update_tensor", &ListUpdater::update_tensor, pybind11::arg("decay"))
+      .def_property_readonly("num_tensors", &ListUpdater::num_tensors)
+      .def_property_readonly("num_elements", &ListUpdater::num_elements)
+      .def_property_readonly("num_chunks", &ListUpdater::num_chunks)
+      .def_property_readonly("rebuilds", &ListUpdater::rebuilds);
+}

@@ -1,0 +1,542 @@
+// Schema, validation, plan cache, CPU kernel and host emulation of the fused
+// EMA op.  The CUDA kernel lives in ema_update_cuda.cu.
+#include "ema_update.h"
+
+#include <algorithm>
+#include <cmath>
+#include <list>
+#include <mutex>
+#include <sstream>
+#include <string>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/core/GradMode.h>
+#include <torch/library.h>
+
+namespace ema_cuda {
+
+namespace {
+
+const char* py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kHalf: return "torch.float16";
+    default: return c10::toString(t);
+  }
+}
+
+int8_t dtype_code(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return kF32;
+    case at::kDouble: return kF64;
+    case at::kBFloat16: return kBF16;
+    case at::kHalf: return kF16;
+    default: return -1;
+  }
+}
+
+void check_one(const char* op, const char* side, size_t i, const at::Tensor& t,
+               const at::Device& device) {
+  TORCH_CHECK(t.defined(), op, ": ", side, "[", i, "] is an undefined tensor");
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", side, "[", i,
+              "] has layout ", t.layout(), "; only strided tensors are supported");
+  TORCH_CHECK(dtype_code(t.scalar_type()) >= 0, op, ": ", side, "[", i,
+              "] has dtype ", py_dtype(t.scalar_type()),
+              "; expected one of torch.float32, torch.float64, torch.bfloat16, "
+              "torch.float16");
+  TORCH_CHECK(t.device() == device, op, ": ", side, "[", i, "] is on ",
+              t.device(), " but ema[0] is on ", device,
+              "; all tensors must be on one device");
+  TORCH_CHECK(t.is_non_overlapping_and_dense(), op, ": ", side, "[", i,
+              "] with shape ", t.sizes(), " and strides ", t.strides(),
+              " is not dense or overlaps itself; pass a contiguous tensor");
+}
+
+}  // namespace
+
+void check_lists(const char* op, at::TensorList ema, at::TensorList model) {
+  TORCH_CHECK(ema.size() == model.size(), op, ": got ", ema.size(),
+              " ema tensors but ", model.size(), " model tensors");
+  TORCH_CHECK(ema.size() < static_cast<size_t>(INT32_MAX), op,
+              ": too many tensors (", ema.size(), ")");
+  if (ema.empty()) return;
+  const at::Device device = ema[0].device();
+  const bool grad = c10::GradMode::is_enabled();
+  for (size_t i = 0; i < ema.size(); ++i) {
+    const at::Tensor& e = ema[i];
+    const at::Tensor& m = model[i];
+    check_one(op, "ema", i, e, device);
+    check_one(op, "model", i, m, device);
+    TORCH_CHECK(e.sizes() == m.sizes(), op, ": ema[", i, "] has shape ",
+                e.sizes(), " but model[", i, "] has shape ", m.sizes());
+    TORCH_CHECK(e.strides() == m.strides() ||
+                    (e.is_contiguous() && m.is_contiguous()),
+                op, ": ema[", i, "] has strides ", e.strides(), " but model[",
+                i, "] has strides ", m.strides(),
+                "; both tensors of a pair must share one memory layout");
+    TORCH_CHECK(!(grad && e.requires_grad()), op, ": ema[", i,
+                "] requires grad; EMA tensors are updated in place and must "
+                "not require grad (or call under torch.no_grad())");
+  }
+}
+
+void check_decay(const char* op, double decay) {
+  TORCH_CHECK(std::isfinite(decay) && decay >= 0.0 && decay <= 1.0, op,
+              ": decay must be a finite number in [0, 1], got ", decay);
+}
+
+void check_decay_tensor(const char* op, const at::Tensor& decay,
+                        at::TensorList ema) {
+  TORCH_CHECK(decay.defined(), op, ": decay is an undefined tensor");
+  TORCH_CHECK(decay.dim() == 0, op,
+              ": a decay tensor must be 0-dim, got shape ", decay.sizes());
+  TORCH_CHECK(dtype_code(decay.scalar_type()) >= 0, op,
+              ": a decay tensor must be floating point, got dtype ",
+              py_dtype(decay.scalar_type()));
+  if (!ema.empty()) {
+    TORCH_CHECK(decay.device() == ema[0].device(), op,
+                ": the decay tensor is on ", decay.device(),
+                " but the tensors are on ", ema[0].device(),
+                "; it is read on the tensors' device (no host sync)");
+  }
+}
+
+// ---------------------------------------------------------------- plan cache
+
+bool Plan::matches(at::TensorList ema, at::TensorList model,
+                   int64_t chunk) const {
+  if (chunk != chunk_size || static_cast<int64_t>(ema.size()) != num_tensors) {
+    return false;
+  }
+  if (num_tensors > 0 && ema[0].device() != device) return false;
+  for (int64_t i = 0; i < num_tensors; ++i) {
+    const at::Tensor& e = ema[i];
+    const at::Tensor& m = model[i];
+    if (reinterpret_cast<uintptr_t>(e.data_ptr()) != ema_ptrs[i] ||
+        reinterpret_cast<uintptr_t>(m.data_ptr()) != model_ptrs[i] ||
+        e.numel() != numels[i] ||
+        dtype_code(e.scalar_type()) != ema_dtypes[i] ||
+        dtype_code(m.scalar_type()) != model_dtypes[i]) {
+      return false;
+    }
+  }
+  return true;
+}
+
+const TensorEntry* Plan::tensors() const {
+  return reinterpret_cast<const TensorEntry*>(tensor_rows.data_ptr());
+}
+const ChunkEntry* Plan::chunks() const {
+  return reinterpret_cast<const ChunkEntry*>(chunk_rows.data_ptr());
+}
+
+namespace {
+
+constexpr size_t kMaxCachedPlans = 8;
+
+struct PlanCache {
+  std::mutex mu;
+  std::list<PlanPtr> plans;  // most recently used first
+  int64_t builds = 0;
+  int64_t hits = 0;
+};
+
+// Leaked on purpose: device tables must not be freed during interpreter
+// shutdown, after the CUDA context may already be gone.
+PlanCache& cache() {
+  static PlanCache* c = new PlanCache();
+  return *c;
+}
+
+void check_no_overlap(const char* op, at::TensorList ema,
+                      at::TensorList model) {
+  struct Span {
+    uintptr_t lo, hi;
+    size_t index;
+  };
+  std::vector<Span> spans;
+  spans.reserve(ema.size());
+  for (size_t i = 0; i < ema.size(); ++i) {
+    if (ema[i].numel() == 0) continue;
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(ema[i].data_ptr());
+    spans.push_back({lo, lo + ema[i].nbytes(), i});
+  }
+  std::sort(spans.begin(), spans.end(),
+            [](const Span& a, const Span& b) { return a.lo < b.lo; });
+  for (size_t k = 1; k < spans.size(); ++k) {
+    TORCH_CHECK(spans[k].lo >= spans[k - 1].hi, op, ": ema[",
+                spans[k - 1].index, "] and ema[", spans[k].index,
+                "] overlap in memory (tied or aliased tensors); pass each "
+                "storage once");
+  }
+  // A model tensor may be read by its own pair in place (same range), but
+  // must not overlap any other EMA tensor: that would be a write/read race.
+  for (size_t j = 0; j < model.size(); ++j) {
+    if (model[j].numel() == 0) continue;
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(model[j].data_ptr());
+    const uintptr_t hi = lo + model[j].nbytes();
+    auto it = std::upper_bound(
+        spans.begin(), spans.end(), hi,
+        [](uintptr_t v, const Span& s) { return v <= s.lo; });
+    // Spans before `it` start below `hi`; walk back while they may overlap.
+    while (it != spans.begin()) {
+      --it;
+      if (it->hi <= lo) break;
+      const bool same_pair = it->index == j && it->lo == lo && it->hi == hi;
+      TORCH_CHECK(same_pair, op, ": model[", j, "] overlaps ema[", it->index,
+                  "] in memory; the EMA must not alias the model");
+    }
+  }
+}
+
+}  // namespace
+
+PlanPtr find_plan(at::TensorList ema, at::TensorList model, int64_t chunk) {
+  PlanCache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  for (auto it = c.plans.begin(); it != c.plans.end(); ++it) {
+    if ((*it)->matches(ema, model, chunk)) {
+      PlanPtr p = *it;
+      c.plans.erase(it);
+      c.plans.push_front(p);
+      ++c.hits;
+      return p;
+    }
+  }
+  return nullptr;
+}
+
+PlanPtr build_plan(const char* op, at::TensorList ema, at::TensorList model,
+                   int64_t chunk) {
+  check_no_overlap(op, ema, model);
+  auto plan = std::make_shared<Plan>();
+  const int64_t n = static_cast<int64_t>(ema.size());
+  plan->device = n > 0 ? ema[0].device() : c10::Device(c10::kCPU);
+  plan->chunk_size = chunk;
+  plan->num_tensors = n;
+  std::vector<TensorEntry> rows(n);
+  std::vector<ChunkEntry> chunks;
+  for (int64_t i = 0; i < n; ++i) {
+    const at::Tensor& e = ema[i];
+    const at::Tensor& m = model[i];
+    TensorEntry& r = rows[i];
+    r = TensorEntry{};
+    r.ema = e.data_ptr();
+    r.model = m.data_ptr();
+    r.numel = e.numel();
+    r.ema_dtype = dtype_code(e.scalar_type());
+    r.model_dtype = dtype_code(m.scalar_type());
+    r.head = vector_head(reinterpret_cast<uintptr_t>(r.ema),
+                         reinterpret_cast<uintptr_t>(r.model),
+                         dtype_size(r.ema_dtype), dtype_size(r.model_dtype),
+                         vec_width_for(r.ema_dtype, r.model_dtype));
+    append_chunks(r.numel, static_cast<int32_t>(i), chunk, chunks);
+    plan->ema_ptrs.push_back(reinterpret_cast<uintptr_t>(r.ema));
+    plan->model_ptrs.push_back(reinterpret_cast<uintptr_t>(r.model));
+    plan->numels.push_back(r.numel);
+    plan->ema_dtypes.push_back(r.ema_dtype);
+    plan->model_dtypes.push_back(r.model_dtype);
+    plan->num_elements += r.numel;
+  }
+  plan->num_chunks = static_cast<int64_t>(chunks.size());
+  auto bytes = [](const void* data, size_t nbytes) {
+    at::Tensor t = at::empty({static_cast<int64_t>(nbytes)}, at::kByte);
+    if (nbytes) std::memcpy(t.data_ptr(), data, nbytes);
+    return t;
+  };
+  at::Tensor trows = bytes(rows.data(), rows.size() * sizeof(TensorEntry));
+  at::Tensor crows = bytes(chunks.data(), chunks.size() * sizeof(ChunkEntry));
+  if (plan->device.type() != c10::kCPU) {
+    trows = trows.to(plan->device);
+    crows = crows.to(plan->device);
+  }
+  plan->tensor_rows = trows;
+  plan->chunk_rows = crows;
+
+  PlanCache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  ++c.builds;
+  c.plans.push_front(plan);
+  // Evict least recently used plans, never one baked into a CUDA graph.
+  size_t unpinned = 0;
+  for (auto it = c.plans.begin(); it != c.plans.end();) {
+    if (!(*it)->pinned && ++unpinned > kMaxCachedPlans) {
+      it = c.plans.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  return plan;
+}
+
+PlanPtr get_plan(const char* op, at::TensorList ema, at::TensorList model,
+                 int64_t chunk) {
+  PlanPtr p = find_plan(ema, model, chunk);
+  if (p) return p;
+  // Building a plan copies the table host-to-device, which a CUDA stream
+  // capture cannot record.
+  TORCH_CHECK(ema.empty() || !ema[0].is_cuda() || !cuda_capturing(ema[0].device()),
+              op, ": no cached plan for these tensors while a CUDA graph is "
+              "being captured; run the update once before capture (during "
+              "warm-up) so that its plan is built");
+  return build_plan(op, ema, model, chunk);
+}
+
+int64_t chunk_size_for(const c10::Device& device) {
+  return device.is_cuda() ? kCudaChunk : kCpuChunk;
+}
+
+void run_update(const Plan& plan, const at::Tensor* decay_tensor, double decay) {
+  if (plan.device.is_cuda()) {
+    cuda_launch(plan, decay_tensor, decay);
+  } else {
+    cpu_update(plan, decay);
+  }
+}
+
+std::vector<int64_t> plan_cache_stats() {
+  PlanCache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  return {c.builds, c.hits, static_cast<int64_t>(c.plans.size())};
+}
+
+void clear_plan_cache() {
+  PlanCache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.plans.remove_if([](const PlanPtr& p) { return !p->pinned; });
+  c.builds = 0;
+  c.hits = 0;
+}
+
+// ---------------------------------------------------------------- CPU kernel
+
+namespace {
+
+using FVec = at::vec::Vectorized<float>;
+constexpr int64_t kF = FVec::size();
+
+// Two float vectors (2 * kF elements) from/to any of the fp32 / bf16 / fp16.
+template <typename T>
+inline void load2(const T* p, FVec& a, FVec& b) {
+  static_assert(at::vec::Vectorized<T>::size() == 2 * kF, "vector widths");
+  std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(p));
+}
+template <>
+inline void load2<float>(const float* p, FVec& a, FVec& b) {
+  a = FVec::loadu(p);
+  b = FVec::loadu(p + kF);
+}
+template <typename T>
+inline void store2(T* p, const FVec& a, const FVec& b) {
+  at::vec::convert_from_float<T>(a, b).store(p);
+}
+template <>
+inline void store2<float>(float* p, const FVec& a, const FVec& b) {
+  a.store(p);
+  b.store(p + kF);
+}
+
+// How far ahead of the current position to prefetch, in bytes.  The hardware
+// prefetcher stops at page boundaries and restarts slowly on every new
+// tensor; a software prefetch keeps the next lines in flight.
+constexpr int64_t kPrefetchBytes = 512;
+
+template <typename E, typename M>
+void cpu_chunk(const TensorEntry& t, int64_t start, int64_t len, double decay) {
+  using Acc = typename AccType<E, M>::type;
+  E* e = static_cast<E*>(t.ema) + start;
+  const M* m = static_cast<const M*>(t.model) + start;
+  const Acc d = static_cast<Acc>(decay);
+  const Acc w = static_cast<Acc>(1.0 - decay);
+  int64_t i = 0;
+  if constexpr (std::is_same_v<Acc, float>) {
+    const FVec vd(d), vw(w);
+    constexpr int64_t K = 2 * kF;
+    constexpr int64_t pe = kPrefetchBytes / sizeof(E);
+    constexpr int64_t pm = kPrefetchBytes / sizeof(M);
+    for (; i + K <= len; i += K) {
+      __builtin_prefetch(e + i + pe, 1);
+      __builtin_prefetch(m + i + pm, 0);
+      FVec e0, e1, m0, m1;
+      load2<E>(e + i, e0, e1);
+      load2<M>(m + i, m0, m1);
+      e0 = at::vec::fmadd(e0, vd, m0 * vw);
+      e1 = at::vec::fmadd(e1, vd, m1 * vw);
+      store2<E>(e + i, e0, e1);
+    }
+  }
+  // fp64 pairs and the tail: scalar (the compiler vectorizes the former).
+  for (; i < len; ++i) {
+    e[i] = static_cast<E>(static_cast<Acc>(e[i]) * d + static_cast<Acc>(m[i]) * w);
+  }
+}
+
+using ChunkFn = void (*)(const TensorEntry&, int64_t, int64_t, double);
+
+template <typename E>
+constexpr std::array<ChunkFn, kNumDTypes> row_for() {
+  return {&cpu_chunk<E, float>, &cpu_chunk<E, double>,
+          &cpu_chunk<E, c10::BFloat16>, &cpu_chunk<E, c10::Half>};
+}
+// Indexed by [ema dtype code][model dtype code].
+constexpr std::array<std::array<ChunkFn, kNumDTypes>, kNumDTypes> kCpuChunkFns = {
+    row_for<float>(), row_for<double>(), row_for<c10::BFloat16>(),
+    row_for<c10::Half>()};
+
+}  // namespace
+
+void cpu_update(const Plan& plan, double decay) {
+  if (plan.num_chunks == 0) return;
+  const TensorEntry* tensors = plan.tensors();
+  const ChunkEntry* chunks = plan.chunks();
+  // One parallel region over all chunks of all tensors.  Below ~64K elements
+  // in total the threading overhead outweighs the work.
+  const int64_t grain =
+      plan.num_elements < (1 << 16) ? plan.num_chunks
+                                    : std::max<int64_t>(1, plan.num_chunks / (64 * at::get_num_threads()));
+  at::parallel_for(0, plan.num_chunks, grain, [&](int64_t b, int64_t end) {
+    for (int64_t k = b; k < end; ++k) {
+      const ChunkEntry& c = chunks[k];
+      const TensorEntry& t = tensors[c.tensor];
+      kCpuChunkFns[t.ema_dtype][t.model_dtype](t, c.start, c.len, decay);
+    }
+  });
+}
+
+// ------------------------------------------------------------- op kernels
+
+namespace {
+
+double read_cpu_decay(const at::Tensor& decay) {
+  const double d = decay.item<double>();
+  check_decay(kOpName, d);
+  return d;
+}
+
+void ema_update_cpu(at::TensorList ema, at::TensorList model, double decay) {
+  check_lists(kOpName, ema, model);
+  check_decay(kOpName, decay);
+  cpu_update(*get_plan(kOpName, ema, model, kCpuChunk), decay);
+}
+
+void ema_update_tensor_cpu(at::TensorList ema, at::TensorList model,
+                           const at::Tensor& decay) {
+  check_lists(kOpName, ema, model);
+  check_decay_tensor(kOpName, decay, ema);
+  // On the CPU the value is read on the host anyway: check its range too.
+  const double d = read_cpu_decay(decay);
+  cpu_update(*get_plan(kOpName, ema, model, kCpuChunk), d);
+}
+
+// Runs the CUDA path's table and chunk body on the CPU, looping over blocks
+// and threads the way the kernel's grid-stride loop does.  Test-only.
+void emulate_cuda_update(at::TensorList ema, at::TensorList model,
+                         double decay, int64_t chunk_size, int64_t threads,
+                         int64_t blocks) {
+  const char* op = "ema_cuda::_emulate_cuda_update_";
+  check_lists(op, ema, model);
+  check_decay(op, decay);
+  TORCH_CHECK(chunk_size > 0 && chunk_size <= INT32_MAX, op,
+              ": chunk_size must be in [1, 2^31), got ", chunk_size);
+  TORCH_CHECK(threads > 0 && blocks > 0, op,
+              ": threads and blocks must be positive, got ", threads, " and ",
+              blocks);
+  PlanPtr plan = get_plan(op, ema, model, chunk_size);
+  const TensorEntry* tensors = plan->tensors();
+  const ChunkEntry* chunks = plan->chunks();
+  for (int64_t block = 0; block < blocks; ++block) {
+    for (int64_t c = block; c < plan->num_chunks; c += blocks) {
+      for (int64_t tid = 0; tid < threads; ++tid) {
+        run_chunk(tensors, chunks[c], tid, threads, decay);
+      }
+    }
+  }
+}
+
+// The chunk rows a plan would hold for tensors of these sizes, as an int64
+// tensor [num_chunks, 3] of (tensor, start, len).  Test-only: lets tests check
+// the 64-bit index arithmetic for sizes no test machine can allocate.
+at::Tensor plan_chunks(at::IntArrayRef numels, int64_t chunk_size) {
+  TORCH_CHECK(chunk_size > 0 && chunk_size <= INT32_MAX,
+              "ema_cuda::_plan_chunks: chunk_size must be in [1, 2^31), got ",
+              chunk_size);
+  std::vector<ChunkEntry> chunks;
+  for (size_t i = 0; i < numels.size(); ++i) {
+    TORCH_CHECK(numels[i] >= 0, "ema_cuda::_plan_chunks: numels[", i,
+                "] is negative (", numels[i], ")");
+    append_chunks(numels[i], static_cast<int32_t>(i), chunk_size, chunks);
+  }
+  at::Tensor out = at::empty({static_cast<int64_t>(chunks.size()), 3}, at::kLong);
+  auto a = out.accessor<int64_t, 2>();
+  for (size_t k = 0; k < chunks.size(); ++k) {
+    a[k][0] = chunks[k].tensor;
+    a[k][1] = chunks[k].start;
+    a[k][2] = chunks[k].len;
+  }
+  return out;
+}
+
+// (head, vector width) the CUDA table stores for a pair at these addresses.
+std::vector<int64_t> vector_head_op(int64_t ema_addr, int64_t model_addr,
+                                    at::ScalarType ema_dtype,
+                                    at::ScalarType model_dtype) {
+  const int8_t ec = dtype_code(ema_dtype), mc = dtype_code(model_dtype);
+  TORCH_CHECK(ec >= 0 && mc >= 0, "ema_cuda::_vector_head: unsupported dtype");
+  const int n = vec_width_for(ec, mc);
+  return {vector_head(static_cast<uintptr_t>(ema_addr),
+                      static_cast<uintptr_t>(model_addr), dtype_size(ec),
+                      dtype_size(mc), n),
+          n};
+}
+
+std::vector<int64_t> plan_cache_stats_op() { return plan_cache_stats(); }
+void clear_plan_cache_op() { clear_plan_cache(); }
+bool cuda_compiled_op() { return cuda_compiled(); }
+
+}  // namespace
+
+#ifndef EMA_CUDA_WITH_CUDA
+bool cuda_compiled() { return false; }
+bool cuda_capturing(const c10::Device&) { return false; }
+void cuda_launch(const Plan&, const at::Tensor*, double) {
+  TORCH_CHECK(false, kOpName, ": this build of ema_cuda has no CUDA kernel");
+}
+#endif
+
+TORCH_LIBRARY(ema_cuda, m) {
+  m.def("ema_update_(Tensor(a!)[] ema, Tensor[] model, float decay) -> ()");
+  m.def(
+      "ema_update_.Tensor(Tensor(a!)[] ema, Tensor[] model, Tensor decay) -> ()");
+  m.def(
+      "_emulate_cuda_update_(Tensor(a!)[] ema, Tensor[] model, float decay, "
+      "int chunk_size=65536, int threads=512, int blocks=1) -> ()");
+  m.def("_plan_chunks(int[] numels, int chunk_size) -> Tensor",
+        &plan_chunks);
+  m.def("_vector_head(int ema_addr, int model_addr, ScalarType ema_dtype, "
+        "ScalarType model_dtype) -> int[]",
+        &vector_head_op);
+  m.def("_plan_cache_stats() -> int[]", &plan_cache_stats_op);
+  m.def("_clear_plan_cache() -> ()", &clear_plan_cache_op);
+  m.def("_cuda_compiled() -> bool", &cuda_compiled_op);
+}
+
+TORCH_LIBRARY_IMPL(ema_cuda, CPU, m) {
+  m.impl("ema_update_", &ema_update_cpu);
+  m.impl("ema_update_.Tensor", &ema_update_tensor_cpu);
+  m.impl("_emulate_cuda_update_", &emulate_cuda_update);
+}
+
+// The op mutates tensors that never take part in autograd (the kernels
+// reject EMA tensors that require grad): autograd has nothing to record.
+TORCH_LIBRARY_IMPL(ema_cuda, Autograd, m) {
+  m.impl("ema_update_", torch::CppFunction::makeFallthrough());
+  m.impl("ema_update_.Tensor", torch::CppFunction::makeFallthrough());
+  m.impl("_emulate_cuda_update_", torch::CppFunction::makeFallthrough());
+}
+
+}  // namespace ema_cuda

@@ -1,0 +1,83 @@
+// Host-side pieces of the fused EMA op shared by the CPU kernel, the CUDA
+// kernel and the Python bindings: validation, the cached plan, the kernels.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <c10/core/Device.h>
+#include <c10/util/ArrayRef.h>
+
+#include "multi_tensor.h"
+
+namespace ema_cuda {
+
+constexpr const char* kOpName = "ema_cuda::ema_update_";
+
+// Chunk sizes (elements).  The CPU splits work across threads by chunk; the
+// GPU gives each chunk to one block.
+constexpr int64_t kCpuChunk = 1 << 16;
+constexpr int64_t kCudaChunk = 1 << 16;
+constexpr int kCudaThreads = 512;
+constexpr int kCudaBlocksPerSM = 4;
+
+// Checks that can change from call to call: list lengths, dtypes, devices,
+// shapes, layouts, autograd.  O(number of tensors); never touches data.
+void check_lists(const char* op, at::TensorList ema, at::TensorList model);
+void check_decay(const char* op, double decay);
+void check_decay_tensor(const char* op, const at::Tensor& decay,
+                        at::TensorList ema);
+
+// The chunk table of one (ema, model) list pair, kept on the lists' device.
+struct Plan {
+  c10::Device device = c10::Device(c10::kCPU);
+  int64_t chunk_size = 0;
+  int64_t num_tensors = 0;
+  int64_t num_chunks = 0;
+  int64_t num_elements = 0;
+  // Signature: what the rows below were built from.  A plan is reused only
+  // when every live tensor still matches, so its raw pointers are never stale.
+  std::vector<uintptr_t> ema_ptrs, model_ptrs;
+  std::vector<int64_t> numels;
+  std::vector<int8_t> ema_dtypes, model_dtypes;
+  at::Tensor tensor_rows;  // TensorEntry[num_tensors], uint8 on `device`
+  at::Tensor chunk_rows;   // ChunkEntry[num_chunks], uint8 on `device`
+  // Set once the plan's device table has been baked into a captured CUDA
+  // graph: such a plan is never evicted from the cache.
+  mutable bool pinned = false;
+
+  bool matches(at::TensorList ema, at::TensorList model, int64_t chunk) const;
+  const TensorEntry* tensors() const;
+  const ChunkEntry* chunks() const;
+};
+
+using PlanPtr = std::shared_ptr<const Plan>;
+
+// Cached plan for these lists, or nullptr.
+PlanPtr find_plan(at::TensorList ema, at::TensorList model, int64_t chunk);
+// Builds (after the overlap check, which only a new signature needs), caches
+// and returns a plan.  `check_lists` must have passed.
+PlanPtr build_plan(const char* op, at::TensorList ema, at::TensorList model,
+                   int64_t chunk);
+PlanPtr get_plan(const char* op, at::TensorList ema, at::TensorList model,
+                 int64_t chunk);
+
+// Kernels.  All assume validated inputs.  `decay_tensor`, when given,
+// replaces `decay` (on the CPU its value must already be checked).
+void cpu_update(const Plan& plan, double decay);
+void cuda_launch(const Plan& plan, const at::Tensor* decay_tensor, double decay);
+void run_update(const Plan& plan, const at::Tensor* decay_tensor, double decay);
+bool cuda_compiled();
+// True while the current stream of `device` (a CUDA device) is capturing.
+bool cuda_capturing(const c10::Device& device);
+// Chunk size used for tensors on `device`.
+int64_t chunk_size_for(const c10::Device& device);
+
+// Plan cache counters for tests: {builds, hits, cached}.
+std::vector<int64_t> plan_cache_stats();
+void clear_plan_cache();
+
+}  // namespace ema_cuda

@@ -1,0 +1,194 @@
+// Chunk table and per-chunk update body of the fused EMA op.
+//
+// Everything here is plain C++ that compiles both for the host and, under nvcc,
+// for the device.  The CUDA kernel calls `chunk_body` with (threadIdx.x,
+// blockDim.x); the host emulation op (`_emulate_cuda_update_`) calls the very
+// same function in a loop over blocks and threads, so the index arithmetic of
+// the CUDA path is exercised by the CPU test-suite on machines without a GPU.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include <c10/macros/Macros.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+namespace ema_cuda {
+
+// dtype codes stored in the table (one byte each).
+enum DTypeCode : int8_t { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
+constexpr int kNumDTypes = 4;
+
+inline int dtype_size(int code) {
+  return code == kF64 ? 8 : (code == kF32 ? 4 : 2);
+}
+
+// One row per (ema, model) pair.  32 bytes.
+struct TensorEntry {
+  void* ema;
+  const void* model;
+  int64_t numel;
+  int8_t ema_dtype;
+  int8_t model_dtype;
+  // Number of leading elements to process with scalar code before both
+  // pointers are 16-byte aligned, or -1 when the two pointers can never be
+  // aligned at the same element (then the whole tensor is scalar).
+  int8_t head;
+  int8_t pad_[5];
+};
+
+// One row per chunk of at most `chunk_size` elements.  16 bytes.
+struct ChunkEntry {
+  int64_t start;   // first element of the chunk inside its tensor (64-bit)
+  int32_t tensor;  // row in the tensor table
+  int32_t len;     // number of elements, 1 <= len <= chunk_size
+};
+
+static_assert(sizeof(TensorEntry) == 32, "TensorEntry layout");
+static_assert(sizeof(ChunkEntry) == 16, "ChunkEntry layout");
+
+// Accumulation type: fp32 unless either side is fp64.
+template <typename E, typename M>
+struct AccType { using type = float; };
+template <typename M>
+struct AccType<double, M> { using type = double; };
+template <typename E>
+struct AccType<E, double> { using type = double; };
+template <>
+struct AccType<double, double> { using type = double; };
+
+// Elements per vector step: one 16-byte load of the narrower side (8 bf16/fp16,
+// 4 fp32, 2 fp64); the wider side then needs 1, 2 or 4 16-byte loads.
+template <typename E, typename M>
+struct VecWidth {
+  static constexpr int value =
+      16 / (sizeof(E) < sizeof(M) ? sizeof(E) : sizeof(M));
+};
+
+template <typename T, int N>
+struct alignas(16) Pack {
+  T v[N];
+};
+
+// Host-side: elements to skip so that both `ema_addr` and `model_addr` become
+// 16-byte aligned, given the vector width in elements; -1 if impossible.
+inline int8_t vector_head(uintptr_t ema_addr, uintptr_t model_addr,
+                          int ema_size, int model_size, int vec_elems) {
+  for (int h = 0; h < vec_elems; ++h) {
+    if ((ema_addr + static_cast<uintptr_t>(h) * ema_size) % 16 == 0 &&
+        (model_addr + static_cast<uintptr_t>(h) * model_size) % 16 == 0) {
+      return static_cast<int8_t>(h);
+    }
+  }
+  return -1;
+}
+
+inline int vec_width_for(int ema_dtype, int model_dtype) {
+  int s = std::min(dtype_size(ema_dtype), dtype_size(model_dtype));
+  return 16 / s;
+}
+
+// Host-side: splits every tensor into chunks of at most `chunk_size`
+// elements.  Empty tensors contribute no chunk.  All offsets are 64-bit.
+inline void append_chunks(int64_t numel, int32_t tensor, int64_t chunk_size,
+                          std::vector<ChunkEntry>& out) {
+  for (int64_t s = 0; s < numel; s += chunk_size) {
+    ChunkEntry c;
+    c.start = s;
+    c.tensor = tensor;
+    c.len = static_cast<int32_t>(std::min(chunk_size, numel - s));
+    out.push_back(c);
+  }
+}
+
+template <typename E, typename M, typename Acc>
+C10_HOST_DEVICE inline void update_one(E* e, const M* m, int64_t i, Acc d, Acc w) {
+  const Acc ev = static_cast<Acc>(e[i]);
+  const Acc mv = static_cast<Acc>(m[i]);
+  // ema * d + model * (1 - d): exact at d == 0 (ema := model) and d == 1.
+  e[i] = static_cast<E>(ev * d + mv * w);
+}
+
+// Processes elements [start, start + len) of tensor `t` as thread `tid` of
+// `nthreads`: a scalar head up to the first position where both pointers are
+// 16-byte aligned, 16-byte vector steps, then a scalar tail.
+template <typename E, typename M>
+C10_HOST_DEVICE inline void chunk_body(const TensorEntry& t, int64_t start,
+                                       int64_t len, int64_t tid,
+                                       int64_t nthreads,
+                                       typename AccType<E, M>::type d,
+                                       typename AccType<E, M>::type w) {
+  using Acc = typename AccType<E, M>::type;
+  constexpr int N = VecWidth<E, M>::value;
+  E* e = static_cast<E*>(t.ema);
+  const M* m = static_cast<const M*>(t.model);
+  const int64_t end = start + len;
+
+  int64_t vbeg = end;
+  int64_t vend = end;
+  if (t.head >= 0) {
+    const int64_t h = t.head;
+    const int64_t s = start < h ? h : start;
+    vbeg = h + ((s - h + N - 1) / N) * N;  // first aligned index >= s
+    if (vbeg > end) vbeg = end;
+    vend = vbeg + ((end - vbeg) / N) * N;
+  }
+
+  for (int64_t i = start + tid; i < vbeg; i += nthreads) {
+    update_one<E, M, Acc>(e, m, i, d, w);
+  }
+  const int64_t nvec = (vend - vbeg) / N;
+  for (int64_t v = tid; v < nvec; v += nthreads) {
+    const int64_t i = vbeg + v * N;
+    Pack<E, N> ev = *reinterpret_cast<const Pack<E, N>*>(e + i);
+    const Pack<M, N> mv = *reinterpret_cast<const Pack<M, N>*>(m + i);
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      ev.v[k] = static_cast<E>(static_cast<Acc>(ev.v[k]) * d +
+                               static_cast<Acc>(mv.v[k]) * w);
+    }
+    *reinterpret_cast<Pack<E, N>*>(e + i) = ev;
+  }
+  for (int64_t i = vend + tid; i < end; i += nthreads) {
+    update_one<E, M, Acc>(e, m, i, d, w);
+  }
+}
+
+// Maps a dtype code to its C++ type and calls f(E{}, M{}) -- shared by the
+// CUDA kernel and the host emulation so both dispatch identically.
+template <typename F>
+C10_HOST_DEVICE inline void dispatch_pair(int ema_dtype, int model_dtype, F&& f) {
+#define EMA_CUDA_MODEL_CASES(E)                                   \
+  switch (model_dtype) {                                          \
+    case kF32: f(E{}, float{}); break;                            \
+    case kF64: f(E{}, double{}); break;                           \
+    case kBF16: f(E{}, c10::BFloat16{}); break;                   \
+    default: f(E{}, c10::Half{}); break;                          \
+  }
+  switch (ema_dtype) {
+    case kF32: EMA_CUDA_MODEL_CASES(float) break;
+    case kF64: EMA_CUDA_MODEL_CASES(double) break;
+    case kBF16: EMA_CUDA_MODEL_CASES(c10::BFloat16) break;
+    default: EMA_CUDA_MODEL_CASES(c10::Half) break;
+  }
+#undef EMA_CUDA_MODEL_CASES
+}
+
+// Runs one chunk row with the CUDA path's body (decay already read).
+C10_HOST_DEVICE inline void run_chunk(const TensorEntry* tensors,
+                                      const ChunkEntry& c, int64_t tid,
+                                      int64_t nthreads, double decay) {
+  const TensorEntry& t = tensors[c.tensor];
+  dispatch_pair(t.ema_dtype, t.model_dtype, [&](auto e_tag, auto m_tag) {
+    using E = decltype(e_tag);
+    using M = decltype(m_tag);
+    using Acc = typename AccType<E, M>::type;
+    const Acc d = static_cast<Acc>(decay);
+    const Acc w = static_cast<Acc>(1.0 - decay);
+    chunk_body<E, M>(t, c.start, c.len, tid, nthreads, d, w);
+  });
+}
+
+}  // namespace ema_cuda

@@ -1,0 +1,327 @@
+"""The fused EMA op: ``ema[i] = ema[i] * decay + model[i] * (1 - decay)``.
+
+Two backends provide the same ops under ``torch.ops.ema_cuda``:
+
+* ``"compiled"``: the C++/CUDA library ``ema_cuda._C``.  All tensors are updated
+  in one kernel launch on CUDA and one parallel region on the CPU, from a
+  chunk table cached per list signature.
+* ``"fallback"``: pure PyTorch (``torch._foreach_lerp_`` grouped by device and
+  dtype pair, casting where dtypes differ).  Used when the compiled library
+  is missing (with a warning) or when ``EMA_CUDA_BACKEND=fallback``.
+
+``EMA_CUDA_BACKEND`` may be ``auto`` (default), ``compiled`` (an import error
+is raised instead of falling back) or ``fallback``.  :func:`backend` tells
+which one is running.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections import defaultdict
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+__all__ = [
+    "ema_update_",
+    "FusedUpdater",
+    "backend",
+    "cuda_kernel_available",
+    "fallback_reason",
+    "SUPPORTED_DTYPES",
+]
+
+OP_NAME = "ema_cuda::ema_update_"
+SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+_BACKEND_ENV = "EMA_CUDA_BACKEND"
+_C = None
+_fallback_reason: Optional[str] = None
+
+
+def _load_backend() -> None:
+    global _C, _fallback_reason
+    choice = os.environ.get(_BACKEND_ENV, "auto").strip().lower()
+    if choice not in ("auto", "compiled", "fallback"):
+        raise ValueError(f"{_BACKEND_ENV} must be 'auto', 'compiled' or 'fallback', got {choice!r}")
+    if choice != "fallback":
+        try:
+            from ema_cuda import _C as compiled  # registers torch.ops.ema_cuda.*
+        except ImportError as exc:
+            if choice == "compiled":
+                raise ImportError(
+                    f"{_BACKEND_ENV}=compiled but the compiled library ema_cuda._C could not be "
+                    f"imported ({exc}); build it with `pip install --no-build-isolation .`"
+                ) from exc
+            _fallback_reason = f"the compiled library ema_cuda._C could not be imported ({exc})"
+        else:
+            _C = compiled
+            return
+    else:
+        _fallback_reason = f"{_BACKEND_ENV}=fallback"
+    warnings.warn(
+        f"ema_cuda is using its pure-PyTorch fallback because {_fallback_reason}: updates are correct "
+        "but run one launch per tensor group instead of one fused kernel.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    _define_fallback_ops()
+
+
+def backend() -> str:
+    """``"compiled"`` when the C++/CUDA library is in use, else ``"fallback"``."""
+    return "compiled" if _C is not None else "fallback"
+
+
+def fallback_reason() -> Optional[str]:
+    """Why the fallback is in use, or ``None`` when the compiled library is."""
+    return _fallback_reason
+
+
+def cuda_kernel_available() -> bool:
+    """True when the compiled library contains the CUDA kernel."""
+    return _C is not None and bool(_C.cuda_compiled())
+
+
+# --------------------------------------------------------------------------- validation
+# Mirrors the C++ checks (csrc/ema_update.cpp) so both backends reject the
+# same input with the same message, before anything is written.
+
+_DTYPE_LIST = "torch.float32, torch.float64, torch.bfloat16, torch.float16"
+
+
+def _check_lists(op: str, ema: Sequence[torch.Tensor], model: Sequence[torch.Tensor]) -> None:
+    if len(ema) != len(model):
+        raise RuntimeError(f"{op}: got {len(ema)} ema tensors but {len(model)} model tensors")
+    if not ema:
+        return
+    device = ema[0].device
+    grad = torch.is_grad_enabled()
+    for i, (e, m) in enumerate(zip(ema, model)):
+        for side, t in (("ema", e), ("model", m)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{op}: {side}[{i}] is a {type(t).__name__}, not a tensor")
+            if t.layout != torch.strided:
+                raise RuntimeError(f"{op}: {side}[{i}] has layout {t.layout}; only strided tensors are supported")
+            if t.dtype not in SUPPORTED_DTYPES:
+                raise RuntimeError(f"{op}: {side}[{i}] has dtype {t.dtype}; expected one of {_DTYPE_LIST}")
+            if t.device != device:
+                raise RuntimeError(
+                    f"{op}: {side}[{i}] is on {t.device} but ema[0] is on {device}; all tensors must be on one device"
+                )
+            if not _non_overlapping_and_dense(t):
+                raise RuntimeError(
+                    f"{op}: {side}[{i}] with shape {list(t.shape)} and strides {list(t.stride())} is not dense "
+                    "or overlaps itself; pass a contiguous tensor"
+                )
+        if e.shape != m.shape:
+            raise RuntimeError(f"{op}: ema[{i}] has shape {list(e.shape)} but model[{i}] has shape {list(m.shape)}")
+        if e.stride() != m.stride() and not (e.is_contiguous() and m.is_contiguous()):
+            raise RuntimeError(
+                f"{op}: ema[{i}] has strides {list(e.stride())} but model[{i}] has strides {list(m.stride())}; "
+                "both tensors of a pair must share one memory layout"
+            )
+        if grad and e.requires_grad:
+            raise RuntimeError(
+                f"{op}: ema[{i}] requires grad; EMA tensors are updated in place and must not require grad "
+                "(or call under torch.no_grad())"
+            )
+
+
+def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
+    if t.is_contiguous() or t.numel() <= 1:
+        return True
+    # Dense in some permutation: sort dims by stride, expect a contiguous walk.
+    dims = sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1)
+    expected = 1
+    for stride, size in dims:
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _check_no_overlap(op: str, ema: Sequence[torch.Tensor], model: Sequence[torch.Tensor]) -> None:
+    spans = sorted(
+        (e.data_ptr(), e.data_ptr() + e.numel() * e.element_size(), i) for i, e in enumerate(ema) if e.numel()
+    )
+    for (lo0, hi0, i0), (lo1, _, i1) in zip(spans, spans[1:]):
+        if lo1 < hi0:
+            raise RuntimeError(
+                f"{op}: ema[{i0}] and ema[{i1}] overlap in memory (tied or aliased tensors); pass each storage once"
+            )
+    for j, m in enumerate(model):
+        if not m.numel():
+            continue
+        lo, hi = m.data_ptr(), m.data_ptr() + m.numel() * m.element_size()
+        for elo, ehi, i in spans:
+            if elo < hi and lo < ehi and not (i == j and elo == lo and ehi == hi):
+                raise RuntimeError(f"{op}: model[{j}] overlaps ema[{i}] in memory; the EMA must not alias the model")
+
+
+def _check_decay(op: str, decay: float) -> None:
+    if not (math.isfinite(decay) and 0.0 <= decay <= 1.0):
+        raise RuntimeError(f"{op}: decay must be a finite number in [0, 1], got {decay}")
+
+
+def _check_decay_tensor(op: str, decay: torch.Tensor, ema: Sequence[torch.Tensor]) -> None:
+    if decay.dim() != 0:
+        raise RuntimeError(f"{op}: a decay tensor must be 0-dim, got shape {list(decay.shape)}")
+    if decay.dtype not in SUPPORTED_DTYPES:
+        raise RuntimeError(f"{op}: a decay tensor must be floating point, got dtype {decay.dtype}")
+    if ema and decay.device != ema[0].device:
+        raise RuntimeError(
+            f"{op}: the decay tensor is on {decay.device} but the tensors are on {ema[0].device}; "
+            "it is read on the tensors' device (no host sync)"
+        )
+
+
+# --------------------------------------------------------------------------- fallback
+
+
+def _acc_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    return torch.float64 if torch.float64 in (a, b) else torch.float32
+
+
+def _fallback_apply(ema: List[torch.Tensor], model: List[torch.Tensor], weight: Union[float, torch.Tensor]) -> None:
+    """``ema += (model - ema) * weight`` with ``weight = 1 - decay``, grouped by (device, dtypes)."""
+    groups: Dict[Tuple[torch.device, torch.dtype, torch.dtype], Tuple[list, list]] = defaultdict(lambda: ([], []))
+    for e, m in zip(ema, model):
+        if e.numel():
+            g = groups[(e.device, e.dtype, m.dtype)]
+            g[0].append(e)
+            g[1].append(m)
+    with torch.no_grad():
+        for (_, edt, mdt), (es, ms) in groups.items():
+            acc = _acc_dtype(edt, mdt)
+            e_acc = es if edt == acc else [e.to(acc) for e in es]
+            m_acc = ms if mdt == acc else [m.to(acc) for m in ms]
+            if isinstance(weight, torch.Tensor):
+                torch._foreach_lerp_(e_acc, m_acc, [weight.to(acc)] * len(e_acc))
+            else:
+                torch._foreach_lerp_(e_acc, m_acc, weight)
+            if edt != acc:
+                torch._foreach_copy_(es, e_acc)
+
+
+def _fallback_update(ema: List[torch.Tensor], model: List[torch.Tensor], decay: float) -> None:
+    _check_lists(OP_NAME, ema, model)
+    _check_decay(OP_NAME, decay)
+    _check_no_overlap(OP_NAME, ema, model)
+    _fallback_apply(ema, model, 1.0 - decay)
+
+
+def _fallback_update_tensor(ema: List[torch.Tensor], model: List[torch.Tensor], decay: torch.Tensor) -> None:
+    _check_lists(OP_NAME, ema, model)
+    _check_decay_tensor(OP_NAME, decay, ema)
+    if decay.device.type == "cpu":
+        _check_decay(OP_NAME, float(decay))
+    _check_no_overlap(OP_NAME, ema, model)
+    _fallback_apply(ema, model, 1.0 - decay)
+
+
+_fallback_lib = None
+
+
+def _define_fallback_ops() -> None:
+    """Registers the fallback under the same schemas as the compiled library."""
+    global _fallback_lib
+    lib = torch.library.Library("ema_cuda", "DEF")
+    lib.define("ema_update_(Tensor(a!)[] ema, Tensor[] model, float decay) -> ()")
+    lib.define("ema_update_.Tensor(Tensor(a!)[] ema, Tensor[] model, Tensor decay) -> ()")
+    lib.impl("ema_update_", _fallback_update, "CompositeExplicitAutograd")
+    lib.impl("ema_update_.Tensor", _fallback_update_tensor, "CompositeExplicitAutograd")
+    # Like the compiled library: autograd has nothing to record (EMA tensors
+    # must not require grad, which the kernels check).
+    lib.impl("ema_update_", torch.library.fallthrough_kernel, "Autograd")
+    lib.impl("ema_update_.Tensor", torch.library.fallthrough_kernel, "Autograd")
+    _fallback_lib = lib
+
+
+_load_backend()
+
+
+@torch.library.register_fake("ema_cuda::ema_update_")
+def _ema_update_fake(ema, model, decay):  # noqa: ARG001 - in place, nothing to allocate
+    return None
+
+
+@torch.library.register_fake("ema_cuda::ema_update_.Tensor")
+def _ema_update_tensor_fake(ema, model, decay):  # noqa: ARG001
+    return None
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def ema_update_(
+    ema: Sequence[torch.Tensor],
+    model: Sequence[torch.Tensor],
+    decay: Union[float, torch.Tensor],
+) -> None:
+    """Updates every EMA tensor in place: ``ema[i] = ema[i] * decay + model[i] * (1 - decay)``.
+
+    Args:
+        ema: tensors to update, in float32, float64, bfloat16 or float16.
+        model: tensors to average in, one per EMA tensor, same shape and
+            memory layout, any of the same dtypes (an fp32 EMA of a bf16 model
+            is fine).  Math runs in fp32, or fp64 when either side is fp64.
+        decay: a Python float in ``[0, 1]``, or a 0-dim floating tensor on the
+            tensors' device.  A CUDA tensor is read by the kernel (no host
+            sync; capturable in a CUDA graph, and ``torch.compile`` does not
+            recompile as its value changes); its range is therefore not
+            checked.
+
+    All tensors must be on one device, dense (contiguous or one permutation),
+    and no EMA tensor may overlap another tensor.  Every check runs before any
+    write: a rejected call leaves every EMA tensor unchanged.
+
+    With the compiled backend the update is one kernel launch (CUDA) or one
+    parallel region (CPU) whatever the number of tensors; the chunk table is
+    cached per ``(data_ptr, numel, dtype, device)`` signature of the lists.
+    For a per-step update of the same lists, :class:`FusedUpdater` also skips
+    passing the lists through the dispatcher.
+    """
+    ema = list(ema)
+    model = list(model)
+    if isinstance(decay, torch.Tensor):
+        torch.ops.ema_cuda.ema_update_.Tensor(ema, model, decay)
+    else:
+        torch.ops.ema_cuda.ema_update_.default(ema, model, float(decay))
+
+
+class FusedUpdater:
+    """Holds two tensor lists and updates one from the other, step after step.
+
+    ``FusedUpdater(ema, model).update(decay)`` does what
+    ``ema_update_(ema, model, decay)`` does, but the lists are validated and the
+    chunk table built once, here; each ``update`` then only compares the live
+    tensors' addresses with the table (a tensor whose storage was replaced, by
+    ``p.data = ...`` or ``module.to()``, triggers a full re-validation and a
+    new table) and launches the kernel.  This is the hot path
+    :class:`ema_cuda.ModelEMA` uses.  With the fallback backend it calls the
+    fallback op.
+    """
+
+    def __init__(self, ema: Sequence[torch.Tensor], model: Sequence[torch.Tensor]):
+        self.ema = list(ema)
+        self.model = list(model)
+        if _C is not None:
+            self._impl = _C.ListUpdater(self.ema, self.model)
+        else:
+            _check_lists("ema_cuda.FusedUpdater", self.ema, self.model)
+            _check_no_overlap("ema_cuda.FusedUpdater", self.ema, self.model)
+            self._impl = None
+
+    def update(self, decay: Union[float, torch.Tensor]) -> None:
+        """One EMA step with ``decay`` (a float, or a 0-dim tensor on the tensors' device)."""
+        if self._impl is None:
+            ema_update_(self.ema, self.model, decay)
+        elif isinstance(decay, torch.Tensor):
+            self._impl.update_tensor(decay)
+        else:
+            self._impl.update(float(decay))
+
+    def __len__(self) -> int:
+        return len(self.ema)

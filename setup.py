@@ -1,0 +1,119 @@
+"""Build script for ema_cuda's compiled op.
+
+Environment switches (all optional):
+
+* ``EMA_CUDA_CPU_ONLY=1``  build the CPU kernel only, even when nvcc is found.
+* ``FORCE_CUDA=1``         a CUDA build is required: a CPU-only torch or a
+                           missing nvcc is an error instead of a fallback.
+* ``TORCH_CUDA_ARCH_LIST`` GPU architectures to compile for (for example
+                           ``"9.0"``); when unset and no GPU is visible,
+                           ``"8.0;9.0"`` is used.
+* ``EMA_CUDA_NO_AVX2=1``   do not compile the CPU kernel with AVX2/FMA/F16C
+                           (for building on one x86 machine and running on an
+                           older one).
+* ``MAX_JOBS``             parallel compile jobs (ninja).
+
+Install with ``pip install --no-build-isolation .`` (torch must already be
+installed, as for any PyTorch extension built from source).
+"""
+import os
+import platform
+import sys
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cpu_supports_avx2() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return all(f" {x}" in flags for x in ("avx2", "fma", "f16c"))
+
+
+def _cuda_home(cpp_extension, torch_cuda: str):
+    """A CUDA toolkit root with bin/nvcc and the cudart library to link.
+
+    torch guesses the root from the nvcc on PATH; when that nvcc is a wrapper
+    script (e.g. /usr/local/bin/nvcc), the guess has no libraries.  Candidates:
+    $CUDA_HOME, torch's guess, /usr/local/cuda-<torch's CUDA>, /usr/local/cuda.
+    """
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME]
+    if torch_cuda:
+        candidates.append(f"/usr/local/cuda-{torch_cuda}")
+    candidates.append("/usr/local/cuda")
+    for root in filter(None, candidates):
+        has_nvcc = os.path.exists(os.path.join(root, "bin", "nvcc"))
+        has_rt = any(os.path.exists(os.path.join(root, d, "libcudart.so")) for d in ("lib64", "lib"))
+        if has_nvcc and has_rt:
+            return root
+    return None
+
+
+def _extensions():
+    import torch
+    from torch.utils import cpp_extension
+
+    force_cuda = _flag("FORCE_CUDA")
+    cpu_only = _flag("EMA_CUDA_CPU_ONLY")
+    if force_cuda and cpu_only:
+        sys.exit("ema_cuda: FORCE_CUDA=1 and EMA_CUDA_CPU_ONLY=1 contradict each other")
+    cuda_home = _cuda_home(cpp_extension, torch.version.cuda) if torch.version.cuda else None
+    with_cuda = not cpu_only and cuda_home is not None
+    if force_cuda and not with_cuda:
+        reason = (
+            "torch is a CPU-only build"
+            if torch.version.cuda is None
+            else "no CUDA toolkit with bin/nvcc and libcudart.so was found (set CUDA_HOME)"
+        )
+        sys.exit(f"ema_cuda: FORCE_CUDA=1 but the CUDA kernel cannot be built: {reason}")
+
+    cxx = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"]
+    if not _flag("EMA_CUDA_NO_AVX2") and _cpu_supports_avx2():
+        # A private CPU_CAPABILITY namespace keeps our at::vec instantiations
+        # apart from libtorch's own.
+        cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=ema_avx2"]
+    sources = [os.path.join("csrc", f) for f in ("ema_update.cpp", "bindings.cpp")]
+    kwargs = dict(
+        name="ema_cuda._C",
+        include_dirs=[os.path.join(HERE, "csrc")],
+        extra_link_args=["-fopenmp"],
+    )
+    if with_cuda:
+        # torch reads this module global when it compiles and links.
+        cpp_extension.CUDA_HOME = cuda_home
+        if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        print(f"ema_cuda: building CPU + CUDA kernels (TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')}, CUDA_HOME={cuda_home})")
+        return [
+            cpp_extension.CUDAExtension(
+                sources=sources + [os.path.join("csrc", "ema_update_cuda.cu")],
+                define_macros=[("EMA_CUDA_WITH_CUDA", "1")],
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+                **kwargs,
+            )
+        ]
+    print("ema_cuda: building the CPU kernel only")
+    return [cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)]
+
+
+def main():
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        ext_modules=_extensions(),
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    )
+
+
+if __name__ == "__main__":
+    main()
