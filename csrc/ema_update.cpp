@@ -26,6 +26,15 @@ const char* py_dtype(at::ScalarType t) {
     case at::kDouble: return "torch.float64";
     case at::kBFloat16: return "torch.bfloat16";
     case at::kHalf: return "torch.float16";
+    case at::kLong: return "torch.int64";
+    case at::kInt: return "torch.int32";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    case at::kComplexFloat: return "torch.complex64";
+    case at::kComplexDouble: return "torch.complex128";
+    case at::kComplexHalf: return "torch.complex32";
     default: return c10::toString(t);
   }
 }

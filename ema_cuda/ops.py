@@ -242,14 +242,19 @@ def _define_fallback_ops() -> None:
 _load_backend()
 
 
+# Fake (meta) kernels: the op writes in place and allocates nothing, but the
+# checks that need no data run here too, so a traced program rejects the same
+# input as eager does.
 @torch.library.register_fake("ema_cuda::ema_update_")
-def _ema_update_fake(ema, model, decay):  # noqa: ARG001 - in place, nothing to allocate
-    return None
+def _ema_update_fake(ema, model, decay):
+    _check_lists(OP_NAME, ema, model)
+    _check_decay(OP_NAME, decay)
 
 
 @torch.library.register_fake("ema_cuda::ema_update_.Tensor")
-def _ema_update_tensor_fake(ema, model, decay):  # noqa: ARG001
-    return None
+def _ema_update_tensor_fake(ema, model, decay):
+    _check_lists(OP_NAME, ema, model)
+    _check_decay_tensor(OP_NAME, decay, ema)
 
 
 # --------------------------------------------------------------------------- public API
@@ -285,6 +290,11 @@ def ema_update_(
     """
     ema = list(ema)
     model = list(model)
+    if not ema and not model and not isinstance(decay, torch.Tensor):
+        # No tensor to dispatch on (torch's foreach ops reject empty lists);
+        # an empty update is still a checked no-op here.
+        _check_decay(OP_NAME, float(decay))
+        return
     if isinstance(decay, torch.Tensor):
         torch.ops.ema_cuda.ema_update_.Tensor(ema, model, decay)
     else:

@@ -1,0 +1,513 @@
+"""The fused op ``ema_cuda::ema_update_``: values, edge cases, validation, plan cache."""
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import ema_cuda
+from ema_cuda import ops
+from conftest import DTYPES, expected_backend, requires_compiled, requires_cuda
+
+# Tolerances relative to an fp64 reference: the result is rounded once to the
+# EMA dtype after fp32 (or fp64) math.
+TOL = {
+    torch.float64: dict(rtol=1e-12, atol=1e-12),
+    torch.float32: dict(rtol=2e-6, atol=2e-6),
+    torch.float16: dict(rtol=1e-3, atol=1e-3),
+    torch.bfloat16: dict(rtol=8e-3, atol=8e-3),
+}
+
+
+def make_pairs(sizes, ema_dtype=torch.float32, model_dtype=torch.float32, device="cpu"):
+    ema = [torch.randn(s, device=device).to(ema_dtype) for s in sizes]
+    model = [torch.randn(s, device=device).to(model_dtype) for s in sizes]
+    return ema, model
+
+
+def reference(ema, model, decay):
+    return [e.double() * decay + m.double() * (1.0 - decay) for e, m in zip(ema, model)]
+
+
+def check(ema, ref):
+    for i, (e, r) in enumerate(zip(ema, ref)):
+        assert_close(e.double(), r, **TOL[e.dtype], msg=lambda m, i=i: f"tensor {i}: {m}")
+
+
+def snapshot(tensors):
+    return [t.detach().clone() for t in tensors]
+
+
+def assert_bit_identical(tensors, before):
+    for i, (t, b) in enumerate(zip(tensors, before)):
+        bits_now = t.detach().contiguous().view(-1).view(torch.uint8)
+        bits_then = b.contiguous().view(-1).view(torch.uint8)
+        assert torch.equal(bits_now, bits_then), f"tensor {i} was modified"
+
+
+# ----------------------------------------------------------------------------- backend
+
+
+def test_backend_matches_environment():
+    want = expected_backend()
+    if want in ("compiled", "fallback"):
+        assert ops.backend() == want
+    assert ops.backend() in ("compiled", "fallback")
+    assert (ops.fallback_reason() is None) == (ops.backend() == "compiled")
+
+
+@pytest.mark.skipif(os.environ.get("EMA_CUDA_EXPECT_CUDA") != "1", reason="CUDA build not requested")
+def test_cuda_kernel_was_compiled():
+    # `make test` sets EMA_CUDA_EXPECT_CUDA=1 when nvcc is on the PATH: the
+    # extension must then contain the CUDA kernel, GPU or not.
+    assert ops.backend() == "compiled"
+    assert ops.cuda_kernel_available()
+    assert torch.ops.ema_cuda._cuda_compiled()
+
+
+def test_fallback_warns_once_and_reports_itself():
+    code = (
+        "import warnings\n"
+        "warnings.simplefilter('always')\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    import ema_cuda, torch\n"
+        "    from ema_cuda import ops\n"
+        "    e, m = [torch.zeros(3)], [torch.ones(3)]\n"
+        "    ops.ema_update_(e, m, 0.5); ops.ema_update_(e, m, 0.5)\n"
+        "print(ops.backend(), sum('fallback' in str(x.message) for x in w), e[0].tolist())\n"
+    )
+    env = dict(os.environ, EMA_CUDA_BACKEND="fallback")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["fallback", "1", "[0.75,", "0.75,", "0.75]"]
+
+
+def test_bad_backend_env_is_rejected():
+    env = dict(os.environ, EMA_CUDA_BACKEND="fastest")
+    out = subprocess.run([sys.executable, "-c", "import ema_cuda"], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "EMA_CUDA_BACKEND must be" in out.stderr
+
+
+# ----------------------------------------------------------------------------- values
+
+SIZES = [0, 1, 3, 7, 8, 9, 15, 16, 17, 1000, (1 << 16) - 1, 1 << 16, (1 << 16) + 1, 100_003]
+
+
+@pytest.mark.parametrize("ema_dtype", DTYPES)
+@pytest.mark.parametrize("model_dtype", DTYPES)
+def test_every_dtype_pair_matches_fp64_reference(device, ema_dtype, model_dtype):
+    ema, model = make_pairs(SIZES, ema_dtype, model_dtype, device)
+    ref = reference(ema, model, 0.9)
+    ops.ema_update_(ema, model, 0.9)
+    check(ema, ref)
+
+
+def test_model_tensors_are_not_written(device):
+    ema, model = make_pairs(SIZES, torch.float32, torch.bfloat16, device)
+    before = snapshot(model)
+    ops.ema_update_(ema, model, 0.7)
+    assert_bit_identical(model, before)
+
+
+@pytest.mark.parametrize("ema_dtype", DTYPES)
+@pytest.mark.parametrize("model_dtype", DTYPES)
+def test_decay_zero_and_one_are_exact(device, ema_dtype, model_dtype):
+    ema, model = make_pairs([0, 1, 17, 4099], ema_dtype, model_dtype, device)
+    before = snapshot(ema)
+    ops.ema_update_(ema, model, 1.0)
+    assert_bit_identical(ema, before)
+    ops.ema_update_(ema, model, 0.0)
+    for e, m in zip(ema, model):
+        assert torch.equal(e, m.to(ema_dtype))
+
+
+def test_zero_dim_and_multi_dim_and_permuted_layouts(device):
+    ema = [torch.randn((), device=device), torch.randn(3, 4, 5, device=device),
+           torch.randn(6, 7, device=device).t()]
+    model = [torch.randn((), device=device), torch.randn(3, 4, 5, device=device),
+             torch.randn(6, 7, device=device).t()]
+    ref = reference(ema, model, 0.25)
+    ops.ema_update_(ema, model, 0.25)
+    check(ema, ref)
+
+
+def test_empty_lists_and_empty_tensors(device):
+    ops.ema_update_([], [], 0.5)
+    ema = [torch.empty(0, device=device), torch.empty(3, 0, device=device)]
+    model = [torch.empty(0, device=device), torch.empty(3, 0, device=device)]
+    ops.ema_update_(ema, model, 0.5)
+    ops.ema_update_(ema, model, torch.tensor(0.5, device=device))
+
+
+@pytest.mark.parametrize("offset", [1, 2, 3])
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_views(device, offset, model_dtype):
+    n = (1 << 16) + 37
+    ebuf = torch.randn(n + offset, device=device)
+    mbuf = torch.randn(n + offset, device=device).to(model_dtype)
+    cases = [
+        (ebuf[offset:], mbuf[offset:]),         # both shifted the same way
+        (ebuf[offset:], mbuf[: n]),             # only the EMA shifted
+        (ebuf[: n], mbuf[offset:]),             # only the model shifted
+    ]
+    for e, m in cases:
+        ref = reference([e], [m], 0.6)
+        ops.ema_update_([e], [m], 0.6)
+        check([e], ref)
+
+
+def test_ten_thousand_tensors(device):
+    ema, model = make_pairs([1000] * 10_000, device=device)
+    ema[17] = torch.randn(3, device=device)  # odd sizes among them
+    model[17] = torch.randn(3, device=device)
+    ref = reference(ema, model, 0.99)
+    ops.ema_update_(ema, model, 0.99)
+    check(ema, ref)
+
+
+def test_decay_tensor_matches_float(device):
+    ema, model = make_pairs(SIZES, torch.float32, torch.bfloat16, device)
+    ema2 = snapshot(ema)
+    ops.ema_update_(ema, model, 0.8)
+    for dt in DTYPES:
+        e = snapshot(ema2)
+        ops.ema_update_(e, model, torch.tensor(0.8, dtype=dt, device=device))
+        d = float(torch.tensor(0.8, dtype=dt))
+        check(e, reference(ema2, model, d))
+
+
+def test_repeated_updates_converge_like_reference(device):
+    ema, model = make_pairs([5, 70_000], device=device)
+    ref = [e.double() for e in ema]
+    for step in range(20):
+        d = 0.5 + step / 50
+        ops.ema_update_(ema, model, d)
+        ref = [r * d + m.double() * (1 - d) for r, m in zip(ref, model)]
+    check(ema, ref)
+
+
+def test_model_parameters_may_require_grad():
+    net = torch.nn.Linear(4, 3)
+    ema = [p.detach().clone() for p in net.parameters()]
+    ref = reference(ema, list(net.parameters()), 0.5)
+    ops.ema_update_(ema, list(net.parameters()), 0.5)
+    check(ema, ref)
+
+
+def test_ema_requiring_grad_is_allowed_under_no_grad():
+    e = torch.zeros(4, requires_grad=True)
+    with torch.no_grad():
+        ops.ema_update_([e], [torch.ones(4)], 0.5)
+    assert e.detach().tolist() == [0.5] * 4
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _ema_model(device="cpu"):
+    return make_pairs([10, 20, 30], device=device)
+
+
+def bad_inputs(device):
+    """(description, ema list, model list, decay, message pattern)."""
+    e, m = _ema_model(device)
+    shared = torch.randn(100, device=device)
+    cases = [
+        ("lengths", e, m[:2], 0.5, r"got 3 ema tensors but 2 model tensors"),
+        ("numel", e, [m[0], m[1], torch.randn(31, device=device)], 0.5, r"ema\[2\] has shape \[30\] but model\[2\] has shape \[31\]"),
+        ("shape", e, [m[0], m[1], torch.randn(5, 6, device=device)], 0.5, r"ema\[2\] has shape \[30\] but model\[2\] has shape \[5, 6\]"),
+        ("int model", e, [m[0], m[1].long(), m[2]], 0.5, r"model\[1\] has dtype torch.int64"),
+        ("bool ema", e + [torch.zeros(2, dtype=torch.bool, device=device)], m + [torch.zeros(2, device=device)], 0.5, r"ema\[3\] has dtype torch.bool"),
+        ("complex", e + [torch.zeros(2, dtype=torch.complex64, device=device)], m + [torch.zeros(2, device=device)], 0.5, r"ema\[3\] has dtype torch.complex64"),
+        ("strided", e + [torch.randn(20, device=device)[::2]], m + [torch.randn(10, device=device)], 0.5, r"ema\[3\] .* is not dense"),
+        ("expanded", e + [torch.randn(10, device=device)], m + [torch.randn(1, device=device).expand(10)], 0.5, r"model\[3\] .* is not dense"),
+        ("layouts", e + [torch.randn(3, 4, device=device)], m + [torch.randn(4, 3, device=device).t()], 0.5, r"ema\[3\] has strides \[4, 1\] but model\[3\] has strides \[1, 3\]"),
+        ("nan", e, m, float("nan"), r"decay must be a finite number in \[0, 1\], got nan"),
+        ("inf", e, m, float("inf"), r"decay must be a finite number in \[0, 1\], got inf"),
+        ("above one", e, m, 1.5, r"got 1.5"),
+        ("negative", e, m, -0.1, r"got -0.1"),
+        ("decay 1-dim", e, m, torch.tensor([0.5], device=device), r"decay tensor must be 0-dim, got shape \[1\]"),
+        ("decay int", e, m, torch.tensor(1, device=device), r"decay tensor must be floating point, got dtype torch.int64"),
+        ("ema aliasing", e + [shared[:60], shared[50:]], m + [torch.randn(60, device=device), torch.randn(50, device=device)], 0.5, r"ema\[3\] and ema\[4\] overlap"),
+        ("model aliasing ema", e + [shared[:60]], m + [shared[10:70]], 0.5, r"model\[3\] overlaps ema\[3\]"),
+        ("model is other ema", e, [m[0], e[2].view(-1)[:20], m[2]], 0.5, r"model\[1\] overlaps ema\[2\]"),
+        ("ema requires grad", e + [torch.zeros(2, device=device, requires_grad=True)], m + [torch.zeros(2, device=device)], 0.5, r"ema\[3\] requires grad"),
+    ]
+    if device.type == "cpu":
+        cases += [
+            ("cpu decay tensor out of range", e, m, torch.tensor(1.25), r"got 1.25"),
+            ("cpu decay tensor nan", e, m, torch.tensor(float("nan")), r"got nan"),
+        ]
+    return cases
+
+
+@pytest.mark.parametrize("case", range(21))
+def test_bad_input_names_the_problem_and_writes_nothing(device, case):
+    cases = bad_inputs(device)
+    if case >= len(cases):
+        pytest.skip("case only exists on the CPU")
+    name, ema, model, decay, pattern = cases[case]
+    before = snapshot(ema)
+    with pytest.raises((RuntimeError, TypeError), match=pattern):
+        ops.ema_update_(ema, model, decay)
+    assert_bit_identical(ema, before)
+
+
+def test_error_names_the_op():
+    e, m = _ema_model()
+    with pytest.raises(RuntimeError, match=r"ema_cuda::ema_update_: "):
+        ops.ema_update_(e, m, 2.0)
+
+
+@requires_cuda
+def test_mixed_devices_are_rejected():
+    e, m = _ema_model("cuda")
+    m[1] = m[1].cpu()
+    before = snapshot(e)
+    with pytest.raises(RuntimeError, match=r"model\[1\] is on cpu but ema\[0\] is on cuda:0"):
+        ops.ema_update_(e, m, 0.5)
+    assert_bit_identical(e, before)
+    with pytest.raises(RuntimeError, match=r"decay tensor is on cpu but the tensors are on cuda:0"):
+        ops.ema_update_(e, [x.cuda() for x in m], torch.tensor(0.5))
+    assert_bit_identical(e, before)
+
+
+def test_mixed_devices_are_rejected_by_the_meta_kernel():
+    # Without a GPU, the meta device stands in for a second device: the fake
+    # kernel runs the same device check.
+    e, m = _ema_model()
+    m[1] = torch.empty(20, device="meta")
+    before = snapshot(e)
+    with pytest.raises(RuntimeError, match=r"model\[1\] is on meta but ema\[0\] is on cpu"):
+        ops.ema_update_(e, m, 0.5)
+    assert_bit_identical(e, before)
+
+
+# ----------------------------------------------------------------------------- plan cache
+
+@requires_compiled
+def test_plan_is_cached_then_rebuilt_when_a_tensor_changes():
+    torch.ops.ema_cuda._clear_plan_cache()
+    ema, model = make_pairs([100, 200])
+    ops.ema_update_(ema, model, 0.5)
+    ops.ema_update_(ema, model, 0.5)
+    builds, hits, _ = torch.ops.ema_cuda._plan_cache_stats()
+    assert (builds, hits) == (1, 1)
+    model[1] = torch.randn(200)          # a replaced tensor: new signature
+    ref = reference(ema, model, 0.5)
+    ops.ema_update_(ema, model, 0.5)
+    check(ema, ref)
+    builds, hits, _ = torch.ops.ema_cuda._plan_cache_stats()
+    assert (builds, hits) == (2, 1)
+
+
+@requires_compiled
+def test_plan_cache_is_bounded():
+    torch.ops.ema_cuda._clear_plan_cache()
+    for _ in range(20):
+        ema, model = make_pairs([10])
+        ops.ema_update_(ema, model, 0.5)
+    assert torch.ops.ema_cuda._plan_cache_stats()[2] <= 8
+
+
+def test_stale_plan_never_writes_to_freed_memory():
+    n = 1 << 16
+    ema, model = make_pairs([n, n])
+    updater = ops.FusedUpdater(ema, model)
+    updater.update(0.5)
+    # Swap the EMA's storage: the old block goes back to the allocator and is
+    # likely handed to the very next allocation of the same size.
+    ema[0].data = torch.randn(n)
+    sentinels = [torch.full((n,), 7.0) for _ in range(4)]
+    ref = reference(ema, model, 0.5)
+    updater.update(0.5)
+    check(ema, ref)
+    for s in sentinels:
+        assert torch.equal(s, torch.full((n,), 7.0))
+    # The same through the list op after the lists' tensors were freed.
+    ema2, model2 = make_pairs([n, n])
+    ops.ema_update_(ema2, model2, 0.5)
+    del ema2, model2
+    sentinels = [torch.full((n,), 3.0) for _ in range(4)]
+    ema3, model3 = make_pairs([n, n])
+    ref = reference(ema3, model3, 0.5)
+    ops.ema_update_(ema3, model3, 0.5)
+    check(ema3, ref)
+    for s in sentinels:
+        assert torch.equal(s, torch.full((n,), 3.0))
+
+
+# ----------------------------------------------------------------------------- FusedUpdater
+
+def test_fused_updater_matches_op(device):
+    ema, model = make_pairs(SIZES, torch.float32, torch.bfloat16, device)
+    ema2 = snapshot(ema)
+    updater = ops.FusedUpdater(ema, model)
+    assert len(updater) == len(SIZES)
+    for d in (0.9, torch.tensor(0.7, device=device), 0.0):
+        updater.update(d)
+        ops.ema_update_(ema2, model, d)
+        for a, b in zip(ema, ema2):
+            assert torch.equal(a, b)
+
+
+def test_fused_updater_revalidates_replaced_storage():
+    ema, model = make_pairs([10, 20])
+    updater = ops.FusedUpdater(ema, model)
+    updater.update(0.5)
+    model[1].data = torch.randn(21)      # now mismatched: must be caught, not read out of bounds
+    before = snapshot(ema)
+    with pytest.raises(RuntimeError, match=r"ema\[1\] has shape \[20\] but model\[1\] has shape \[21\]"):
+        updater.update(0.5)
+    assert_bit_identical(ema, before)
+
+
+def test_fused_updater_rejects_bad_decay():
+    ema, model = make_pairs([10])
+    updater = ops.FusedUpdater(ema, model)
+    before = snapshot(ema)
+    for bad in (1.5, float("nan"), torch.tensor(-1.0), torch.ones(2)):
+        with pytest.raises(RuntimeError):
+            updater.update(bad)
+    assert_bit_identical(ema, before)
+
+
+# ----------------------------------------------------------------------------- torch.library integration
+
+def _opcheck_args(device):
+    ema, model = make_pairs([3, 17, 1000], torch.float32, torch.bfloat16, device)
+    return ema, model
+
+
+def test_opcheck_float_overload(device):
+    ema, model = _opcheck_args(device)
+    torch.library.opcheck(torch.ops.ema_cuda.ema_update_.default, (ema, model, 0.9))
+
+
+def test_opcheck_tensor_overload(device):
+    ema, model = _opcheck_args(device)
+    torch.library.opcheck(torch.ops.ema_cuda.ema_update_.Tensor, (ema, model, torch.tensor(0.9, device=device)))
+
+
+def test_opcheck_with_model_requiring_grad(device):
+    net = torch.nn.Linear(5, 4).to(device)
+    ema = [p.detach().clone() for p in net.parameters()]
+    torch.library.opcheck(torch.ops.ema_cuda.ema_update_.default, (ema, list(net.parameters()), 0.5),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_torch_compile_fullgraph_matches_eager(device):
+    ema, model = make_pairs([7, 300], device=device)
+    ema_eager = snapshot(ema)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(e, m, d):
+        torch.ops.ema_cuda.ema_update_(e, m, d)
+
+    for d in (0.9, 0.8):
+        dt = torch.tensor(d, device=device)
+        step(ema, model, dt)
+        ops.ema_update_(ema_eager, model, dt)
+    for a, b in zip(ema, ema_eager):
+        assert torch.equal(a, b)
+
+
+def test_torch_compile_does_not_recompile_for_new_decay_tensor_values(device):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    ema, model = make_pairs([11], device=device)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def step(e, m, d):
+        ops.ema_update_(e, m, d)
+
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for d in (0.9, 0.99, 0.999, 0.5):
+            step(ema, model, torch.tensor(d, device=device))
+
+
+# ----------------------------------------------------------------------------- host emulation of the CUDA path
+
+EMU = pytest.mark.usefixtures()
+
+
+@requires_compiled
+@pytest.mark.parametrize("chunk,threads,blocks", [(64, 32, 1), (64, 7, 3), (1000, 128, 5), (1 << 16, 512, 4)])
+@pytest.mark.parametrize("ema_dtype", DTYPES)
+@pytest.mark.parametrize("model_dtype", DTYPES)
+def test_emulated_cuda_path_every_dtype_pair(chunk, threads, blocks, ema_dtype, model_dtype):
+    sizes = [0, 1, 7, chunk - 1, chunk, chunk + 1, 2 * chunk + 3, 1001]
+    ema, model = make_pairs(sizes, ema_dtype, model_dtype)
+    ref = reference(ema, model, 0.75)
+    torch.ops.ema_cuda._emulate_cuda_update_(ema, model, 0.75, chunk, threads, blocks)
+    check(ema, ref)
+
+
+@requires_compiled
+@pytest.mark.parametrize("eoff,moff", [(0, 0), (1, 1), (3, 3), (1, 0), (0, 5), (2, 7)])
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_emulated_cuda_path_misaligned(eoff, moff, model_dtype):
+    n = 4099
+    ebuf = torch.randn(n + 8)
+    mbuf = torch.randn(n + 8).to(model_dtype)
+    e, m = ebuf[eoff:eoff + n], mbuf[moff:moff + n]
+    ref = reference([e], [m], 0.3)
+    head, width = torch.ops.ema_cuda._vector_head(e.data_ptr(), m.data_ptr(), e.dtype, m.dtype)
+    if head >= 0:
+        assert (e.data_ptr() + head * 4) % 16 == 0 and (m.data_ptr() + head * m.element_size()) % 16 == 0
+    torch.ops.ema_cuda._emulate_cuda_update_([e], [m], 0.3, 256, 32, 3)
+    check([e], ref)
+    # Neighbours outside the views are untouched.
+    assert torch.equal(ebuf[:eoff], ebuf[:eoff]) and ebuf[eoff + n:].abs().max() < 10
+
+
+@requires_compiled
+def test_vector_head_arithmetic():
+    vh = torch.ops.ema_cuda._vector_head
+    assert vh(0x1000, 0x2000, torch.float32, torch.float32) == [0, 4]
+    assert vh(0x1004, 0x2004, torch.float32, torch.float32) == [3, 4]
+    assert vh(0x1004, 0x2008, torch.float32, torch.float32) == [-1, 4]   # never aligned together
+    assert vh(0x1000, 0x2002, torch.float32, torch.bfloat16) == [-1, 8]
+    assert vh(0x1008, 0x2004, torch.float32, torch.bfloat16) == [6, 8]  # 0x1020, 0x2010
+    assert vh(0x1004, 0x2004, torch.float32, torch.bfloat16) == [-1, 8]
+    assert vh(0x1010 - 8, 0x2010 - 4, torch.float32, torch.bfloat16) == [2, 8]
+    assert vh(0x1008, 0x2008, torch.float64, torch.float64) == [1, 2]
+
+
+@requires_compiled
+def test_plan_chunks_use_64_bit_offsets():
+    big = 3_000_000_000            # > 2^31 elements: no machine here can allocate it
+    chunk = 1 << 16
+    rows = torch.ops.ema_cuda._plan_chunks([5, big, 0, chunk], chunk)
+    tensor, start, length = rows.unbind(1)
+    assert rows.shape[0] == 1 + math.ceil(big / chunk) + 0 + 1
+    mine = tensor == 1
+    assert int(length[mine].sum()) == big
+    assert int(start[mine].max()) == (big - 1) // chunk * chunk > 2**31
+    assert int(length[mine][-1]) == big - (big - 1) // chunk * chunk
+    assert torch.equal(start[mine][1:] - start[mine][:-1], torch.full((int(mine.sum()) - 1,), chunk))
+    assert rows[0].tolist() == [0, 0, 5] and rows[-1].tolist() == [3, 0, chunk]
+
+
+def _available_bytes():
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_available_bytes() < 10 * 2**30, reason="needs ~4 GiB of free memory with headroom")
+def test_tensor_larger_than_2_gib():
+    n = (1 << 29) + 5                      # fp32: 2 GiB + 20 bytes
+    ema = torch.ones(n)
+    model = torch.full((n,), 3.0, dtype=torch.bfloat16)
+    idx = torch.tensor([0, 1, (1 << 29) - 1, 1 << 29, n - 1])
+    model[idx] = torch.tensor([5.0, 7.0, 9.0, 11.0, 13.0], dtype=torch.bfloat16)
+    ops.ema_update_([ema], [model], 0.5)
+    assert ema[idx].tolist() == [3.0, 4.0, 5.0, 6.0, 7.0]
+    assert int((ema == 2.0).sum()) == n - 5
