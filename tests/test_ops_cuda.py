@@ -1,0 +1,135 @@
+"""CUDA-only behaviour of the fused op: one launch, streams, CUDA graphs.
+
+These tests need a GPU and are skipped without one; the index arithmetic of
+the CUDA kernel is covered everywhere by the host emulation in test_ops.py."""
+import pytest
+import torch
+
+from ema_cuda import ops
+from conftest import DTYPES, requires_compiled, requires_cuda
+
+pytestmark = [requires_cuda]
+
+
+def _pairs(n_tensors=50, size=1234, ema_dtype=torch.float32, model_dtype=torch.bfloat16):
+    ema = [torch.randn(size + i, device="cuda").to(ema_dtype) for i in range(n_tensors)]
+    model = [torch.randn(size + i, device="cuda").to(model_dtype) for i in range(n_tensors)]
+    return ema, model
+
+
+def _ref(ema, model, d):
+    return [e.double() * d + m.double() * (1 - d) for e, m in zip(ema, model)]
+
+
+def _check(ema, ref):
+    for e, r in zip(ema, ref):
+        torch.testing.assert_close(e.double(), r, rtol=1e-2 if e.element_size() == 2 else 2e-6,
+                                   atol=1e-2 if e.element_size() == 2 else 2e-6)
+
+
+@requires_compiled
+def test_one_kernel_launch_for_ten_thousand_tensors():
+    ema, model = _pairs(10_000, 100, torch.float32, torch.float32)
+    ops.ema_update_(ema, model, 0.9)  # build the plan outside the profile
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.ema_update_(ema, model, 0.9)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    names = {e.name for e in kernels}
+    assert len(kernels) == 1, names
+    assert "ema_update_kernel" in next(iter(names))
+
+
+@requires_compiled
+def test_no_host_to_device_copy_once_the_plan_is_cached():
+    ema, model = _pairs()
+    ops.ema_update_(ema, model, 0.9)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ops.ema_update_(ema, model, torch.tensor(0.9, device="cuda"))
+        torch.cuda.synchronize()
+    memcpys = [e for e in prof.events() if "Memcpy" in e.name and "HtoD" in e.name]
+    # The decay tensor itself was created by the test (one H2D); the op adds none.
+    assert len(memcpys) <= 1
+
+
+@pytest.mark.parametrize("ema_dtype", DTYPES)
+@pytest.mark.parametrize("model_dtype", DTYPES)
+def test_side_stream_and_device_guard(ema_dtype, model_dtype):
+    ema, model = _pairs(5, 70_001, ema_dtype, model_dtype)
+    ref = _ref(ema, model, 0.3)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ops.ema_update_(ema, model, torch.tensor(0.3, device="cuda"))
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    _check(ema, ref)
+
+
+def test_cuda_graph_capture_and_replay_with_changing_decay():
+    ema, model = _pairs()
+    updater = ops.FusedUpdater(ema, model)
+    decay = torch.tensor(0.9, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        updater.update(decay)  # warm-up builds the plan outside capture
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        updater.update(decay)
+    for d in (0.5, 0.99, 0.0):
+        ref = _ref(ema, model, d)
+        decay.fill_(d)
+        g.replay()
+        torch.cuda.synchronize()
+        _check(ema, ref)
+
+
+@requires_compiled
+def test_capture_without_a_built_plan_is_a_clear_error():
+    ema, model = _pairs(3)
+    decay = torch.tensor(0.9, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="run the update once before capture"):
+        with torch.cuda.graph(g):
+            ops.ema_update_(ema, model, decay)
+
+
+@requires_compiled
+def test_plans_baked_into_graphs_survive_cache_eviction():
+    ema, model = _pairs(4)
+    decay = torch.tensor(0.9, device="cuda")
+    ops.ema_update_(ema, model, decay)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ops.ema_update_(ema, model, decay)
+    for _ in range(30):  # churn the plan cache far past its capacity
+        e2, m2 = _pairs(2, 10)
+        ops.ema_update_(e2, m2, 0.5)
+    # Fill the freed memory of evicted tables with garbage.
+    junk = [torch.full((4096,), -1, dtype=torch.uint8, device="cuda") for _ in range(64)]
+    ref = _ref(ema, model, 0.9)
+    g.replay()
+    torch.cuda.synchronize()
+    _check(ema, ref)
+    del junk
+
+
+def test_large_tensor_on_gpu_if_memory_allows():
+    free, _ = torch.cuda.mem_get_info()
+    n = (1 << 29) + 5  # fp32 EMA of 2 GiB + 20 bytes, bf16 model of 1 GiB
+    if free < 8 * 2**30:
+        pytest.skip("needs ~4 GiB of free GPU memory")
+    ema = torch.ones(n, device="cuda")
+    model = torch.full((n,), 3.0, dtype=torch.bfloat16, device="cuda")
+    idx = torch.tensor([0, 1, (1 << 29) - 1, 1 << 29, n - 1], device="cuda")
+    model[idx] = torch.tensor([5.0, 7.0, 9.0, 11.0, 13.0], dtype=torch.bfloat16, device="cuda")
+    ops.ema_update_([ema], [model], 0.5)
+    assert ema[idx].tolist() == [3.0, 4.0, 5.0, 6.0, 7.0]
+    assert int((ema == 2.0).sum()) == n - 5
