@@ -1,0 +1,117 @@
+"""models.get / models.register: building by name and choosing ema_net vs net from a checkpoint."""
+import sys
+import types
+
+import pytest
+import torch
+from torch import nn
+
+from ema_cuda import models
+from ema_cuda.checkpoint import CheckpointError, save_checkpoint
+
+
+def _perturbed(model, scale):
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.add_(scale)
+    return model
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_builtins_forward_shapes():
+    cnn = models.get("digits_cnn", num_classes=10)
+    assert cnn(torch.randn(5, 1, 8, 8)).shape == (5, 10)
+    assert cnn(torch.randn(5, 64)).shape == (5, 10)  # flat sklearn rows
+    mlp = models.get("mlp", num_classes=3, in_features=64, hidden_features=(16, 8))
+    assert mlp(torch.randn(2, 64)).shape == (2, 3)
+    assert {"digits_cnn", "mlp"} <= set(models.list_models())
+
+
+def test_get_prefers_ema_net_then_net(tmp_path):
+    torch.manual_seed(0)
+    raw = _perturbed(models.get("digits_cnn", num_classes=4), 0.0)
+    ema = _perturbed(models.get("digits_cnn", num_classes=4), 0.5)
+
+    both = save_checkpoint({"net": raw.state_dict(), "ema_net": ema.state_dict()}, tmp_path / "both.pth")
+    loaded = models.get("digits_cnn", num_classes=4, checkpoint_path=both)
+    assert _same(loaded, ema) and loaded.loaded_checkpoint_key == "ema_net"
+
+    only_net = save_checkpoint({"net": raw.state_dict()}, tmp_path / "net.pth")
+    loaded = models.get("digits_cnn", num_classes=4, checkpoint_path=only_net)
+    assert _same(loaded, raw) and loaded.loaded_checkpoint_key == "net"
+
+    loaded = models.get("digits_cnn", num_classes=4, checkpoint_path=both, load_ema=False)
+    assert _same(loaded, raw) and loaded.loaded_checkpoint_key == "net"
+
+
+def test_get_errors_name_file_and_key(tmp_path):
+    net = models.get("digits_cnn", num_classes=4)
+    path = save_checkpoint({"net": net.state_dict()}, tmp_path / "four.pth")
+    with pytest.raises(CheckpointError, match=r"four\.pth.*'net'.*'classifier\.weight'.*\(4, 64\).*\(10, 64\)"):
+        models.get("digits_cnn", num_classes=10, checkpoint_path=path)
+    empty = save_checkpoint({"epoch": 1}, tmp_path / "empty.pth")
+    with pytest.raises(CheckpointError, match=r"empty\.pth.*'ema_net'.*'net'"):
+        models.get("digits_cnn", checkpoint_path=empty)
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match=r"bad\.pth"):
+        models.get("digits_cnn", checkpoint_path=bad)
+    with pytest.raises(FileNotFoundError, match=r"missing\.pth"):
+        models.get("digits_cnn", checkpoint_path=tmp_path / "missing.pth")
+
+
+def test_unknown_name_lists_registered():
+    with pytest.raises(ValueError, match=r"'no_such_net'.*digits_cnn.*mlp"):
+        models.get("no_such_net")
+    with pytest.raises(ValueError, match="unknown model source"):
+        models.get("keras:foo")
+
+
+def test_register_and_factory(tmp_path):
+    class Tiny(nn.Module):
+        def __init__(self, n=2):
+            super().__init__()
+            self.fc = nn.Linear(3, n)
+
+    models.register("tiny_for_test", Tiny, overwrite=True)
+    assert isinstance(models.get("tiny_for_test", n=5), Tiny)
+    with pytest.raises(ValueError, match="already registered"):
+        models.register("tiny_for_test", lambda: Tiny())
+
+    @models.register(overwrite=True)
+    def tiny_decorated():
+        return Tiny(1)
+
+    assert models.get("tiny_decorated").fc.out_features == 1
+    # A factory (here the class) instead of a name.
+    assert models.get(Tiny, n=7).fc.out_features == 7
+    with pytest.raises(TypeError, match="not an nn.Module"):
+        models.get(lambda: 3)
+
+
+def test_external_registries_are_used_when_installed(monkeypatch):
+    # A stand-in torchvision/timm: checks the name routing without the packages.
+    built = {}
+    tv = types.ModuleType("torchvision")
+    tv.models = types.SimpleNamespace(
+        list_models=lambda: ["resnet_x"],
+        get_model=lambda name, **kw: built.setdefault("tv", (name, kw)) and nn.Linear(1, 1),
+    )
+    timm = types.ModuleType("timm")
+    timm.list_models = lambda: ["vit_x", "resnet_x"]
+    timm.create_model = lambda name, **kw: built.setdefault("timm", (name, kw)) and nn.Linear(1, 1)
+    monkeypatch.setitem(sys.modules, "torchvision", tv)
+    monkeypatch.setitem(sys.modules, "timm", timm)
+
+    models.get("resnet_x", num_classes=3)  # bare name: torchvision first
+    assert built["tv"] == ("resnet_x", {"weights": None, "num_classes": 3})
+    models.get("timm:resnet_x")
+    assert built["timm"] == ("resnet_x", {"pretrained": False})
+    assert "torchvision:resnet_x" in models.list_models(include_external=True)
+    with pytest.raises(ValueError, match="torchvision has no model 'nope'"):
+        models.get("torchvision:nope")
