@@ -1,0 +1,331 @@
+"""Decay schedules for :class:`ema_cuda.ModelEMA`.
+
+A schedule turns the user's maximum decay, the current step and the planned
+number of steps into the decay used for one update::
+
+    d = schedule(decay, step, total_steps)
+    ema = ema * d + model * (1 - d)
+
+A small decay early in training lets the average forget the random
+initialisation quickly; the schedule then climbs towards ``decay``.  The
+first three schedules reproduce SuperGradients' values (``constant``,
+``threshold``, ``exp``); ``power`` is the warmup of timm's ``ModelEmaV3`` and
+diffusers' ``EMAModel``, ``ramp`` the one of ultralytics' ``ModelEMA``.
+
+Steps follow SuperGradients' Trainer: 1-based and counting optimizer steps, so
+the first update of a run is ``step=1``.
+
+Register your own schedule by adding a class to :data:`EMA_DECAY_FUNCTIONS`;
+``ModelEMA.from_params(model, decay_type=name, **kwargs)`` then builds it from
+``kwargs`` (arguments the class does not take are ignored, as in
+SuperGradients, if its ``__init__`` accepts ``**kwargs``)::
+
+    class LinearDecay(IDecayFunction):
+        def __init__(self, **kwargs):
+            pass
+
+        def __call__(self, decay: float, step: int, total_steps: int) -> float:
+            return decay * (step / total_steps)
+
+    EMA_DECAY_FUNCTIONS["linear"] = LinearDecay
+
+``ModelEMA`` checks every value a schedule returns: a value outside ``[0, 1]``
+or a non-finite one is an error, not an update.
+
+Run ``python -m ema_cuda.ema_decay_schedules out.png`` (needs matplotlib) to
+plot the built-in schedules.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from abc import ABC, abstractmethod
+from typing import Any, Dict, Type
+
+__all__ = [
+    "IDecayFunction",
+    "ConstantDecay",
+    "ThresholdDecay",
+    "ExpDecay",
+    "PowerWarmupDecay",
+    "RampDecay",
+    "EMA_DECAY_FUNCTIONS",
+    "decay_function_name",
+]
+
+
+def _positive(cls: str, name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{cls}: {name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_step(cls: str, step: Any) -> None:
+    if step < 0:
+        raise ValueError(f"{cls}: step must be >= 0, got {step}")
+
+
+class IDecayFunction(ABC):
+    """The interface of a decay schedule: ``schedule(decay, step, total_steps) -> float``.
+
+    ``decay`` is the maximum decay the user configured, ``step`` the current
+    (1-based) training step and ``total_steps`` the number of steps the run
+    plans; ``step / total_steps`` is the fraction of training done.
+
+    Subclass it to write your own schedule.  Public attributes holding plain
+    numbers or strings are what :meth:`get_params` reports and what
+    ``ModelEMA.state_dict()`` records, so keep a schedule's parameters there.
+    """
+
+    @abstractmethod
+    def __call__(self, decay: float, step: int, total_steps: int) -> float:
+        """The decay for one update at ``step`` of ``total_steps``, at most ``decay``."""
+
+    def get_params(self) -> Dict[str, Any]:
+        """The schedule's parameters: its public attributes that are numbers, strings or None.
+
+        ``EMA_DECAY_FUNCTIONS[name](**schedule.get_params())`` rebuilds an equal
+        schedule; ``ModelEMA.state_dict()`` stores this dictionary.
+        """
+        return {
+            k: v
+            for k, v in vars(self).items()
+            if not k.startswith("_") and (v is None or isinstance(v, (bool, int, float, str)))
+        }
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+
+class ConstantDecay(IDecayFunction):
+    """The same decay at every step: ``d = decay``.
+
+    Use it when the EMA starts from weights that are already good (fine-tuning,
+    a resumed run) so that there is no random initialisation to forget.
+
+    ====== =====================
+    step   d (decay=0.9999)
+    ====== =====================
+    any    0.9999
+    ====== =====================
+    """
+
+    def __init__(self, **kwargs):
+        pass
+
+    def __call__(self, decay: float, step: int, total_steps: int) -> float:
+        return decay
+
+
+class ThresholdDecay(IDecayFunction):
+    """``d = min(decay, (1 + step) / (10 + step))``: starts at 0.1 and follows 1 - 9 / (10 + step).
+
+    The schedule of TensorFlow's ``ExponentialMovingAverage(num_updates=...)``
+    (and, one step later, of diffusers' ``EMAModel`` without warmup).  It does
+    not look at ``total_steps``, so it suits runs whose length is not known in
+    advance.  The decay reaches 0.999 at step 8,990 and 0.9999 at step 89,990:
+    with a high ``decay`` on a short run the average stays close to the
+    recent weights.
+
+    ======= ======================
+    step    d (decay=0.9999)
+    ======= ======================
+    0       0.1
+    1       0.18181818181818182
+    10      0.55
+    100     0.9181818181818182
+    1000    0.9910891089108911
+    10000   0.999100899100899
+    100000  0.9999
+    ======= ======================
+
+    ``step`` must be >= 0.
+    """
+
+    def __init__(self, **kwargs):
+        pass
+
+    def __call__(self, decay: float, step: int, total_steps: int) -> float:
+        _check_step("ThresholdDecay", step)
+        return min(decay, (1 + step) / (10 + step))
+
+
+class ExpDecay(IDecayFunction):
+    """``d = decay * (1 - exp(-beta * step / total_steps))``: a ramp over the fraction of training done.
+
+    SuperGradients' default (with ``beta=15``).  The decay is 0 at step 0,
+    ``decay * (1 - 1/e)`` at ``step = total_steps / beta`` and, for ``beta=15``,
+    99.75% of ``decay`` after 40% of training.  Because it scales
+    with ``total_steps`` the ramp has the same shape for a run of 1,000 steps
+    and one of 1,000,000; a larger ``beta`` reaches the plateau sooner.
+
+    ========== ========================= ========================
+    step/total d (decay=0.9999, beta=15) d (decay=0.9999, beta=5)
+    ========== ========================= ========================
+    0          0.0                       0.0
+    0.01       0.1392780943725847        0.048765698441736054
+    0.05       0.5275806839142594        0.22117709700690227
+    0.1        0.7767921528675851        0.39342999335333784
+    0.2        0.9501179103389729        0.6320573467726748
+    0.5        0.9993469709382893        0.9178232098759636
+    1.0        0.9998996941282697        0.9931627267956145
+    ========== ========================= ========================
+
+    ``total_steps`` must be > 0 and ``step`` >= 0.  A ``step`` past
+    ``total_steps`` (a run extended beyond its plan) is clamped to
+    ``total_steps``: the decay stays at its final value instead of rising
+    further as SuperGradients' formula would (by at most ``decay * exp(-beta)``, 3e-7 for beta=15).
+    """
+
+    def __init__(self, beta: float = None, **kwargs):
+        if beta is None:
+            raise TypeError("ExpDecay needs `beta`, the ramp's steepness (SuperGradients' default is beta=15)")
+        self.beta = _positive("ExpDecay", "beta", beta)
+
+    def __call__(self, decay: float, step: int, total_steps: int) -> float:
+        if not total_steps > 0:
+            raise ValueError(f"ExpDecay: total_steps must be > 0, got {total_steps}")
+        _check_step("ExpDecay", step)
+        x = min(step, total_steps) / total_steps
+        return decay * (1 - math.exp(-x * self.beta))
+
+
+class PowerWarmupDecay(IDecayFunction):
+    """timm's and diffusers' warmup: ``d = clamp(1 - (1 + s / inv_gamma) ** -power, min_decay, decay)``.
+
+    Here ``s = step - update_after_step - 1``; while ``s <= 0`` the decay is 0,
+    so the EMA copies the model (the first update of a run, and every update
+    during the first ``update_after_step`` steps).  The values match timm's
+    ``ModelEmaV3(use_warmup=True)`` and diffusers' ``EMAModel(use_ema_warmup=True)``
+    called with the same 1-based step, so a recipe tuned with either library
+    carries over.  ``power=2/3`` suits long runs (the decay reaches 0.999 at
+    about 31,600 steps, 0.9999 at 1,000,000); ``power=3/4`` shorter ones
+    (0.999 at about 10,000 steps, 0.9999 at 215,000).  ``total_steps`` is not
+    used.
+
+    ======= ========================== ==========================
+    step    d (decay=0.9999, power=2/3) d (decay=0.9999, power=3/4)
+    ======= ========================== ==========================
+    1       0.0                        0.0
+    2       0.3700394750525634         0.4053964424986395
+    10      0.7845565309968117         0.8221720589961077
+    100     0.9535841116638722         0.9683772233983162
+    1000    0.99                       0.9943765867480965
+    10000   0.9978455653099682         0.999
+    100000  0.9995358411166387         0.9998221720589962
+    ======= ========================== ==========================
+
+    Args:
+        inv_gamma: inverse multiplicative factor of the step (default 1).
+        power: exponent of the warmup (default 2/3).
+        min_decay: lower clamp of the decay once ``s > 0`` (default 0).
+        update_after_step: number of steps during which the EMA only copies
+            the model (default 0).
+    """
+
+    def __init__(
+        self,
+        inv_gamma: float = 1.0,
+        power: float = 2 / 3,
+        min_decay: float = 0.0,
+        update_after_step: int = 0,
+        **kwargs,
+    ):
+        self.inv_gamma = _positive("PowerWarmupDecay", "inv_gamma", inv_gamma)
+        self.power = _positive("PowerWarmupDecay", "power", power)
+        if isinstance(min_decay, bool) or not isinstance(min_decay, numbers.Real) or not 0.0 <= min_decay <= 1.0:
+            raise ValueError(f"PowerWarmupDecay: min_decay must be a number in [0, 1], got {min_decay!r}")
+        self.min_decay = float(min_decay)
+        if isinstance(update_after_step, bool) or not isinstance(update_after_step, numbers.Integral) or update_after_step < 0:
+            raise ValueError(f"PowerWarmupDecay: update_after_step must be an integer >= 0, got {update_after_step!r}")
+        self.update_after_step = int(update_after_step)
+
+    def __call__(self, decay: float, step: int, total_steps: int) -> float:
+        s = max(0, step - self.update_after_step - 1)
+        if s <= 0:
+            return 0.0
+        d = 1 - (1 + s / self.inv_gamma) ** -self.power
+        return max(min(d, decay), self.min_decay)
+
+
+class RampDecay(IDecayFunction):
+    """ultralytics' ramp: ``d = decay * (1 - exp(-step / tau))``.
+
+    The decay climbs with a time constant of ``tau`` steps, whatever the length
+    of the run: it is 63% of ``decay`` at ``step = tau`` and within 0.01% of
+    it after ``9.2 * tau`` steps.  ultralytics (YOLOv5/v8) uses
+    ``decay=0.9999, tau=2000``.  ``total_steps`` is not used.
+
+    ======== ==========================
+    step     d (decay=0.9999, tau=2000)
+    ======== ==========================
+    0        0.0
+    1        0.000499825033328626
+    100      0.048765698441736054
+    1000     0.39342999335333784
+    2000     0.6320573467726748
+    10000    0.9931627267956145
+    20000    0.9998546046102305
+    ======== ==========================
+    """
+
+    def __init__(self, tau: float = 2000, **kwargs):
+        self.tau = _positive("RampDecay", "tau", tau)
+
+    def __call__(self, decay: float, step: int, total_steps: int) -> float:
+        _check_step("RampDecay", step)
+        return decay * (1 - math.exp(-step / self.tau))
+
+
+#: Schedules by name, for ``ModelEMA.from_params(decay_type=...)``.  Add your own.
+EMA_DECAY_FUNCTIONS: Dict[str, Type[IDecayFunction]] = {
+    "constant": ConstantDecay,
+    "threshold": ThresholdDecay,
+    "exp": ExpDecay,
+    "power": PowerWarmupDecay,
+    "ramp": RampDecay,
+}
+
+
+def decay_function_name(decay_function: IDecayFunction) -> str:
+    """The registry name of a schedule's class, or its qualified class name when it is not registered."""
+    cls = type(decay_function)
+    for name, registered in EMA_DECAY_FUNCTIONS.items():
+        if registered is cls:
+            return name
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _plot(path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    total, decay = 100_000, 0.9999
+    steps = range(0, total + 1, 100)
+    schedules = {
+        "constant": ConstantDecay(),
+        "threshold": ThresholdDecay(),
+        "exp (beta=15)": ExpDecay(beta=15),
+        "power (2/3)": PowerWarmupDecay(power=2 / 3),
+        "power (3/4)": PowerWarmupDecay(power=3 / 4),
+        "ramp (tau=2000)": RampDecay(tau=2000),
+    }
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, fn in schedules.items():
+        ax.plot(list(steps), [fn(decay, s, total) for s in steps], label=label)
+    ax.set_xlabel(f"step (total_steps={total})")
+    ax.set_ylabel("decay")
+    ax.set_ylim(0.9, 1.0)
+    ax.set_title(f"EMA decay schedules, decay={decay}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+if __name__ == "__main__":
+    import sys
+
+    _plot(sys.argv[1] if len(sys.argv) > 1 else "ema_decay_schedules.png")
