@@ -42,6 +42,11 @@ import numbers
 from abc import ABC, abstractmethod
 from typing import Any, Dict, Type
 
+try:  # SuperGradients evaluates ExpDecay with numpy's exp, which may differ from libm's in the last bit.
+    from numpy import exp as _sg_exp
+except ImportError:  # pragma: no cover - numpy comes with torch in practice
+    _sg_exp = math.exp
+
 __all__ = [
     "IDecayFunction",
     "ConstantDecay",
@@ -188,7 +193,7 @@ class ExpDecay(IDecayFunction):
             raise ValueError(f"ExpDecay: total_steps must be > 0, got {total_steps}")
         _check_step("ExpDecay", step)
         x = min(step, total_steps) / total_steps
-        return decay * (1 - math.exp(-x * self.beta))
+        return float(decay * (1 - _sg_exp(-x * self.beta)))
 
 
 class PowerWarmupDecay(IDecayFunction):
