@@ -353,7 +353,10 @@ inline void store2<float>(float* p, const FVec& a, const FVec& b) {
 // How far ahead of the current position to prefetch, in bytes.  The hardware
 // prefetcher stops at page boundaries and restarts slowly on every new
 // tensor; a software prefetch keeps the next lines in flight.
-constexpr int64_t kPrefetchBytes = 512;
+#ifndef EMA_CUDA_PREFETCH_BYTES
+#define EMA_CUDA_PREFETCH_BYTES 512
+#endif
+constexpr int64_t kPrefetchBytes = EMA_CUDA_PREFETCH_BYTES;
 
 template <typename E, typename M>
 void cpu_chunk(const TensorEntry& t, int64_t start, int64_t len, double decay) {
@@ -369,8 +372,10 @@ void cpu_chunk(const TensorEntry& t, int64_t start, int64_t len, double decay) {
     constexpr int64_t pe = kPrefetchBytes / sizeof(E);
     constexpr int64_t pm = kPrefetchBytes / sizeof(M);
     for (; i + K <= len; i += K) {
-      __builtin_prefetch(e + i + pe, 1);
-      __builtin_prefetch(m + i + pm, 0);
+      if constexpr (kPrefetchBytes > 0) {
+        __builtin_prefetch(e + i + pe, 1);
+        __builtin_prefetch(m + i + pm, 0);
+      }
       FVec e0, e1, m0, m1;
       load2<E>(e + i, e0, e1);
       load2<M>(m + i, m0, m1);
