@@ -1,0 +1,62 @@
+"""Running metrics: mean loss and top-k accuracy.
+
+Totals stay on the device as tensors and are read once per epoch, so the
+training loop does not synchronise with the GPU after every batch.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence
+
+import torch
+
+__all__ = ["MetricTracker", "topk_correct"]
+
+
+def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Number of rows whose target is among the ``k`` largest logits (a 0-dim tensor).
+
+    ``targets`` may be class indices ``(N,)`` or one-hot / soft labels
+    ``(N, C)`` (their argmax is the class).
+    """
+    if targets.dim() == logits.dim() and targets.shape == logits.shape:
+        targets = targets.argmax(dim=-1)
+    k = min(k, logits.shape[-1])
+    top = logits.topk(k, dim=-1).indices
+    return (top == targets.unsqueeze(-1)).any(dim=-1).sum()
+
+
+class MetricTracker:
+    """Accumulates the sample-weighted mean loss and top-k accuracies over an epoch."""
+
+    def __init__(self, topk: Sequence[int] = (1,)):
+        self.topk = tuple(topk)
+        self.reset()
+
+    def reset(self) -> None:
+        self._loss_sum: Optional[torch.Tensor] = None
+        self._correct: Dict[int, torch.Tensor] = {}
+        self.count = 0
+
+    def update(self, loss: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
+        n = int(logits.shape[0])
+        weighted = loss.detach().float() * n
+        self._loss_sum = weighted if self._loss_sum is None else self._loss_sum + weighted
+        logits = logits.detach()
+        for k in self.topk:
+            c = topk_correct(logits, targets, k)
+            self._correct[k] = c if k not in self._correct else self._correct[k] + c
+        self.count += n
+
+    def running_loss(self) -> float:
+        return float(self._loss_sum.item()) / self.count if self.count else float("nan")
+
+    def compute(self) -> Dict[str, float]:
+        """``{"loss": ..., "accuracy": ...}`` (plus ``"top{k}"`` for other k); NaN when empty."""
+        if not self.count:
+            out = {"loss": float("nan"), "accuracy": float("nan")}
+        else:
+            out = {"loss": float(self._loss_sum.item()) / self.count}
+            for k in self.topk:
+                name = "accuracy" if k == 1 else f"top{k}"
+                out[name] = float(self._correct[k].item()) / self.count
+        return out
