@@ -5,3 +5,19 @@ from ema_cuda.ops import FusedUpdater, ema_update_
 __version__ = "0.1.0"
 
 __all__ = ["ops", "ema_update_", "FusedUpdater", "__version__"]
+
+# The trainer, the model registry and checkpoint I/O load on first use, so
+# that `import ema_cuda` costs no more than the op and the EMA.
+__all__ += ["Trainer", "KDTrainer", "models", "checkpoint", "training"]
+
+
+def __getattr__(name):
+    if name in ("Trainer", "KDTrainer"):
+        from ema_cuda import training
+
+        return getattr(training, name)
+    if name in ("training", "models", "checkpoint"):
+        import importlib
+
+        return importlib.import_module(f"ema_cuda.{name}")
+    raise AttributeError(f"module 'ema_cuda' has no attribute {name!r}")
