@@ -1,0 +1,1086 @@
+"""Times one EMA update of a model's weights, fused vs the ways people do it today.
+
+``python -m benchmarks.bench_ema`` (what ``make bench`` runs) times, for every
+workload of :mod:`benchmarks.workloads`, in one process and on the same
+tensors:
+
+=================  ==========================================================
+``sg_loop``        SuperGradients' update: for every floating ``state_dict``
+                   entry, ``ema.copy_(ema * d + (1 - d) * p)``
+``mul_add``        ``ema.mul_(d).add_(p, alpha=1 - d)`` per tensor
+``lerp_loop``      ``ema.lerp_(p, 1 - d)`` per tensor (model cast first when
+                   the dtypes differ: ``lerp_`` needs one dtype)
+``foreach``        ``torch._foreach_lerp_(ema, model, 1 - d)``; with a bf16
+                   model, cast the model to fp32 and then ``_foreach_lerp_``
+                   ("cast+foreach")
+``averaged_model`` ``torch.optim.swa_utils.AveragedModel`` with
+                   ``get_ema_multi_avg_fn(d)``, ``update_parameters``
+``timm_v3``        timm's ``ModelEmaV3.update`` (only when timm imports)
+``fused_list``     ``ema_cuda.ema_update_(ema, model, d)`` (lists through the
+                   dispatcher every call)
+``fused``          ``ema_cuda.FusedUpdater(ema, model).update(d)``: the hot
+                   path; every "fused vs" ratio refers to this row
+``model_ema``      ``ema_cuda.ModelEMA.update`` (only when it imports)
+``cuda_graph``     CUDA only: replay of a CUDA graph holding ``fused`` with a
+                   0-dim decay tensor
+``limit``          the same bytes moved by one op over one flat buffer: on the
+                   CPU ``flat_ema.lerp_(flat_model, 1 - d)`` (with a bf16
+                   model ``flat_ema.add_(flat_model, alpha=1 - d)``: ``lerp_``
+                   rejects mixed dtypes, and the axpy moves the same 10 bytes
+                   per element); on CUDA a device-to-device copy whose reads
+                   plus writes equal the update's
+=================  ==========================================================
+
+Protocol.  Every method first makes one update from the same random start
+and its result is compared with an fp64 reference; a method that gives a
+wrong answer is reported as WRONG and not timed.  Then, after warm-up, the
+median time per update: ``torch.utils.benchmark`` (``blocked_autorange``,
+all threads) on the CPU, CUDA events around blocks of updates on a GPU.
+GB/s counts the bytes one update must move (12 per element for fp32/fp32,
+10 for an fp32 EMA of a bf16 model).  On CUDA the profiler also counts the
+kernel launches per update of every method.  At the end, an end-to-end run
+measures the share of a small CNN's SGD training step spent in the EMA
+update, SG loop vs fused.
+
+Writes ``benchmarks/results/<device>-<date>.json`` and a log-log PNG plot of
+time per update vs model size (when matplotlib is installed), and prints
+markdown tables.  ``--quick`` runs in seconds on reduced sizes (for checking
+that everything works, not for figures).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+import ema_cuda
+from ema_cuda import ops
+from benchmarks.workloads import WORKLOAD_NAMES, Workload, get_workload, make_tensors
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+FUSED = "fused"
+LIMIT = "limit"
+
+# Default check tolerance for an fp32 result (torch.testing's fp32 defaults).
+# A method that ignores the update, swaps decay and 1 - decay, or rounds
+# through 16-bit floats misses it by orders of magnitude at decay 0.999.
+_TOLERANCES = {
+    torch.float32: (1.3e-6, 1e-5),
+    torch.float64: (1e-7, 1e-7),
+    torch.bfloat16: (1.6e-2, 1e-5),
+    torch.float16: (1e-3, 1e-5),
+}
+
+
+class Skip(Exception):
+    """A method that cannot run here (not installed, not on this device, unsupported dtypes)."""
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@dataclass
+class Context:
+    """What a method gets: the workload's live tensors and a module around them."""
+
+    workload: Workload
+    device: torch.device
+    decay: float
+    ema: List[torch.Tensor]  # separately allocated, reset to ema0 before each method
+    model: List[torch.Tensor]
+    ema0: List[torch.Tensor]  # the starting EMA, for methods that own their EMA copy
+    model_module: nn.Module
+    ema_module: nn.Module
+
+
+@dataclass
+class Runner:
+    """A prepared method: ``step()`` makes one update; the result is in ``ema``."""
+
+    step: Callable[[], None]
+    ema: List[torch.Tensor]
+    note: str = ""
+    check: bool = True  # False for the limit, which does not update the workload's tensors
+
+
+class ParamModule(nn.Module):
+    """A module whose parameters are exactly the given tensors (no copy)."""
+
+    def __init__(self, tensors: Sequence[torch.Tensor], requires_grad: bool):
+        super().__init__()
+        self.params = nn.ParameterList([nn.Parameter(t, requires_grad=requires_grad) for t in tensors])
+
+
+def _load(dst: Sequence[torch.Tensor], src: Sequence[torch.Tensor]) -> None:
+    with torch.no_grad():
+        for d, s in zip(dst, src):
+            d.copy_(s)
+
+
+def m_sg_loop(ctx: Context) -> Runner:
+    # SuperGradients' ModelEMA.update body, verbatim apart from names: two
+    # state_dict() calls and a key lookup per entry are part of its cost.
+    d = ctx.decay
+    ema_module, model_module = ctx.ema_module, ctx.model_module
+
+    def step():
+        with torch.no_grad():
+            msd = model_module.state_dict()
+            for k, ema_v in ema_module.state_dict().items():
+                if ema_v.dtype.is_floating_point:
+                    ema_v.copy_(ema_v * d + (1.0 - d) * msd[k].detach())
+
+    return Runner(step, ctx.ema)
+
+
+def m_mul_add(ctx: Context) -> Runner:
+    d, w = ctx.decay, 1.0 - ctx.decay
+    pairs = list(zip(ctx.ema, ctx.model))
+
+    def step():
+        with torch.no_grad():
+            for e, p in pairs:
+                e.mul_(d).add_(p, alpha=w)
+
+    return Runner(step, ctx.ema)
+
+
+def m_lerp_loop(ctx: Context) -> Runner:
+    w = 1.0 - ctx.decay
+    pairs = list(zip(ctx.ema, ctx.model))
+    if ctx.workload.mixed:
+
+        def step():
+            with torch.no_grad():
+                for e, p in pairs:
+                    e.lerp_(p.to(e.dtype), w)
+
+        return Runner(step, ctx.ema, note="model cast per tensor")
+
+    def step():
+        with torch.no_grad():
+            for e, p in pairs:
+                e.lerp_(p, w)
+
+    return Runner(step, ctx.ema)
+
+
+def m_foreach(ctx: Context) -> Runner:
+    w = 1.0 - ctx.decay
+    ema, model = ctx.ema, ctx.model
+    if ctx.workload.mixed:
+        # What one writes today for an fp32 EMA of a bf16 model (and what the
+        # pure-PyTorch fallback does): cast, then one foreach call.
+        def step():
+            with torch.no_grad():
+                torch._foreach_lerp_(ema, [p.to(e.dtype) for e, p in zip(ema, model)], w)
+
+        return Runner(step, ema, note="cast+foreach")
+
+    def step():
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, model, w)
+
+    return Runner(step, ema)
+
+
+def m_averaged_model(ctx: Context) -> Runner:
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    avg = AveragedModel(ctx.model_module, multi_avg_fn=get_ema_multi_avg_fn(ctx.decay))
+    avg.requires_grad_(False)
+    if ctx.workload.mixed:
+        avg.to(ctx.workload.ema_dtype)
+    ema = list(avg.module.parameters())
+    _load(ema, ctx.ema0)
+    # n_averaged == 0 would make the first call a copy of the model.
+    avg.n_averaged.fill_(1)
+    model_module = ctx.model_module
+
+    def step():
+        with torch.no_grad():
+            avg.update_parameters(model_module)
+
+    return Runner(step, ema)
+
+
+def m_timm_v3(ctx: Context) -> Runner:
+    try:
+        from timm.utils.model_ema import ModelEmaV3
+    except ImportError as exc:
+        raise Skip(f"timm not installed ({exc.msg})") from None
+    ema_obj = ModelEmaV3(ctx.model_module, decay=ctx.decay)
+    if ctx.workload.mixed:
+        ema_obj.module.to(ctx.workload.ema_dtype)
+    ema = list(ema_obj.module.parameters())
+    _load(ema, ctx.ema0)
+    model_module = ctx.model_module
+
+    def step():
+        with torch.no_grad():
+            ema_obj.update(model_module)
+
+    return Runner(step, ema)
+
+
+def m_fused_list(ctx: Context) -> Runner:
+    ema, model, d = ctx.ema, ctx.model, ctx.decay
+    return Runner(lambda: ema_cuda.ema_update_(ema, model, d), ema)
+
+
+def m_fused(ctx: Context) -> Runner:
+    updater = ema_cuda.FusedUpdater(ctx.ema, ctx.model)
+    d = ctx.decay
+    return Runner(lambda: updater.update(d), ctx.ema)
+
+
+def _model_ema_class():
+    try:
+        from ema_cuda import ModelEMA  # type: ignore[attr-defined]
+    except ImportError as exc:
+        return None, f"ema_cuda.ModelEMA not available ({exc})"
+    return ModelEMA, ""
+
+
+def _ema_module_of(obj: Any) -> nn.Module:
+    for attr in ("ema", "module", "ema_model", "model"):
+        m = getattr(obj, attr, None)
+        if isinstance(m, nn.Module):
+            return m
+    raise Skip(f"cannot find the EMA module of {type(obj).__name__}")
+
+
+def m_model_ema(ctx: Context) -> Runner:
+    cls, why = _model_ema_class()
+    if cls is None:
+        raise Skip(why)
+    obj = cls.from_params(ctx.model_module, decay=ctx.decay, decay_type="constant")
+    ema = list(_ema_module_of(obj).parameters())
+    dtypes = {t.dtype for t in ema}
+    if dtypes != {ctx.workload.ema_dtype}:
+        raise Skip(
+            f"ModelEMA keeps its EMA in {', '.join(sorted(map(str, dtypes)))}, "
+            f"not {ctx.workload.ema_dtype}"
+        )
+    _load(ema, ctx.ema0)
+    model_module = ctx.model_module
+    counter = [0]
+
+    def step():
+        counter[0] += 1
+        obj.update(model_module, counter[0], 10**9)
+
+    return Runner(step, ema)
+
+
+def m_cuda_graph(ctx: Context) -> Runner:
+    if ctx.device.type != "cuda":
+        raise Skip("CUDA only")
+    if not ops.cuda_kernel_available():
+        raise Skip("ema_cuda was built without the CUDA kernel")
+    updater = ema_cuda.FusedUpdater(ctx.ema, ctx.model)
+    decay = torch.tensor(ctx.decay, dtype=torch.float32, device=ctx.device)
+    # Warm-up outside the capture builds the plan (its host-to-device copy
+    # cannot be captured); the reset below then restores the start.
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        updater.update(decay)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        updater.update(decay)
+    _load(ctx.ema, ctx.ema0)
+    torch.cuda.synchronize()
+    return Runner(graph.replay, ctx.ema, note="fused, 0-dim decay tensor")
+
+
+def m_limit(ctx: Context) -> Runner:
+    wl = ctx.workload
+    n, dev = wl.numel, ctx.device
+    w = 1.0 - ctx.decay
+    if dev.type == "cuda":
+        # A copy reads and writes its size: half the update's bytes each way.
+        half = wl.bytes_per_update // 2
+        src = torch.randint(0, 255, (half,), dtype=torch.uint8, device=dev)
+        dst = torch.empty_like(src)
+        return Runner(lambda: dst.copy_(src), [], note=f"D2D copy of {half / 1e9:.2f} GB", check=False)
+    flat_e = torch.randn(n, device=dev).to(wl.ema_dtype)
+    flat_m = torch.randn(n, device=dev).to(wl.model_dtype)
+    if wl.mixed:
+        return Runner(lambda: flat_e.add_(flat_m, alpha=w), [], note="flat add_(alpha), mixed dtypes", check=False)
+    return Runner(lambda: flat_e.lerp_(flat_m, w), [], note="flat lerp_", check=False)
+
+
+@dataclass
+class Method:
+    key: str
+    label: str
+    make: Callable[[Context], Runner]
+    ours: bool = False
+
+
+METHODS: List[Method] = [
+    Method("sg_loop", "SG loop", m_sg_loop),
+    Method("mul_add", "mul_+add_ loop", m_mul_add),
+    Method("lerp_loop", "lerp_ loop", m_lerp_loop),
+    Method("foreach", "_foreach_lerp_", m_foreach),
+    Method("averaged_model", "AveragedModel", m_averaged_model),
+    Method("timm_v3", "timm ModelEmaV3", m_timm_v3),
+    Method("fused_list", "ema_update_ (lists)", m_fused_list, ours=True),
+    Method(FUSED, "FusedUpdater.update", m_fused, ours=True),
+    Method("model_ema", "ModelEMA.update", m_model_ema, ours=True),
+    Method("cuda_graph", "fused, CUDA graph", m_cuda_graph, ours=True),
+    Method(LIMIT, "limit", m_limit),
+]
+METHOD_KEYS = tuple(m.key for m in METHODS)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_cpu(step: Callable[[], None], min_time: float, repeats: int) -> List[float]:
+    """Seconds per call, one value per block (``blocked_autorange`` on all threads)."""
+    from torch.utils.benchmark import Timer
+
+    timer = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    step()  # warm-up: first-touch page faults, allocator, thread pool
+    m = timer.blocked_autorange(min_run_time=min_time)
+    times = [t / m.number_per_run for t in m.raw_times]
+    while len(times) < repeats:
+        times.append(timer.timeit(m.number_per_run).raw_times[0] / m.number_per_run)
+    return times
+
+
+def time_cuda(step: Callable[[], None], min_time: float, repeats: int, device: torch.device) -> List[float]:
+    """Seconds per call from CUDA events around blocks of calls, after warm-up."""
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    # Blocks of >= ~1 ms so the event resolution and launch gaps between
+    # blocks do not matter; enough blocks to fill min_time.
+    number = 1
+    while True:
+        start.record()
+        for _ in range(number):
+            step()
+        end.record()
+        end.synchronize()
+        block = start.elapsed_time(end) / 1e3
+        if block >= 1e-3 or number >= 1 << 14:
+            break
+        number *= 2
+    blocks = max(repeats, int(min_time / max(block, 1e-9)))
+    times = []
+    for _ in range(min(blocks, 10_000)):
+        start.record()
+        for _ in range(number):
+            step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / number)
+    return times
+
+
+def count_cuda_launches(step: Callable[[], None], device: torch.device, calls: int = 5) -> Dict[str, float]:
+    """Kernel launches (host-side launch API calls) and GPU activities per update."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize(device)
+    launch_apis = re.compile(r"^(cuda|cu)(LaunchKernel|LaunchKernelExC|LaunchCooperativeKernel|GraphLaunch|MemcpyAsync|MemsetAsync)")
+    launches = gpu_ops = 0
+    for ev in prof.events():
+        if ev.device_type == DeviceType.CUDA:
+            gpu_ops += 1
+        elif launch_apis.match(ev.name):
+            launches += 1
+    return {"launches": launches / calls, "gpu_ops": gpu_ops / calls}
+
+
+# --------------------------------------------------------------------------- checking
+
+
+def check_result(result: Sequence[torch.Tensor], ctx: Context) -> Tuple[bool, float, str]:
+    """Compares one update's result with ``ema0 * d + model * (1 - d)`` in fp64."""
+    with torch.no_grad():
+        return _compare(result, ctx.ema0, ctx.model, ctx.decay)
+
+
+def _compare(result, ema0, model, d) -> Tuple[bool, float, str]:
+    worst, msg = 0.0, ""
+    if len(result) != len(ema0):
+        return False, math.inf, f"{len(result)} result tensors for {len(ema0)} parameters"
+    for i, (r, e0, m) in enumerate(zip(result, ema0, model)):
+        ref = e0.double() * d + m.double() * (1.0 - d)
+        if r.shape != ref.shape:
+            return False, math.inf, f"tensor {i}: shape {list(r.shape)}, expected {list(ref.shape)}"
+        err = (r.double() - ref).abs()
+        rtol, atol = _TOLERANCES.get(r.dtype, (1.3e-6, 1e-5))
+        bad = err > atol + rtol * ref.abs()
+        if err.numel():
+            worst = max(worst, float(err.max()))
+        if bool(bad.any()) and not msg:
+            j = int(bad.flatten().nonzero()[0])
+            msg = (
+                f"tensor {i} element {j}: got {float(r.flatten()[j]):.8g}, "
+                f"expected {float(ref.flatten()[j]):.8g}"
+            )
+    return not msg, worst, msg
+
+
+# --------------------------------------------------------------------------- running
+
+
+@dataclass
+class MethodResult:
+    key: str
+    label: str
+    status: str  # ok | wrong | skipped | error
+    detail: str = ""
+    note: str = ""
+    times_s: List[float] = field(default_factory=list)
+    median_s: Optional[float] = None
+    min_s: Optional[float] = None
+    max_abs_err: Optional[float] = None
+    launches: Optional[float] = None
+    gpu_ops: Optional[float] = None
+    gb_s: Optional[float] = None
+    pct_of_limit: Optional[float] = None
+    fused_speedup: Optional[float] = None  # this method's time / fused time
+
+    def to_json(self) -> Dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items()}
+
+
+def _as_module(tensors: Sequence[torch.Tensor], requires_grad: bool) -> nn.Module:
+    return ParamModule(tensors, requires_grad)
+
+
+def run_workload(
+    wl: Workload,
+    device: torch.device,
+    methods: Sequence[Method],
+    decay: float = 0.999,
+    min_time: float = 0.5,
+    repeats: int = 5,
+    seed: int = 0,
+    log: Callable[[str], None] = print,
+) -> Dict[str, Any]:
+    """Checks and times every method on one workload; returns a JSON-ready dict."""
+    t0 = time.perf_counter()
+    ema, model = make_tensors(wl, device, seed)
+    ema0 = [e.clone() for e in ema]
+    # The model's parameters require grad, as in training (every method runs
+    # under no_grad); the EMA's never do.
+    model_module = _as_module(model, requires_grad=True)
+    model = list(model_module.parameters())
+    ema_module = _as_module(ema, requires_grad=False)
+    ema = list(ema_module.parameters())
+    ctx = Context(wl, device, decay, ema, model, ema0, model_module, ema_module)
+    log(
+        f"\n## {wl.name}: {wl.description} ({wl.num_tensors:,} tensors, {wl.numel / 1e6:.1f}M elements, "
+        f"{wl.dtype_label()}, {wl.bytes_per_update / 1e9:.2f} GB per update; set-up {time.perf_counter() - t0:.1f} s)"
+    )
+
+    results: Dict[str, MethodResult] = {}
+    for meth in methods:
+        res = MethodResult(meth.key, meth.label, "ok")
+        results[meth.key] = res
+        _load(ctx.ema, ema0)
+        _sync(device)
+        runner = None
+        try:
+            runner = meth.make(ctx)
+            res.note = runner.note
+            if runner.check:
+                runner.step()
+                _sync(device)
+                ok, worst, msg = check_result(runner.ema, ctx)
+                res.max_abs_err = worst
+                if not ok:
+                    res.status, res.detail = "wrong", msg
+                    log(f"  {meth.label:<22} WRONG RESULT: {msg}")
+                    continue
+            if device.type == "cuda":
+                res.times_s = time_cuda(runner.step, min_time, repeats, device)
+                try:
+                    res.__dict__.update(count_cuda_launches(runner.step, device))
+                except Exception as exc:  # the profiler is optional; keep the timing
+                    res.detail = f"profiler failed: {exc}"
+            else:
+                res.times_s = time_cpu(runner.step, min_time, repeats)
+            res.median_s = statistics.median(res.times_s)
+            res.min_s = min(res.times_s)
+            res.gb_s = wl.bytes_per_update / res.median_s / 1e9
+            extra = f", {res.launches:g} launches" if res.launches is not None else ""
+            log(
+                f"  {meth.label:<22} {_fmt_time(res.median_s):>10}  {res.gb_s:7.1f} GB/s"
+                f"  (min {_fmt_time(res.min_s)}, {len(res.times_s)} blocks){extra}"
+            )
+        except Skip as exc:
+            res.status, res.detail = "skipped", str(exc)
+            log(f"  {meth.label:<22} skipped: {exc}")
+        except Exception as exc:
+            res.status, res.detail = "error", f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            log(f"  {meth.label:<22} ERROR: {res.detail}")
+            if os.environ.get("EMA_BENCH_TRACEBACK"):
+                traceback.print_exc()
+        finally:
+            del runner
+    _derive(results)
+    log(f"  ({time.perf_counter() - t0:.1f} s)")
+    out = {
+        "name": wl.name,
+        "description": wl.description,
+        "tensors": wl.num_tensors,
+        "elements": wl.numel,
+        "ema_dtype": str(wl.ema_dtype),
+        "model_dtype": str(wl.model_dtype),
+        "bytes_per_element": wl.bytes_per_element,
+        "bytes_per_update": wl.bytes_per_update,
+        "methods": {k: r.to_json() for k, r in results.items()},
+    }
+    return out
+
+
+def _derive(results: Dict[str, MethodResult]) -> None:
+    fused = results.get(FUSED)
+    limit = results.get(LIMIT)
+    for r in results.values():
+        if r.median_s is None:
+            continue
+        if fused is not None and fused.median_s:
+            r.fused_speedup = r.median_s / fused.median_s
+        if limit is not None and limit.median_s:
+            r.pct_of_limit = 100.0 * limit.median_s / r.median_s
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+class SmallCNN(nn.Module):
+    """A CIFAR-sized CNN (~4.5M parameters, BN buffers included) for the end-to-end run."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
+            nn.Conv2d(64, 128, 3, stride=2, padding=1), nn.BatchNorm2d(128), nn.ReLU(),
+        )
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(128 * 8 * 8, 512), nn.ReLU(), nn.Linear(512, classes))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def run_end_to_end(
+    device: torch.device,
+    steps: int,
+    batch: int,
+    decay: float,
+    log: Callable[[str], None] = print,
+    model_fn: Callable[[], nn.Module] = SmallCNN,
+) -> Dict[str, Any]:
+    """Share of an SGD training step spent in the EMA update: none vs SG loop vs fused.
+
+    ``model_fn`` builds the model (input ``[batch, 3, 32, 32]``, 10 classes).
+    """
+    torch.manual_seed(0)
+    x = torch.randn(batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    out: Dict[str, Any] = {"model": getattr(model_fn, "__name__", "model"), "batch": batch, "steps": steps,
+                           "variants": {}}
+    warmup = min(3, steps)
+
+    def make_sg(model, ema_model):
+        def update():
+            with torch.no_grad():
+                msd = model.state_dict()
+                for k, ema_v in ema_model.state_dict().items():
+                    if ema_v.dtype.is_floating_point:
+                        ema_v.copy_(ema_v * decay + (1.0 - decay) * msd[k].detach())
+        return update
+
+    def make_fused(model, ema_model):
+        msd = model.state_dict(keep_vars=True)
+        pairs = [(v, msd[k]) for k, v in ema_model.state_dict(keep_vars=True).items() if v.dtype.is_floating_point]
+        updater = ema_cuda.FusedUpdater([e for e, _ in pairs], [m.detach() for _, m in pairs])
+        return lambda: updater.update(decay)
+
+    def make_model_ema(model, ema_model):
+        cls, why = _model_ema_class()
+        if cls is None:
+            raise Skip(why)
+        obj = cls.from_params(model, decay=decay, decay_type="constant")
+        counter = [0]
+
+        def update():
+            counter[0] += 1
+            obj.update(model, counter[0], 10**9)
+        return update
+
+    variants = [("none", "no EMA", None), ("sg_loop", "SG loop", make_sg), (FUSED, "FusedUpdater", make_fused),
+                ("model_ema", "ModelEMA.update", make_model_ema)]
+    for key, label, make in variants:
+        torch.manual_seed(0)
+        model = model_fn().to(device)
+        ema_model = copy.deepcopy(model).eval().requires_grad_(False)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        try:
+            update = make(model, ema_model) if make else None
+        except Skip as exc:
+            out["variants"][key] = {"label": label, "status": "skipped", "detail": str(exc)}
+            log(f"  {label:<16} skipped: {exc}")
+            continue
+        step_times, ema_times = [], []
+        for i in range(steps + warmup):
+            t0 = time.perf_counter()
+            loss = nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            _sync(device)
+            t1 = time.perf_counter()
+            if update is not None:
+                update()
+                _sync(device)
+            t2 = time.perf_counter()
+            if i >= warmup:
+                step_times.append(t2 - t0)
+                ema_times.append(t2 - t1)
+        step = statistics.median(step_times)
+        ema_t = statistics.median(ema_times)
+        rec = {"label": label, "status": "ok", "step_s": step, "ema_s": ema_t, "ema_share": ema_t / step}
+        out["variants"][key] = rec
+        log(f"  {label:<16} step {_fmt_time(step):>10}, EMA {_fmt_time(ema_t):>10} ({100 * ema_t / step:4.1f}% of the step)")
+    n_params = sum(p.numel() for p in model_fn().state_dict().values() if p.dtype.is_floating_point)
+    out["ema_elements"] = n_params
+    return out
+
+
+# --------------------------------------------------------------------------- goals
+
+
+def evaluate_goals(device: torch.device, workloads: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """The issue's targets, met / not met, from this run's figures (None where not measured)."""
+    by_name = {w["name"]: w for w in workloads}
+
+    def t(wname: str, key: str) -> Optional[float]:
+        w = by_name.get(wname)
+        if w is None:
+            return None
+        r = w["methods"].get(key)
+        return r["median_s"] if r and r["status"] == "ok" else None
+
+    def ratio(wname: str, slow: str, fast: str) -> Optional[float]:
+        a, b = t(wname, slow), t(wname, fast)
+        return a / b if a and b else None
+
+    goals = []
+
+    def add(name: str, target: float, measured: Optional[float], unit: str = "x"):
+        goals.append(
+            {
+                "goal": name,
+                "target": target,
+                "measured": measured,
+                "unit": unit,
+                "met": None if measured is None else measured >= target,
+            }
+        )
+
+    if device.type == "cpu":
+        for wname in ("resnet50", "vit_b16"):
+            add(f"fused >= 0.9x flat-buffer limit on {wname}", 0.9, ratio(wname, LIMIT, FUSED))
+        add("fused >= 3x _foreach_lerp_ on 10k x 1k", 3.0, ratio("small", "foreach", FUSED))
+        add("fused >= 3x SG loop on ResNet-50", 3.0, ratio("resnet50", "sg_loop", FUSED))
+        add("bf16 model + fp32 EMA: fused >= 3x cast+foreach", 3.0, ratio("vit_b16_bf16", "foreach", FUSED))
+    else:
+        launches = [
+            w["methods"][FUSED].get("launches")
+            for w in workloads
+            if w["methods"].get(FUSED, {}).get("launches") is not None
+        ]
+        goals.append(
+            {
+                "goal": "fused: 1 kernel launch per update (every workload)",
+                "target": 1,
+                "measured": max(launches) if launches else None,
+                "unit": "launches",
+                "met": None if not launches else max(launches) <= 1,
+            }
+        )
+        big = [w for w in workloads if w["elements"] >= 100e6 and not (w["ema_dtype"] != w["model_dtype"])]
+        fracs = [ratio(w["name"], LIMIT, FUSED) for w in big]
+        fracs = [f for f in fracs if f is not None]
+        add("fused >= 90% of copy bandwidth at 100M+ parameters (worst workload)", 0.9,
+            min(fracs) if fracs else None)
+        add("fused >= 5x _foreach_lerp_ on 10k x 1k", 5.0, ratio("small", "foreach", FUSED))
+        add("bf16 model + fp32 EMA: fused >= 1.6x cast+foreach", 1.6, ratio("vit_b16_bf16", "foreach", FUSED))
+    return goals
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _fmt_time(s: Optional[float]) -> str:
+    if s is None:
+        return "-"
+    if s >= 1:
+        return f"{s:.2f} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} us"
+
+
+def _fmt_x(v: Optional[float]) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _cell(r: Dict[str, Any]) -> str:
+    if r is None:
+        return "-"
+    if r["status"] == "ok":
+        return _fmt_time(r["median_s"])
+    return r["status"]
+
+
+def summary_table(workloads: List[Dict[str, Any]]) -> str:
+    lines = [
+        "| workload | tensors | elements | dtypes | naive (SG loop) | foreach | fused | fused vs naive "
+        "| fused vs foreach | % of limit |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for w in workloads:
+        m = w["methods"]
+        fused = m.get(FUSED)
+        dt = w["ema_dtype"].replace("torch.", "")
+        if w["model_dtype"] != w["ema_dtype"]:
+            dt = f"{dt} EMA, {w['model_dtype'].replace('torch.', '')} model"
+        lines.append(
+            f"| {w['name']} | {w['tensors']:,} | {w['elements'] / 1e6:.1f}M | {dt} | {_cell(m.get('sg_loop'))} "
+            f"| {_cell(m.get('foreach'))} | {_cell(fused)} "
+            f"| {_fmt_x((m.get('sg_loop') or {}).get('fused_speedup'))} "
+            f"| {_fmt_x((m.get('foreach') or {}).get('fused_speedup'))} "
+            f"| {'-' if not fused or fused.get('pct_of_limit') is None else format(fused['pct_of_limit'], '.0f') + '%'} |"
+        )
+    return "\n".join(lines)
+
+
+def detail_table(w: Dict[str, Any], cuda: bool) -> str:
+    head = "| method | median | GB/s | fused is x faster | % of limit | check |"
+    sep = "|---|---:|---:|---:|---:|---|"
+    if cuda:
+        head += " launches / update |"
+        sep += "---:|"
+    lines = [f"**{w['name']}**: {w['description']}", "", head, sep]
+    for r in w["methods"].values():
+        label = r["label"] + (f" ({r['note']})" if r.get("note") else "")
+        if r["status"] == "ok":
+            check = "n/a" if r["key"] == LIMIT else "ok"
+            row = (
+                f"| {label} | {_fmt_time(r['median_s'])} | {r['gb_s']:.1f} | {_fmt_x(r['fused_speedup'])} "
+                f"| {r['pct_of_limit']:.0f}% | {check} |"
+            )
+        else:
+            detail = (r.get("detail") or "").replace("|", "/")
+            row = f"| {label} | {r['status']} | - | - | - | {detail} |"
+        if cuda:
+            row += f" {'-' if r.get('launches') is None else format(r['launches'], 'g')} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def goals_table(goals: List[Dict[str, Any]]) -> str:
+    lines = ["| goal | measured | met |", "|---|---:|---|"]
+    for g in goals:
+        if g["measured"] is None:
+            meas, met = "not measured", "-"
+        else:
+            meas = f"{g['measured']:.2f} {g['unit']}" if g["unit"] != "x" else f"{g['measured']:.2f}x"
+            met = "met" if g["met"] else f"**not met** ({g['measured'] / g['target']:.0%} of target)"
+        lines.append(f"| {g['goal']} | {meas} | {met} |")
+    return "\n".join(lines)
+
+
+def e2e_table(e2e: Dict[str, Any]) -> str:
+    lines = [
+        f"{e2e['model']} ({e2e['ema_elements'] / 1e6:.2f}M EMA elements incl. BN buffers), batch {e2e['batch']}, "
+        f"SGD with momentum, median of {e2e['steps']} steps",
+        "",
+        "| EMA | step (train + EMA) | EMA update | EMA share of step |",
+        "|---|---:|---:|---:|",
+    ]
+    for v in e2e["variants"].values():
+        if v["status"] != "ok":
+            lines.append(f"| {v['label']} | {v['status']} | - | {v.get('detail', '')} |")
+        else:
+            lines.append(
+                f"| {v['label']} | {_fmt_time(v['step_s'])} | {_fmt_time(v['ema_s'])} | {100 * v['ema_share']:.1f}% |"
+            )
+    return "\n".join(lines)
+
+
+def plot(result: Dict[str, Any], path: Path) -> Optional[str]:
+    """Log-log time per update vs parameters, one line per method; returns why not, if skipped."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed (pip install matplotlib)"
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    # fp32/fp32 workloads only: the bf16 model moves fewer bytes per element,
+    # so it does not sit on the same size axis.
+    wls = sorted(
+        (w for w in result["workloads"] if w["ema_dtype"] == w["model_dtype"]), key=lambda w: w["elements"]
+    )
+    keys = [m.key for m in METHODS]
+    for key in keys:
+        pts = [
+            (w["elements"], w["methods"][key]["median_s"], w["name"])
+            for w in wls
+            if key in w["methods"] and w["methods"][key]["status"] == "ok"
+        ]
+        if not pts:
+            continue
+        label = next(w["methods"][key]["label"] for w in wls if key in w["methods"])
+        style = dict(marker="o", linewidth=2.2 if key in (FUSED, LIMIT) else 1.2)
+        if key == LIMIT:
+            style.update(linestyle="--", color="black")
+        ax.plot([p[0] for p in pts], [p[1] * 1e3 for p in pts], label=label, **style)
+    for w in wls:
+        ax.annotate(w["name"], (w["elements"], ax.get_ylim()[0]), fontsize=7, rotation=90, va="bottom", ha="right")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("EMA elements (parameters)")
+    ax.set_ylabel("time per update (ms)")
+    meta = result["meta"]
+    ax.set_title(f"EMA update, fp32: {meta['device_name']}\ntorch {meta['torch']}, {meta['date']}", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+# --------------------------------------------------------------------------- main
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_ema",
+        description=(
+            "Time one EMA update of model weights: ema_cuda's fused op vs the SuperGradients loop, "
+            "per-tensor loops, torch._foreach_lerp_, AveragedModel, timm ModelEmaV3 and the "
+            "bandwidth limit. Every method is checked against an fp64 reference first."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument(
+        "--workloads", nargs="+", default=list(WORKLOAD_NAMES), choices=WORKLOAD_NAMES, metavar="NAME",
+        help=f"workloads to run, from: {', '.join(WORKLOAD_NAMES)}",
+    )
+    p.add_argument(
+        "--dtypes", nargs="+", default=None, metavar="EMA[/MODEL]",
+        help="run every workload with these dtype pairs instead of its own, e.g. fp32 fp32/bf16 bf16 "
+        "(EMA dtype / model dtype; fp32, fp64, bf16, fp16)",
+    )
+    p.add_argument(
+        "--methods", nargs="+", default=list(METHOD_KEYS), choices=METHOD_KEYS, metavar="NAME",
+        help=f"methods to run, from: {', '.join(METHOD_KEYS)} (keep '{FUSED}' and '{LIMIT}' for the ratios)",
+    )
+    p.add_argument("--size-scale", type=float, default=None,
+                   help="multiply the parameter count of the model and huge workloads, e.g. 12 for a 1.2B-parameter "
+                   "GPT-2 (default 1, or 0.05 with --quick)")
+    p.add_argument("--small-count", type=int, default=None,
+                   help="number of 1,000-element tensors in the 'small' workload (default 10000, 1000 with --quick)")
+    p.add_argument("--repeats", type=int, default=5, help="minimum number of timed blocks per method")
+    p.add_argument("--min-time", type=float, default=0.3, help="minimum seconds of timing per method")
+    p.add_argument("--decay", type=float, default=0.999, help="EMA decay (does not change the speed)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="seconds-long smoke run: size scale 0.05, 1000 small tensors, short timing, nothing saved "
+                   "unless --out is given")
+    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training-step measurement")
+    p.add_argument("--e2e-steps", type=int, default=20, help="timed training steps per end-to-end variant")
+    p.add_argument("--e2e-batch", type=int, default=64, help="batch size of the end-to-end training step")
+    p.add_argument("--out", type=Path, default=None,
+                   help="directory for the JSON and PNG (default: benchmarks/results)")
+    p.add_argument("--no-save", action="store_true", help="print only; write no files")
+    args = p.parse_args(argv)
+    if args.size_scale is None:
+        args.size_scale = 0.05 if args.quick else 1.0
+    if args.small_count is None:
+        args.small_count = 1000 if args.quick else 10_000
+    if args.quick:
+        args.repeats = min(args.repeats, 3)
+        args.min_time = min(args.min_time, 0.02)
+        args.e2e_steps = min(args.e2e_steps, 3)
+        args.e2e_batch = min(args.e2e_batch, 8)
+        if args.out is None:
+            args.no_save = True
+    if args.out is None:
+        args.out = RESULTS_DIR
+    return args
+
+
+_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dtype_pairs(specs: Optional[Sequence[str]]) -> Optional[List[Tuple[torch.dtype, torch.dtype]]]:
+    if not specs:
+        return None
+    pairs = []
+    for s in specs:
+        parts = s.lower().split("/")
+        if len(parts) > 2 or any(p not in _DTYPES for p in parts):
+            raise SystemExit(f"--dtypes: cannot parse {s!r}; use EMA or EMA/MODEL from {', '.join(_DTYPES)}")
+        pairs.append((_DTYPES[parts[0]], _DTYPES[parts[-1]]))
+    return pairs
+
+
+def build_workloads(args: argparse.Namespace) -> List[Workload]:
+    wls = [get_workload(n, args.size_scale, args.small_count) for n in args.workloads]
+    pairs = _dtype_pairs(args.dtypes)
+    if pairs is None:
+        return wls
+    out = []
+    for w in wls:
+        for e, m in pairs:
+            v = copy.copy(w)
+            v.ema_dtype, v.model_dtype = e, m
+            v.name = f"{w.name}[{v.dtype_label().replace(' ', '')}]"
+            out.append(v)
+    return out
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available to this torch build")
+    methods = [m for m in METHODS if m.key in args.methods]
+    name = device_name(device)
+    date = _dt.date.today().isoformat()
+    meta = {
+        "date": date,
+        "datetime": _dt.datetime.now().isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": name,
+        "torch": torch.__version__,
+        "ema_cuda": ema_cuda.__version__,
+        "backend": ops.backend(),
+        "cuda_kernel": ops.cuda_kernel_available(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    }
+    print(f"# EMA update benchmark: {name}")
+    print(f"torch {torch.__version__}, ema_cuda backend '{ops.backend()}', {date}, size scale {args.size_scale:g}")
+    if ops.backend() != "compiled":
+        print(f"WARNING: the fused rows run the pure-PyTorch fallback ({ops.fallback_reason()})")
+
+    workloads = []
+    for wl in build_workloads(args):
+        workloads.append(
+            run_workload(wl, device, methods, args.decay, args.min_time, args.repeats, args.seed)
+        )
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    e2e = None
+    if not args.no_e2e:
+        print("\n## End to end: one SGD step of a small CNN + the EMA update")
+        e2e = run_end_to_end(device, args.e2e_steps, args.e2e_batch, args.decay)
+
+    goals = evaluate_goals(device, workloads)
+    result = {"meta": meta, "workloads": workloads, "end_to_end": e2e, "goals": goals}
+
+    print(f"\n# Results: {name}, torch {torch.__version__}, {date}\n")
+    print(summary_table(workloads))
+    print("\nfused = FusedUpdater.update; naive = SG loop; foreach = torch._foreach_lerp_ (cast+foreach for a bf16 "
+          "model); % of limit = limit time / fused time.\n")
+    for w in workloads:
+        print(detail_table(w, device.type == "cuda"))
+        print()
+    if e2e:
+        print("## End to end\n")
+        print(e2e_table(e2e))
+        print()
+    print("## Goals\n")
+    print(goals_table(goals))
+
+    wrong = [
+        (w["name"], r["label"]) for w in workloads for r in w["methods"].values() if r["status"] == "wrong"
+    ]
+    if wrong:
+        print("\nWRONG RESULTS (not timed): " + "; ".join(f"{lbl} on {wn}" for wn, lbl in wrong))
+
+    if not args.no_save:
+        args.out.mkdir(parents=True, exist_ok=True)
+        stem = f"{_slug(device.type if device.type == 'cpu' else 'cuda-' + name)}-{date}"
+        jpath = args.out / f"{stem}.json"
+        jpath.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"\nWrote {jpath}")
+        why = plot(result, args.out / f"{stem}.png")
+        print(f"Plot: {why}; skipped" if why else f"Wrote {args.out / f'{stem}.png'}")
+    ours_wrong = [x for x in wrong if any(m.ours and m.label == x[1] for m in METHODS)]
+    return 1 if ours_wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The benchmark runs end to end on tiny workloads, and its check rejects a wrong method.
+
+No speed is asserted here: speed targets are the benchmark's business
+(benchmarks/RESULTS.md); this only keeps the benchmark itself working.
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `pytest` without `python -m` does not add the repo root
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import bench_ema  # noqa: E402
+from benchmarks.workloads import WORKLOAD_NAMES, custom_workload, get_workload  # noqa: E402
+
+FAST = dict(min_time=0.002, repeats=2, log=lambda *_: None)
+
+
+def _wrong_method(ctx):
+    # Swaps decay and 1 - decay: fast, plausible-looking, wrong.
+    ema, model, d = ctx.ema, ctx.model, ctx.decay
+
+    def step():
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, model, d)
+
+    return bench_ema.Runner(step, ema)
+
+
+def _by_key(keys):
+    return [m for m in bench_ema.METHODS if m.key in keys]
+
+
+def test_workload_shapes_match_the_architectures():
+    counts = {n: (get_workload(n).num_tensors, get_workload(n).numel) for n in WORKLOAD_NAMES}
+    assert counts["resnet50"] == (161, 25_557_032)  # torchvision's ResNet-50
+    assert counts["vit_b16"] == (152, 86_567_656)  # timm's vit_base_patch16_224
+    assert counts["gpt2"] == (148, 124_439_808)  # GPT-2 small, tied head
+    assert counts["small"] == (10_000, 10_000_000)
+    assert get_workload("vit_b16_bf16").bytes_per_element == 10
+    assert get_workload("gpt2", size_scale=12).numel > 1e9
+
+
+def test_check_catches_a_wrong_method_and_passes_the_others():
+    wl = custom_workload("tiny", [(7, 5), (1000,), (3, 3, 3), (1,)])
+    methods = _by_key(["sg_loop", "mul_add", "lerp_loop", "foreach", "averaged_model", "fused_list", "fused", "limit"])
+    methods.append(bench_ema.Method("wrong", "wrong on purpose", _wrong_method))
+    out = bench_ema.run_workload(wl, torch.device("cpu"), methods, **FAST)
+    status = {k: r["status"] for k, r in out["methods"].items()}
+    assert status.pop("wrong") == "wrong"
+    assert out["methods"]["wrong"]["median_s"] is None  # a wrong answer is never timed
+    assert set(status.values()) == {"ok"}, out["methods"]
+    fused = out["methods"]["fused"]
+    assert fused["median_s"] > 0 and fused["fused_speedup"] == pytest.approx(1.0)
+    assert out["methods"]["limit"]["pct_of_limit"] == pytest.approx(100.0)
+
+
+def test_mixed_dtypes_fp32_ema_of_bf16_model():
+    wl = custom_workload("tiny_bf16", [(64, 3), (513,)], torch.float32, torch.bfloat16)
+    out = bench_ema.run_workload(wl, torch.device("cpu"), _by_key(["mul_add", "foreach", "fused", "limit"]), **FAST)
+    assert {r["status"] for r in out["methods"].values()} == {"ok"}, out["methods"]
+    assert out["methods"]["foreach"]["note"] == "cast+foreach"
+
+
+def test_cli_writes_json_and_reports_goals(tmp_path, capsys):
+    rc = bench_ema.main(
+        [
+            "--workloads", "small", "huge",
+            "--size-scale", "0.0005", "--small-count", "30",
+            "--min-time", "0.002", "--repeats", "2", "--no-e2e",
+            "--out", str(tmp_path),
+        ]
+    )
+    assert rc == 0
+    files = list(tmp_path.glob("cpu-*.json"))
+    assert len(files) == 1
+    result = json.loads(files[0].read_text())
+    assert [w["name"] for w in result["workloads"]] == ["small", "huge"]
+    assert result["meta"]["torch"] == torch.__version__
+    goals = {g["goal"]: g for g in result["goals"]}
+    assert len(goals) == 5
+    assert goals["fused >= 3x _foreach_lerp_ on 10k x 1k"]["measured"] > 0
+    printed = capsys.readouterr().out
+    assert "| workload | tensors | elements |" in printed
+    assert "## Goals" in printed
+
+
+def test_end_to_end_runs():
+    def tiny():
+        return torch.nn.Sequential(
+            torch.nn.Conv2d(3, 4, 3, stride=4), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+            torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10),
+        )
+
+    out = bench_ema.run_end_to_end(torch.device("cpu"), steps=2, batch=2, decay=0.99, log=lambda *_: None,
+                                   model_fn=tiny)
+    for key in ("none", "sg_loop", "fused"):
+        assert out["variants"][key]["status"] == "ok"
+        assert 0 <= out["variants"][key]["ema_share"] < 1
+
+
+def test_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit):
+        bench_ema.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for opt in ("--device", "--dtypes", "--workloads", "--repeats", "--size-scale", "--quick"):
+        assert opt in text
