@@ -111,6 +111,17 @@ C10_HOST_DEVICE inline void update_one(E* e, const M* m, int64_t i, Acc d, Acc w
   e[i] = static_cast<E>(ev * d + mv * w);
 }
 
+template <typename E, typename M, int N, typename Acc>
+C10_HOST_DEVICE inline void lerp_pack(Pack<E, N>& ev, const Pack<M, N>& mv, Acc d, Acc w) {
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    ev.v[k] = static_cast<E>(static_cast<Acc>(ev.v[k]) * d + static_cast<Acc>(mv.v[k]) * w);
+  }
+}
+
+// Vector steps per thread and loop iteration in `chunk_body`.
+constexpr int kUnroll = 4;
+
 // Processes elements [start, start + len) of tensor `t` as thread `tid` of
 // `nthreads`: a scalar head up to the first position where both pointers are
 // 16-byte aligned, 16-byte vector steps, then a scalar tail.
@@ -140,15 +151,31 @@ C10_HOST_DEVICE inline void chunk_body(const TensorEntry& t, int64_t start,
     update_one<E, M, Acc>(e, m, i, d, w);
   }
   const int64_t nvec = (vend - vbeg) / N;
-  for (int64_t v = tid; v < nvec; v += nthreads) {
+  // kUnroll vector steps per iteration, all loads issued before any store:
+  // more bytes in flight per thread (the compiler cannot reorder loads past
+  // the stores itself, as far as it knows the EMA may alias the model).
+  int64_t v = tid;
+  for (; v + (kUnroll - 1) * nthreads < nvec; v += kUnroll * nthreads) {
+    Pack<E, N> ev[kUnroll];
+    Pack<M, N> mv[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = vbeg + (v + u * nthreads) * N;
+      ev[u] = *reinterpret_cast<const Pack<E, N>*>(e + i);
+      mv[u] = *reinterpret_cast<const Pack<M, N>*>(m + i);
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = vbeg + (v + u * nthreads) * N;
+      lerp_pack<E, M, N, Acc>(ev[u], mv[u], d, w);
+      *reinterpret_cast<Pack<E, N>*>(e + i) = ev[u];
+    }
+  }
+  for (; v < nvec; v += nthreads) {
     const int64_t i = vbeg + v * N;
     Pack<E, N> ev = *reinterpret_cast<const Pack<E, N>*>(e + i);
     const Pack<M, N> mv = *reinterpret_cast<const Pack<M, N>*>(m + i);
-#pragma unroll
-    for (int k = 0; k < N; ++k) {
-      ev.v[k] = static_cast<E>(static_cast<Acc>(ev.v[k]) * d +
-                               static_cast<Acc>(mv.v[k]) * w);
-    }
+    lerp_pack<E, M, N, Acc>(ev, mv, d, w);
     *reinterpret_cast<Pack<E, N>*>(e + i) = ev;
   }
   for (int64_t i = vend + tid; i < end; i += nthreads) {

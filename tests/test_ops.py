@@ -434,7 +434,7 @@ EMU = pytest.mark.usefixtures()
 
 
 @requires_compiled
-@pytest.mark.parametrize("chunk,threads,blocks", [(64, 32, 1), (64, 7, 3), (1000, 128, 5), (1 << 16, 512, 4)])
+@pytest.mark.parametrize("chunk,threads,blocks", [(64, 32, 1), (64, 7, 3), (1000, 3, 2), (1000, 128, 5), (4096, 16, 2), (1 << 16, 512, 4)])
 @pytest.mark.parametrize("ema_dtype", DTYPES)
 @pytest.mark.parametrize("model_dtype", DTYPES)
 def test_emulated_cuda_path_every_dtype_pair(chunk, threads, blocks, ema_dtype, model_dtype):
