@@ -1,10 +1,12 @@
 """ema_cuda: a fused exponential moving average of PyTorch model weights."""
 from ema_cuda import ops
 from ema_cuda.ops import FusedUpdater, ema_update_
+from ema_cuda import ema_decay_schedules
+from ema_cuda.ema import KDModelEMA, ModelEMA
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "ema_update_", "FusedUpdater", "__version__"]
+__all__ = ["ops", "ema_update_", "FusedUpdater", "__version__", "ModelEMA", "KDModelEMA", "ema_decay_schedules"]
 
 # The trainer, the model registry and checkpoint I/O load on first use, so
 # that `import ema_cuda` costs no more than the op and the EMA.

@@ -1,0 +1,803 @@
+"""Exponential moving average of a model's weights: :class:`ModelEMA` and :class:`KDModelEMA`.
+
+Keeping a moving average of the weights during training gives a model that
+often evaluates better than the final weights, and does so without a separate
+fine-tuning phase.  It helps most with strong augmentation, large learning
+rates and long schedules (ImageNet classifiers, detectors, diffusion models).
+
+Create the :class:`ModelEMA` after the model is on its device and before
+wrapping it for distributed training (wrapping afterwards is fine too: the
+wrapper is removed), then call :meth:`ModelEMA.update` after every optimizer
+step::
+
+    ema = ModelEMA.from_params(model, decay=0.9999, decay_type="threshold")
+    for step, batch in enumerate(loader, start=1):
+        ...; optimizer.step(); optimizer.zero_grad()
+        ema.update(model, step=step, total_steps=total)
+    with ema.swapped(model):        # model temporarily holds the EMA weights
+        evaluate(model)
+    ema.copy_to(model)              # end of training: model keeps the EMA weights
+
+The semantics are SuperGradients' (3.7.1) with a few deliberate differences,
+each noted where it applies: the decay is checked, entries are paired by name
+and shape, integer buffers follow the model, and a distillation teacher is
+never written.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+import warnings
+from contextlib import contextmanager
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from ema_cuda.ema_decay_schedules import EMA_DECAY_FUNCTIONS, IDecayFunction, decay_function_name
+from ema_cuda.ops import SUPPORTED_DTYPES, FusedUpdater
+
+__all__ = ["ModelEMA", "KDModelEMA", "unwrap_model"]
+
+_STATE_VERSION = 1
+_OPTIONS = ("buffers", "ema_dtype", "update_every", "skip_nonfinite")
+_PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+# Each packed tensor starts on a 64-byte boundary of its flat buffer: a cache
+# line on CPUs, and aligned for the CUDA kernel's 16-byte vector loads.
+_ALIGN_BYTES = 64
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module inside ``torch.compile``'s wrapper and one level of DataParallel/DDP."""
+
+    def uncompiled(m: nn.Module) -> nn.Module:
+        # torch.compile returns an OptimizedModule holding the real module as
+        # `_orig_mod`; checked by attribute to avoid importing torch._dynamo.
+        inner = getattr(m, "_orig_mod", None)
+        return inner if isinstance(inner, nn.Module) else m
+
+    model = uncompiled(model)
+    if isinstance(model, _PARALLEL_WRAPPERS):
+        model = uncompiled(model.module)
+    return model
+
+
+# A state entry: (key, owning dict, name in that dict, tensor, is_parameter).
+_Entry = Tuple[str, Dict[str, Any], str, torch.Tensor, bool]
+
+
+def _state_entries(root: nn.Module) -> Tuple[List[_Entry], List[nn.Module]]:
+    """The tensors of ``root.state_dict()`` with their keys and owners, and the modules visited.
+
+    Walks the module tree the way ``state_dict`` does (parameters, persistent
+    buffers, children; shared modules and tied tensors appear under every
+    name), but returns the live objects and where they are registered, so
+    that a later step can check cheaply that nothing was replaced.
+    """
+    entries: List[_Entry] = []
+    modules: List[nn.Module] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        modules.append(module)
+        for name, p in module._parameters.items():
+            if p is not None:
+                entries.append((prefix + name, module._parameters, name, p, True))
+        skip = module._non_persistent_buffers_set
+        for name, b in module._buffers.items():
+            if b is not None and name not in skip:
+                entries.append((prefix + name, module._buffers, name, b, False))
+        for name, child in module._modules.items():
+            if child is not None:
+                visit(child, prefix + name + ".")
+
+    visit(root, "")
+    return entries, modules
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """True when ``t`` covers exactly ``numel`` consecutive elements in some dimension order."""
+    if t.is_contiguous() or t.numel() <= 1:
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _flat_views(specs: Sequence[Tuple[torch.Size, Tuple[int, ...], torch.dtype, torch.device]]) -> List[torch.Tensor]:
+    """Uninitialised tensors with the given (shape, strides, dtype, device), views into one buffer per (device, dtype).
+
+    Consecutive tensors lie next to each other in memory, so an update that
+    walks them in order streams through one allocation instead of restarting
+    the hardware prefetcher at every tensor.
+    """
+    ends: Dict[Tuple[torch.device, torch.dtype], int] = {}
+    offsets = []
+    for shape, _, dtype, device in specs:
+        align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+        start = -(-ends.get((device, dtype), 0) // align) * align
+        offsets.append(start)
+        ends[(device, dtype)] = start + math.prod(shape)
+    flats = {key: torch.empty(end, dtype=key[1], device=key[0]) for key, end in ends.items()}
+    return [
+        flats[(device, dtype)].as_strided(shape, stride, offset)
+        for (shape, stride, dtype, device), offset in zip(specs, offsets)
+    ]
+
+
+def _parse_dtype(ema_dtype: Any) -> Optional[torch.dtype]:
+    if ema_dtype is None:
+        return None
+    if isinstance(ema_dtype, str):
+        dtype = getattr(torch, ema_dtype.replace("torch.", ""), None)
+    else:
+        dtype = ema_dtype
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(
+            f"ModelEMA: ema_dtype must be None or one of {[str(d) for d in SUPPORTED_DTYPES]}, got {ema_dtype!r}"
+        )
+    return dtype
+
+
+def _check_decay(decay: Any) -> float:
+    if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not (0.0 < float(decay) < 1.0):
+        raise ValueError(f"ModelEMA: decay must be a number in (0, 1), e.g. 0.9999; got {decay!r}")
+    return float(decay)
+
+
+def _names(keys: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(repr(k) for k in keys[:limit])
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+class _Plan:
+    """What one update needs, built once per (model, EMA) structure and reused every step."""
+
+    __slots__ = (
+        "src",
+        "buffers",
+        "watch",
+        "watch_len",
+        "updater",
+        "copy_ema",
+        "copy_model",
+        "pairs",
+        "finite_check",
+    )
+
+
+class ModelEMA:
+    """An exponential moving average of a model's parameters and buffers.
+
+    ``ema.ema`` is a copy of the model (with DataParallel, DDP and
+    ``torch.compile`` wrappers removed) in eval mode whose parameters do not
+    require grad.  After each optimizer step, :meth:`update` moves every
+    floating entry of its ``state_dict`` towards the model's::
+
+        d = decay_function(decay, step, total_steps)
+        ema = ema * d + model * (1 - d)
+
+    Use it whenever the averaged weights should be what you validate, keep
+    and ship.  Evaluate with :meth:`swapped` (the training model temporarily
+    holds the EMA weights; nothing is copied) or by calling ``ema.ema``
+    directly, and finish with :meth:`copy_to`.
+
+    The update is one fused kernel (CUDA) or one parallel loop (CPU) over all
+    tensors, from a plan built on the first update and reused while the model
+    keeps its tensors; it allocates nothing proportional to the model.  The
+    EMA's floating tensors live in one flat buffer per dtype, in model order,
+    so the update streams through memory.
+
+    Args:
+        model: the model being trained (possibly wrapped).
+        decay: the maximum decay, in (0, 1): 0.9999 for runs of hundreds of
+            thousands of steps, 0.999 for tens of thousands.
+        decay_function: the schedule (see :mod:`ema_cuda.ema_decay_schedules`).
+        buffers: ``"average"`` (default, SuperGradients' behaviour) averages
+            floating buffers such as BatchNorm running statistics like the
+            parameters; ``"copy"`` takes them from the model at every update,
+            which keeps statistics that match the current weights.  Integer
+            buffers (``num_batches_tracked``) are always copied.
+        ema_dtype: dtype of the EMA's floating tensors; ``None`` keeps the
+            model's.  Use ``torch.float32`` for a bf16 or fp16 model: with a
+            decay of 0.9999 the per-step increment is below bf16 resolution
+            and a bf16 EMA stops moving.
+        update_every: update only at steps divisible by this (default 1).
+            The decay applies per update, so a schedule tuned for every step
+            averages over ``update_every`` times more steps.
+        skip_nonfinite: skip an update (and count it in ``num_skipped``) when
+            a model tensor holds NaN or Inf, so one bad step cannot poison the
+            average.  It costs one extra read of every model tensor (a max-abs
+            reduction) and a host synchronisation per update.
+
+    Differences from SuperGradients: ``decay`` outside (0, 1) and a schedule
+    value outside [0, 1] are errors; entries are paired by name with shape
+    checks (SuperGradients zips the values and silently truncates); integer
+    buffers are copied from the model (SuperGradients freezes them at their
+    initial value).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float,
+        decay_function: IDecayFunction,
+        *,
+        buffers: str = "average",
+        ema_dtype: Optional[torch.dtype] = None,
+        update_every: int = 1,
+        skip_nonfinite: bool = False,
+    ):
+        self.decay = _check_decay(decay)
+        if not callable(decay_function):
+            raise TypeError(f"ModelEMA: decay_function must be callable, got {decay_function!r}")
+        if buffers not in ("average", "copy"):
+            raise ValueError(f"ModelEMA: buffers must be 'average' or 'copy', got {buffers!r}")
+        if isinstance(update_every, bool) or not isinstance(update_every, numbers.Integral) or update_every < 1:
+            raise ValueError(f"ModelEMA: update_every must be an integer >= 1, got {update_every!r}")
+        self.decay_function = decay_function
+        self.buffers = buffers
+        self.ema_dtype = _parse_dtype(ema_dtype)
+        self.update_every = int(update_every)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        #: Updates applied, and updates skipped by the non-finite guard.
+        self.num_updates = 0
+        self.num_skipped = 0
+
+        src = self._source(model)
+        self._covered = self._copy_module(src)
+        self.ema = self._wrap_ema(model, self._covered)
+
+        # SuperGradients' SgModule declares which attributes update_attr copies.
+        attr_src = unwrap_model(model)
+        self.include_attributes = list(_call_or(attr_src, "get_include_attributes", []))
+        self.exclude_attributes = list(_call_or(attr_src, "get_exclude_attributes", []))
+
+        self._plan: Optional[_Plan] = None
+        self._swap_depth = 0
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_params(cls, model: nn.Module, decay_type: Optional[str] = None, decay: Optional[float] = None, **kwargs):
+        """Builds an EMA from configuration values, the way SuperGradients' ``ema_params`` do.
+
+        ``decay_type`` names a schedule in ``EMA_DECAY_FUNCTIONS``; the
+        remaining keyword arguments go to the schedule's constructor (the
+        built-in ones ignore arguments they do not take), except the
+        :class:`ModelEMA` options ``buffers``, ``ema_dtype``, ``update_every``
+        and ``skip_nonfinite``, which are taken out first.
+
+        Defaults with a warning, as SuperGradients: ``decay=0.9999``, and
+        ``decay_type="exp"`` with ``beta=15``.  The legacy ``exp_activation``
+        flag maps to ``"exp"`` (True; with ``beta=15`` unless given, as the
+        legacy constructor had) or ``"constant"`` (False), with a
+        ``DeprecationWarning``.  An unknown ``decay_type`` is an error listing
+        the registered ones.
+        """
+        options = {k: kwargs.pop(k) for k in _OPTIONS if k in kwargs}
+        if decay is None:
+            warnings.warn(
+                "ModelEMA.from_params: `decay` is not specified; defaulting to decay=0.9999. "
+                "Set it explicitly (e.g. ema_params: {decay: 0.9999, decay_type: exp, beta: 15}).",
+                UserWarning,
+                stacklevel=2,
+            )
+            decay = 0.9999
+        if "exp_activation" in kwargs:
+            exp_activation = bool(kwargs.pop("exp_activation"))
+            decay_type = "exp" if exp_activation else "constant"
+            warnings.warn(
+                "ModelEMA.from_params: `exp_activation` is deprecated; use "
+                f"decay_type={decay_type!r} instead (exp_activation=True is decay_type='exp', "
+                "exp_activation=False is decay_type='constant').",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            if exp_activation:
+                kwargs.setdefault("beta", 15)
+        if decay_type is None:
+            warnings.warn(
+                "ModelEMA.from_params: `decay_type` is not specified; defaulting to decay_type='exp' with beta=15. "
+                f"Set it explicitly (one of {list(EMA_DECAY_FUNCTIONS)}).",
+                UserWarning,
+                stacklevel=2,
+            )
+            decay_type = "exp"
+            kwargs.setdefault("beta", 15)
+        try:
+            decay_cls = EMA_DECAY_FUNCTIONS[decay_type]
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"ModelEMA.from_params: unknown decay_type {decay_type!r}; registered types: {list(EMA_DECAY_FUNCTIONS)}"
+            ) from None
+        return cls(model, decay, decay_cls(**kwargs), **options)
+
+    def _source(self, model: nn.Module) -> nn.Module:
+        """The module whose state this EMA averages."""
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{type(self).__name__}: expected an nn.Module, got {type(model).__name__}")
+        return unwrap_model(model)
+
+    def _wrap_ema(self, model: nn.Module, covered: nn.Module) -> nn.Module:
+        """The module exposed as ``self.ema`` around the averaged copy."""
+        return covered
+
+    def _copy_module(self, src: nn.Module) -> nn.Module:
+        """A deep copy of ``src`` whose floating state lives in flat buffers, cast to ``ema_dtype``.
+
+        The flat views are created first and handed to ``deepcopy`` through
+        its memo, so the model is copied once, straight into its final place.
+        """
+        entries, _ = _state_entries(src)
+        packed: List[torch.Tensor] = []
+        seen = set()
+        for key, _, _, t, _ in entries:
+            if id(t) in seen or not t.is_floating_point():
+                continue
+            seen.add(id(t))
+            if not _is_dense(t):
+                raise ValueError(
+                    f"{type(self).__name__}: model entry {key!r} with shape {list(t.shape)} and strides "
+                    f"{list(t.stride())} is not dense; the fused update needs contiguous (or permuted dense) tensors"
+                )
+            if t.dtype not in SUPPORTED_DTYPES:
+                raise ValueError(
+                    f"{type(self).__name__}: model entry {key!r} has dtype {t.dtype}; the fused update supports "
+                    f"{[str(d) for d in SUPPORTED_DTYPES]}"
+                )
+            packed.append(t)
+        _check_no_shared_storage(type(self).__name__, entries, packed)
+
+        views = _flat_views([(t.shape, t.stride(), self.ema_dtype or t.dtype, t.device) for t in packed])
+        memo: Dict[int, Any] = {}
+        with torch.no_grad():
+            for t, view in zip(packed, views):
+                view.copy_(t)
+                memo[id(t)] = nn.Parameter(view, requires_grad=False) if isinstance(t, nn.Parameter) else view
+            if self.ema_dtype is not None:
+                # Non-persistent floating buffers (not averaged) follow the EMA's
+                # dtype too, so that the copy runs in one precision.
+                for module in src.modules():
+                    for name in module._non_persistent_buffers_set:
+                        b = module._buffers.get(name)
+                        if b is not None and b.is_floating_point() and id(b) not in memo:
+                            memo[id(b)] = b.detach().to(self.ema_dtype, copy=True)
+            ema = copy.deepcopy(src, memo)
+        ema.eval()
+        for p in ema.parameters():
+            p.requires_grad_(False)
+            p.grad = None
+        return ema
+
+    # ------------------------------------------------------------------ the update
+
+    def update(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Moves the EMA towards ``model``: ``ema = ema * d + model * (1 - d)``.
+
+        ``d = decay_function(decay, step, total_steps)``; call it once per
+        optimizer step, after ``optimizer.step()``, with SuperGradients'
+        1-based step.  Floating parameters and buffers are averaged in one
+        fused call (floating buffers copied instead with ``buffers="copy"``),
+        integer buffers copied.
+
+        Raises before writing anything (the EMA stays bit-identical) when the
+        schedule returns a value outside [0, 1] or a non-finite one, or when
+        the model's entries no longer match the EMA's by name and shape.
+        """
+        if self._swap_depth:
+            raise RuntimeError(
+                f"{type(self).__name__}.update: called inside swapped(); the model holds the EMA weights there"
+            )
+        if step % self.update_every:
+            return
+        d = self.decay_at(step, total_steps)
+        plan = self._ensure_plan(self._source(model))
+        if self.skip_nonfinite and plan.finite_check and not self._model_is_finite(plan):
+            self.num_skipped += 1
+            return
+        with torch.no_grad():
+            if plan.updater is not None:
+                try:
+                    plan.updater.update(d)
+                except RuntimeError:
+                    # A model tensor's storage was replaced by one the plan
+                    # cannot take (another device, layout or shape).  The op
+                    # checks before writing; rebuilding either adapts (layout)
+                    # or names the offending entry.
+                    self._plan = None
+                    plan = self._ensure_plan(plan.src)
+                    if plan.updater is None:
+                        raise
+                    plan.updater.update(d)
+            if plan.copy_ema:
+                torch._foreach_copy_(plan.copy_ema, plan.copy_model)
+        self.num_updates += 1
+
+    def decay_at(self, step: int, total_steps: int) -> float:
+        """The decay an update at ``step`` would use, checked to be a finite number in [0, 1]."""
+        value = self.decay_function(self.decay, step, total_steps)
+        try:
+            d = float(value)
+        except (TypeError, ValueError):
+            raise TypeError(
+                f"{type(self).__name__}: the decay schedule {self.decay_function!r} returned {value!r} at step "
+                f"{step} of {total_steps}; expected a number"
+            ) from None
+        if not (math.isfinite(d) and 0.0 <= d <= 1.0):
+            raise ValueError(
+                f"{type(self).__name__}: the decay schedule {self.decay_function!r} returned {d} at step {step} "
+                f"of {total_steps}; a decay must be a finite number in [0, 1]"
+            )
+        return d
+
+    def _model_is_finite(self, plan: _Plan) -> bool:
+        # One max-abs reduction per tensor: finite iff no NaN/Inf, and unlike a
+        # sum or a 2-norm it cannot overflow on large finite values.
+        maxima = torch._foreach_norm(plan.finite_check, ord=float("inf"))
+        return bool(torch.stack(maxima).isfinite().all())
+
+    # ------------------------------------------------------------------ the plan
+
+    def _ensure_plan(self, src: nn.Module) -> _Plan:
+        plan = self._plan
+        if plan is not None and plan.src is src and plan.buffers == self.buffers and _unchanged(plan):
+            return plan
+        self._plan = None
+        self._plan = self._build_plan(src)
+        return self._plan
+
+    def _build_plan(self, src: nn.Module) -> _Plan:
+        """Pairs the model's entries with the EMA's by name, checks them, and caches the lists.
+
+        Nothing is written here except, when the model's memory layout
+        changed (e.g. to channels_last), moving EMA values into a buffer laid
+        out like the model; their values are unchanged.
+        """
+        name = type(self).__name__
+        m_entries, m_modules = _state_entries(src)
+        e_entries, e_modules = _state_entries(self._covered)
+        model_by_key = {e[0]: e for e in m_entries}
+        ema_by_key = {e[0]: e for e in e_entries}
+        missing = [k for k in ema_by_key if k not in model_by_key]
+        unexpected = [k for k in model_by_key if k not in ema_by_key]
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing from the model: {_names(missing)}")
+            if unexpected:
+                parts.append(f"not in the EMA: {_names(unexpected)}")
+            raise RuntimeError(
+                f"{name}: the model does not match the EMA ({'; '.join(parts)}); entries are paired by name"
+            )
+
+        # Group keys by EMA tensor: tied weights are one tensor under several names.
+        groups: Dict[int, Tuple[torch.Tensor, List[str], bool]] = {}
+        for key, _, _, e, is_param in e_entries:
+            m = model_by_key[key][3]
+            if m.shape != e.shape:
+                raise RuntimeError(
+                    f"{name}: entry {key!r} has shape {list(m.shape)} in the model but {list(e.shape)} in the EMA"
+                )
+            if m.is_floating_point() != e.is_floating_point():
+                raise RuntimeError(f"{name}: entry {key!r} has dtype {m.dtype} in the model but {e.dtype} in the EMA")
+            if m.device != e.device:
+                raise RuntimeError(
+                    f"{name}: entry {key!r} is on {m.device} in the model but on {e.device} in the EMA; "
+                    f"create the EMA after moving the model, or move it with `ema.ema.to({str(m.device)!r})`"
+                )
+            if e.is_floating_point() and not _is_dense(m):
+                raise RuntimeError(
+                    f"{name}: model entry {key!r} with shape {list(m.shape)} and strides {list(m.stride())} is not dense"
+                )
+            if id(e) in groups:
+                groups[id(e)][1].append(key)
+            else:
+                groups[id(e)] = (e, [key], is_param)
+
+        avg_ema, avg_model, copy_ema, copy_model, pairs = [], [], [], [], []
+        seen_model = set()
+        for e, keys, is_param in groups.values():
+            ms = [model_by_key[k][3] for k in keys]
+            if any(m is not ms[0] for m in ms[1:]):
+                raise RuntimeError(f"{name}: entries {_names(keys)} share one tensor in the EMA but not in the model")
+            m = ms[0]
+            if e.is_floating_point() and (is_param or self.buffers == "average"):
+                avg_ema.append(e)
+                avg_model.append(m)
+            else:
+                copy_ema.append(e)
+                copy_model.append(m)
+            if id(m) not in seen_model:
+                seen_model.add(id(m))
+                pairs.append((m, e))
+
+        if any(e.stride() != m.stride() and not (e.is_contiguous() and m.is_contiguous()) for e, m in zip(avg_ema, avg_model)):
+            self._relayout(avg_ema, avg_model)
+
+        plan = _Plan()
+        plan.src = src
+        plan.buffers = self.buffers
+        plan.updater = FusedUpdater(avg_ema, avg_model) if avg_ema else None
+        plan.copy_ema, plan.copy_model, plan.pairs = copy_ema, copy_model, pairs
+        plan.finite_check = [m for m, e in pairs if m.is_floating_point() and m.numel() > 0]
+        # Every registered tensor and child of both module trees, with the
+        # tensors' shapes, and the size of every registry: comparing them is
+        # the per-step check that the plan still describes the modules.
+        watch = []
+        for _, owner, local, t, _ in m_entries + e_entries:
+            watch.append((owner, local, t, t.shape))
+        watch_len = []
+        for module in m_modules + e_modules:
+            for local, child in module._modules.items():
+                watch.append((module._modules, local, child, None))
+            watch_len.extend(((module._parameters, len(module._parameters)), (module._buffers, len(module._buffers)), (module._modules, len(module._modules))))
+        plan.watch, plan.watch_len = watch, watch_len
+        return plan
+
+    def _relayout(self, ema: List[torch.Tensor], model: List[torch.Tensor]) -> None:
+        """Moves the EMA's floating tensors into a new flat buffer, each laid out like its model tensor."""
+        floating = []
+        seen = set()
+        for _, _, _, t, _ in _state_entries(self._covered)[0]:
+            if t.is_floating_point() and id(t) not in seen:
+                seen.add(id(t))
+                floating.append(t)
+        like = {id(e): m for e, m in zip(ema, model)}
+        specs = []
+        for t in floating:
+            ref = like.get(id(t), t)
+            specs.append((t.shape, ref.stride() if _is_dense(ref) else t.stride(), t.dtype, t.device))
+        with torch.no_grad():
+            for t, view in zip(floating, _flat_views(specs)):
+                view.copy_(t)
+                t.data = view
+
+    # ------------------------------------------------------------------ evaluation and the end of training
+
+    @contextmanager
+    def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Lets ``model`` hold the EMA weights inside a ``with`` block, then restores it exactly.
+
+        Use it to validate or test with the EMA weights through the training
+        model (its wrappers, hooks, compiled graph).  No weights are copied:
+        each model tensor is pointed at the EMA's memory and pointed back on
+        exit, also when the block raises, so the model's Parameter objects,
+        their storage and the optimizer state attached to them are untouched.
+        Where the EMA's dtype differs from the model's (``ema_dtype``) the
+        model gets a cast copy of the EMA tensor for the block.
+
+        The model writes into the EMA inside the block (e.g. BatchNorm in
+        training mode): evaluate in eval mode.  :meth:`update` refuses to run
+        inside the block.
+        """
+        plan = self._ensure_plan(self._source(model))
+        saved = []
+        self._swap_depth += 1
+        try:
+            with torch.no_grad():
+                for m, e in plan.pairs:
+                    saved.append((m, m.data))
+                    if e.dtype == m.dtype:
+                        m.data = e
+                    else:
+                        m.data = e.to(dtype=m.dtype)
+            yield model
+        finally:
+            for m, data in reversed(saved):
+                m.data = data
+            self._swap_depth -= 1
+
+    def copy_to(self, model: nn.Module) -> None:
+        """Writes the EMA values into ``model``'s tensors in place.
+
+        Use it at the end of training so that the model (and whatever holds
+        it: the optimizer, a scheduler, a second ``train()`` call) continues
+        with the EMA weights.  Parameter objects and their storage stay the
+        same, so the optimizer state remains attached.  Integer buffers are
+        copied as well.
+        """
+        if self._swap_depth:
+            raise RuntimeError(f"{type(self).__name__}.copy_to: called inside swapped()")
+        plan = self._ensure_plan(self._source(model))
+        if plan.pairs:
+            with torch.no_grad():
+                torch._foreach_copy_([m for m, _ in plan.pairs], [e for _, e in plan.pairs])
+
+    def update_attr(self, model: nn.Module, include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None) -> None:
+        """Copies the model's plain attributes (not weights or buffers) onto ``ema.ema``.
+
+        Detection models keep state such as anchors, strides or class names in
+        attributes that the EMA copy must follow.  As in SuperGradients, every
+        attribute in the (unwrapped) model's ``__dict__`` whose name does not
+        start with ``_`` is copied by reference, restricted to ``include`` when
+        it is non-empty and skipping ``exclude``; both default to the model's
+        ``get_include_attributes()`` / ``get_exclude_attributes()`` when it
+        has them (SuperGradients' ``SgModule``), else to empty lists.  Unlike
+        SuperGradients, ``training`` is never copied: the EMA stays in eval mode.
+        """
+        src = unwrap_model(model)
+        include = self.include_attributes if include is None else list(include)
+        exclude = self.exclude_attributes if exclude is None else list(exclude)
+        for k, v in src.__dict__.items():
+            if (include and k not in include) or k.startswith("_") or k in exclude or k == "training":
+                continue
+            setattr(self.ema, k, v)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> Dict[str, Any]:
+        """The EMA weights, the decay, the schedule (name and parameters), the options and the counters.
+
+        Holds only tensors, numbers, strings, lists and dicts, so
+        ``torch.load(..., weights_only=True)`` reads it back.  The tensors
+        share memory with the EMA (like ``nn.Module.state_dict``): save or
+        clone them before further updates if you keep the dictionary.
+        """
+        fn = self.decay_function
+        params = fn.get_params() if isinstance(fn, IDecayFunction) else {}
+        return {
+            "version": _STATE_VERSION,
+            "ema": {key: t.detach() for key, _, _, t, _ in _state_entries(self._covered)[0]},
+            "decay": self.decay,
+            "decay_function": {"name": decay_function_name(fn), "params": dict(params)},
+            "buffers": self.buffers,
+            "ema_dtype": None if self.ema_dtype is None else str(self.ema_dtype),
+            "update_every": self.update_every,
+            "skip_nonfinite": self.skip_nonfinite,
+            "num_updates": self.num_updates,
+            "num_skipped": self.num_skipped,
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restores what :meth:`state_dict` saved, so that a resumed run continues bit-exactly.
+
+        Everything is checked before anything is written: the weights must
+        match the EMA by name and shape.  When the saved schedule differs from
+        the current one it is rebuilt from ``EMA_DECAY_FUNCTIONS`` (with a
+        warning), or kept with a warning when its name is not registered.
+        """
+        name = type(self).__name__
+        if not isinstance(state, dict) or "ema" not in state or "decay" not in state:
+            raise ValueError(f"{name}.load_state_dict: expected a dict from {name}.state_dict() with 'ema' and 'decay'")
+        weights = state["ema"]
+        current = {key: t for key, _, _, t, _ in _state_entries(self._covered)[0]}
+        missing = [k for k in current if k not in weights]
+        unexpected = [k for k in weights if k not in current]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"{name}.load_state_dict: the saved EMA does not match (missing: {_names(missing) or 'none'}; "
+                f"unexpected: {_names(unexpected) or 'none'})"
+            )
+        for key, t in current.items():
+            v = weights[key]
+            if not isinstance(v, torch.Tensor) or v.shape != t.shape:
+                got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise RuntimeError(f"{name}.load_state_dict: entry {key!r} is {got} in the state but {list(t.shape)} in the EMA")
+        decay = _check_decay(state["decay"])
+        options = {k: state[k] for k in ("buffers", "update_every", "skip_nonfinite") if k in state}
+        if options.get("buffers", "average") not in ("average", "copy"):
+            raise ValueError(f"{name}.load_state_dict: buffers must be 'average' or 'copy', got {options['buffers']!r}")
+        every = options.get("update_every", 1)
+        if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
+            raise ValueError(f"{name}.load_state_dict: update_every must be an integer >= 1, got {every!r}")
+        decay_function = self._saved_decay_function(state.get("decay_function"))
+
+        with torch.no_grad():
+            for key, t in current.items():
+                t.copy_(weights[key])
+        self.decay = decay
+        self.decay_function = decay_function
+        for k, v in options.items():
+            setattr(self, k, v)
+        self.num_updates = int(state.get("num_updates", 0))
+        self.num_skipped = int(state.get("num_skipped", 0))
+        self._plan = None  # the options may have changed what is averaged
+
+    def _saved_decay_function(self, info: Optional[Dict[str, Any]]) -> IDecayFunction:
+        current = self.decay_function
+        if not info:
+            return current
+        saved_name, saved_params = info.get("name"), dict(info.get("params") or {})
+        params = current.get_params() if isinstance(current, IDecayFunction) else {}
+        if saved_name == decay_function_name(current) and saved_params == params:
+            return current
+        if saved_name in EMA_DECAY_FUNCTIONS:
+            rebuilt = EMA_DECAY_FUNCTIONS[saved_name](**saved_params)
+            warnings.warn(
+                f"{type(self).__name__}.load_state_dict: the saved decay schedule {saved_name!r} {saved_params} "
+                f"replaces the current {current!r}",
+                UserWarning,
+                stacklevel=3,
+            )
+            return rebuilt
+        warnings.warn(
+            f"{type(self).__name__}.load_state_dict: the saved decay schedule {saved_name!r} is not registered in "
+            f"EMA_DECAY_FUNCTIONS; keeping the current {current!r}",
+            UserWarning,
+            stacklevel=3,
+        )
+        return current
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(decay={self.decay}, decay_function={self.decay_function!r}, "
+            f"buffers={self.buffers!r}, ema_dtype={self.ema_dtype}, update_every={self.update_every}, "
+            f"skip_nonfinite={self.skip_nonfinite}, num_updates={self.num_updates})"
+        )
+
+
+class KDModelEMA(ModelEMA):
+    """EMA of the student of a knowledge-distillation module (one with ``.student`` and ``.teacher``).
+
+    Use it in place of :class:`ModelEMA` when training a student against a
+    frozen teacher: only the student is copied and averaged.  ``ema.ema`` is a
+    shallow copy of the distillation module whose ``student`` is the EMA
+    student and whose ``teacher`` is the model's own teacher (shared, not
+    copied), so it runs like the training module.  :meth:`update`,
+    :meth:`swapped` and :meth:`copy_to` pass the distillation module (possibly
+    wrapped) and touch its student only; the teacher's tensors are never
+    written (SuperGradients rewrites them with ``t * d + t * (1 - d)`` at every
+    update, which drifts by rounding).
+    """
+
+    def _source(self, model: nn.Module) -> nn.Module:
+        kd = super()._source(model)
+        student = kd._modules.get("student")
+        if not isinstance(student, nn.Module) or not isinstance(kd._modules.get("teacher"), nn.Module):
+            raise TypeError(
+                f"KDModelEMA: expected a distillation module with `student` and `teacher` submodules, got "
+                f"{type(kd).__name__} with children {list(kd._modules)}"
+            )
+        return student
+
+    def _wrap_ema(self, model: nn.Module, covered: nn.Module) -> nn.Module:
+        kd = unwrap_model(model)
+        shell = copy.copy(kd)
+        # copy.copy shares the registries (dicts of modules, parameters, hooks)
+        # with the training module; give the shell its own before editing it.
+        for k, v in list(shell.__dict__.items()):
+            if isinstance(v, (dict, set)):
+                shell.__dict__[k] = copy.copy(v)
+        shell._modules["student"] = covered
+        # Not shell.eval(): that would also switch the shared teacher.
+        shell.__dict__["training"] = False
+        return shell
+
+
+def _call_or(obj: Any, method: str, default: Any) -> Any:
+    fn = getattr(obj, method, None)
+    return fn() if callable(fn) else default
+
+
+def _unchanged(plan: _Plan) -> bool:
+    """True while every watched registry holds the same objects (and tensors the same shapes)."""
+    for owner, local, obj, shape in plan.watch:
+        cur = owner.get(local)
+        if cur is not obj or (shape is not None and cur.shape != shape):
+            return False
+    for registry, size in plan.watch_len:
+        if len(registry) != size:
+            return False
+    return True
+
+
+def _check_no_shared_storage(cls: str, entries: List[_Entry], tensors: List[torch.Tensor]) -> None:
+    """Distinct tensors that overlap in memory (views of one another) cannot be packed separately."""
+    keys = {}
+    for key, _, _, t, _ in entries:
+        keys.setdefault(id(t), key)
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), keys[id(t)])
+        for t in tensors
+        if t.numel() and t.device.type != "meta"
+    )
+    for (lo0, hi0, k0), (lo1, _, k1) in zip(spans, spans[1:]):
+        if lo1 < hi0:
+            raise ValueError(
+                f"{cls}: model entries {k0!r} and {k1!r} are different tensors that overlap in memory; "
+                "tie weights by sharing one Parameter instead"
+            )

@@ -1,0 +1,848 @@
+"""ModelEMA and KDModelEMA: SuperGradients' semantics, the deliberate differences, and the options."""
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import ema_cuda
+from ema_cuda import KDModelEMA, ModelEMA, ops
+from ema_cuda.ema_decay_schedules import (
+    EMA_DECAY_FUNCTIONS,
+    ConstantDecay,
+    ExpDecay,
+    IDecayFunction,
+    PowerWarmupDecay,
+    RampDecay,
+    ThresholdDecay,
+)
+
+TOTAL = 120
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # The models here are tiny: on a busy 2-core machine, intra-op threads
+    # only add contention (a 5x5 convolution went from 1 ms to 60 ms).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class Net(nn.Module):
+    """Small, with every kind of entry: conv and linear weights, BatchNorm statistics, an int buffer."""
+
+    def __init__(self, width=6):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.head = nn.Linear(width, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.bn(self.conv(x)))
+        return self.head(x.mean((2, 3)))
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 4)
+        self.mid = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 11, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, idx):
+        return self.out(torch.tanh(self.mid(self.embed(idx))))
+
+
+class KD(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.student = Net(4)
+        self.teacher = Net(8)
+        self.teacher.requires_grad_(False)
+        self.arch_params = {"run_teacher_on_eval": False}
+
+    def forward(self, x):
+        return self.student(x)
+
+
+def train_step(model, gen, scale=0.05):
+    """A stand-in for an optimizer step: move every parameter, and let BatchNorm see a batch."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype) * scale)
+        was = model.training
+        model.train()
+        inner = ema_cuda.ema.unwrap_model(model)
+        target = inner.student if isinstance(inner, KD) else inner
+        if isinstance(target, Net):
+            target(torch.randn(4, 3, 5, 5, generator=gen).to(next(target.parameters()).dtype))
+        model.train(was)
+
+
+def snapshot(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def assert_bit_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+class SGReference:
+    """SuperGradients' loop over state_dict entries, ``ema * d + (1 - d) * p``, in float64."""
+
+    def __init__(self, model):
+        self.state = {k: v.detach().to(torch.float64) if v.is_floating_point() else v.clone() for k, v in model.state_dict().items()}
+
+    def update(self, model, d):
+        msd = model.state_dict()
+        for k, v in self.state.items():
+            if v.is_floating_point():
+                self.state[k] = v * d + (1.0 - d) * msd[k].detach().to(torch.float64)
+
+
+class LinearDecay(IDecayFunction):
+    def __init__(self, **kwargs):
+        pass
+
+    def __call__(self, decay: float, step: int, total_steps: int) -> float:
+        return decay * (step / total_steps)
+
+
+@pytest.fixture
+def linear_registered():
+    EMA_DECAY_FUNCTIONS["linear"] = LinearDecay
+    yield
+    EMA_DECAY_FUNCTIONS.pop("linear", None)
+
+
+SCHEDULES = [
+    ("constant", {}),
+    ("threshold", {}),
+    ("exp", {"beta": 15}),
+    ("power", {"power": 0.75}),
+    ("ramp", {"tau": 30}),
+    ("linear", {}),
+]
+
+
+# ---------------------------------------------------------------- equality with SuperGradients' loop
+
+
+@pytest.mark.parametrize("decay_type,kwargs", SCHEDULES, ids=[s[0] for s in SCHEDULES])
+def test_matches_supergradients_loop(decay_type, kwargs, linear_registered):
+    gen = torch.Generator().manual_seed(1)
+    model = Net()
+    ema = ModelEMA.from_params(model, decay_type=decay_type, decay=0.95, **kwargs)
+    ref = SGReference(model)
+    for step in range(1, TOTAL + 1):
+        train_step(model, gen)
+        ema.update(model, step=step, total_steps=TOTAL)
+        ref.update(model, ema.decay_function(0.95, step, TOTAL))
+    got = ema.ema.state_dict()
+    for k, v in ref.state.items():
+        if v.is_floating_point():
+            assert got[k].dtype == torch.float32
+            torch.testing.assert_close(got[k].double(), v, rtol=2e-6, atol=2e-7, msg=k)
+    # The EMA lags the model: it is not simply a copy of it.
+    assert not torch.allclose(got["conv.weight"], model.conv.weight)
+    assert ema.num_updates == TOTAL
+
+
+def test_integer_buffers_follow_the_model():
+    # SuperGradients skips non-float entries, so num_batches_tracked stays 0 there.
+    gen = torch.Generator().manual_seed(2)
+    model = Net()
+    ema = ModelEMA(model, 0.9, ConstantDecay())
+    for step in range(1, 8):
+        train_step(model, gen)
+        ema.update(model, step, 10)
+    assert model.bn.num_batches_tracked.item() == 7
+    assert torch.equal(ema.ema.bn.num_batches_tracked, model.bn.num_batches_tracked)
+
+
+def test_buffers_copy_mode():
+    gen = torch.Generator().manual_seed(3)
+    model = Net()
+    ema = ModelEMA(model, 0.9, ConstantDecay(), buffers="copy")
+    avg = ModelEMA(model, 0.9, ConstantDecay())
+    for step in range(1, 6):
+        train_step(model, gen)
+        ema.update(model, step, 10)
+        avg.update(model, step, 10)
+    assert torch.equal(ema.ema.bn.running_mean, model.bn.running_mean)
+    assert torch.equal(ema.ema.bn.running_var, model.bn.running_var)
+    assert not torch.equal(avg.ema.bn.running_mean, model.bn.running_mean)
+    # Parameters are still averaged.
+    assert torch.equal(ema.ema.conv.weight, avg.ema.conv.weight)
+    assert not torch.allclose(ema.ema.conv.weight, model.conv.weight)
+
+
+def test_one_fused_call_per_update_and_plan_reused(monkeypatch):
+    calls = {"init": 0, "update": 0}
+    init, update = ops.FusedUpdater.__init__, ops.FusedUpdater.update
+
+    def counting_init(self, *a, **k):
+        calls["init"] += 1
+        init(self, *a, **k)
+
+    def counting_update(self, d):
+        calls["update"] += 1
+        update(self, d)
+
+    monkeypatch.setattr(ops.FusedUpdater, "__init__", counting_init)
+    monkeypatch.setattr(ops.FusedUpdater, "update", counting_update)
+    gen = torch.Generator().manual_seed(4)
+    model = Net()
+    ema = ModelEMA(model, 0.9, ConstantDecay())
+    for step in range(1, 11):
+        train_step(model, gen)
+        ema.update(model, step, 10)
+    assert calls == {"init": 1, "update": 10}
+
+
+def test_ema_module_is_an_eval_copy_in_flat_buffers():
+    model = Net()
+    model.train()
+    ema = ModelEMA(model, 0.9, ConstantDecay())
+    assert isinstance(ema.ema, Net) and ema.ema is not model
+    assert not ema.ema.training and not ema.ema.bn.training
+    assert model.training
+    assert all(not p.requires_grad for p in ema.ema.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    assert_bit_identical(snapshot(ema.ema), snapshot(model))
+    model_ptrs = {t.untyped_storage().data_ptr() for t in model.state_dict().values()}
+    floating = [t for t in ema.ema.state_dict().values() if t.is_floating_point()]
+    # Every floating EMA tensor is a view of one buffer, none shares the model's memory.
+    assert len({t.untyped_storage().data_ptr() for t in floating}) == 1
+    assert not model_ptrs & {t.untyped_storage().data_ptr() for t in ema.ema.state_dict().values()}
+
+
+def test_tied_weights_are_updated_once():
+    gen = torch.Generator().manual_seed(5)
+    model = Tied()
+    ema = ModelEMA(model, 0.8, ConstantDecay())
+    assert ema.ema.out.weight is ema.ema.embed.weight
+    ref = SGReference(model)  # holds the tied entry twice, updated identically
+    for step in range(1, 31):
+        train_step(model, gen)
+        ema.update(model, step, 30)
+        ref.update(model, 0.8)
+    torch.testing.assert_close(ema.ema.embed.weight.double(), ref.state["embed.weight"], rtol=2e-6, atol=2e-7)
+    assert ema.ema.out.weight is ema.ema.embed.weight
+
+
+def test_fp32_ema_of_bf16_model():
+    gen = torch.Generator().manual_seed(6)
+    model = Net().to(torch.bfloat16)
+    ema = ModelEMA(model, 0.999, ConstantDecay(), ema_dtype=torch.float32)
+    low = ModelEMA(model, 0.999, ConstantDecay())
+    assert all(t.dtype == torch.float32 for t in ema.ema.state_dict().values() if t.is_floating_point())
+    ref = SGReference(model)
+    start = low.ema.conv.weight.clone()
+    for step in range(1, 51):
+        train_step(model, gen, scale=0.01)
+        ema.update(model, step, 50)
+        low.update(model, step, 50)
+        ref.update(model, 0.999)
+    torch.testing.assert_close(ema.ema.conv.weight.double(), ref.state["conv.weight"], rtol=1e-5, atol=1e-6)
+    # The reason for the option: a bf16 EMA barely moves at this decay.
+    moved_fp32 = (ema.ema.conv.weight - start.float()).abs().sum()
+    moved_bf16 = (low.ema.conv.weight.float() - start.float()).abs().sum()
+    assert moved_bf16 < 0.5 * moved_fp32
+
+
+def test_ema_dtype_from_string():
+    ema = ModelEMA.from_params(Net(), decay=0.9, decay_type="constant", ema_dtype="float64")
+    assert ema.ema.conv.weight.dtype == torch.float64
+    with pytest.raises(ValueError, match="ema_dtype"):
+        ModelEMA(Net(), 0.9, ConstantDecay(), ema_dtype=torch.int32)
+
+
+def test_update_every():
+    gen = torch.Generator().manual_seed(7)
+    model = Net()
+    ema = ModelEMA(model, 0.5, ConstantDecay(), update_every=3)
+    ref = SGReference(model)
+    for step in range(1, 11):
+        train_step(model, gen)
+        ema.update(model, step, 10)
+        if step % 3 == 0:
+            ref.update(model, 0.5)
+    assert ema.num_updates == 3
+    torch.testing.assert_close(ema.ema.head.weight.double(), ref.state["head.weight"], rtol=2e-6, atol=2e-7)
+
+
+def test_skip_nonfinite_guard():
+    model = Net()
+    guarded = ModelEMA(model, 0.5, ConstantDecay(), skip_nonfinite=True)
+    plain = ModelEMA(model, 0.5, ConstantDecay())
+    before = snapshot(guarded.ema)
+    with torch.no_grad():
+        model.head.bias[2] = float("nan")
+    guarded.update(model, 1, 10)
+    plain.update(model, 1, 10)
+    assert_bit_identical(snapshot(guarded.ema), before)
+    assert guarded.num_skipped == 1 and guarded.num_updates == 0
+    assert torch.isnan(plain.ema.head.bias[2])
+    with torch.no_grad():
+        model.head.bias[2] = float("inf")
+    guarded.update(model, 2, 10)
+    assert guarded.num_skipped == 2
+    with torch.no_grad():
+        model.head.bias[2] = 3e38  # large but finite: not skipped
+    guarded.update(model, 3, 10)
+    assert guarded.num_updates == 1 and torch.isfinite(guarded.ema.head.bias).all()
+
+
+# ---------------------------------------------------------------- swap, copy_to, update_attr
+
+
+def test_swapped_exchanges_and_restores_exactly():
+    gen = torch.Generator().manual_seed(8)
+    model = Net()
+    ema = ModelEMA(model, 0.9, ConstantDecay())
+    for step in range(1, 6):
+        train_step(model, gen)
+        ema.update(model, step, 5)
+    params = list(model.parameters())
+    ptrs = [t.data_ptr() for t in model.state_dict().values()]
+    before = snapshot(model)
+    ema_values = snapshot(ema.ema)
+    model.eval()
+    x = torch.randn(2, 3, 5, 5)
+    with ema.swapped(model) as m:
+        assert m is model
+        assert_bit_identical(snapshot(model), ema_values)
+        # No copy: the model's tensors are the EMA's memory.
+        assert model.conv.weight.data_ptr() == ema.ema.conv.weight.data_ptr()
+        assert torch.equal(model(x), ema.ema(x))
+        with pytest.raises(RuntimeError, match="inside swapped"):
+            ema.update(model, 6, 10)
+    assert_bit_identical(snapshot(model), before)
+    assert [t.data_ptr() for t in model.state_dict().values()] == ptrs
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    assert_bit_identical(snapshot(ema.ema), ema_values)
+
+
+def test_swapped_restores_on_exception():
+    gen = torch.Generator().manual_seed(9)
+    model = Net()
+    ema = ModelEMA(model, 0.9, ConstantDecay())
+    train_step(model, gen)
+    ema.update(model, 1, 5)
+    before = snapshot(model)
+    with pytest.raises(ZeroDivisionError):
+        with ema.swapped(model):
+            assert not torch.equal(model.conv.weight, before["conv.weight"])
+            1 / 0
+    assert_bit_identical(snapshot(model), before)
+    ema.update(model, 2, 5)  # no longer inside the block
+    assert ema.num_updates == 2
+
+
+def test_swapped_with_different_ema_dtype_keeps_model_dtype():
+    gen = torch.Generator().manual_seed(10)
+    model = Net().to(torch.bfloat16)
+    ema = ModelEMA(model, 0.9, ConstantDecay(), ema_dtype=torch.float32)
+    train_step(model, gen)
+    ema.update(model, 1, 5)
+    before = snapshot(model)
+    with ema.swapped(model):
+        assert model.conv.weight.dtype == torch.bfloat16
+        assert torch.equal(model.conv.weight, ema.ema.conv.weight.to(torch.bfloat16))
+    assert_bit_identical(snapshot(model), before)
+
+
+def test_swapped_then_optimizer_keeps_training():
+    gen = torch.Generator().manual_seed(11)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ema = ModelEMA(model, 0.9, ConstantDecay())
+    x, y = torch.randn(4, 3, 5, 5, generator=gen), torch.randint(0, 5, (4,), generator=gen)
+    for step in range(1, 4):
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update(model, step, 10)
+    twin = copy.deepcopy(model)
+    twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # not shared momentum buffers
+    model.eval()
+    with ema.swapped(model):
+        model(x)
+    model.train()
+    for m, o in ((model, opt), (twin, twin_opt)):
+        nn.functional.cross_entropy(m(x), y).backward()
+        o.step()
+    # The swap left nothing behind: training continues exactly as without it.
+    assert_bit_identical(snapshot(model), snapshot(twin))
+
+
+def test_copy_to_with_optimizer_continuing():
+    gen = torch.Generator().manual_seed(12)
+    model = Net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ema = ModelEMA(model, 0.9, ConstantDecay())
+    x, y = torch.randn(4, 3, 5, 5, generator=gen), torch.randint(0, 5, (4,), generator=gen)
+    for step in range(1, 4):
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update(model, step, 10)
+    params = list(model.parameters())
+    ptrs = [p.data_ptr() for p in params]
+    ema.copy_to(model)
+    assert_bit_identical(snapshot(model), snapshot(ema.ema))
+    assert [p.data_ptr() for p in model.parameters()] == ptrs
+    assert all(a is b for a, b in zip(model.parameters(), params))
+    # The momentum buffers are still attached to the same parameters and used.
+    assert all(p in opt.state and "momentum_buffer" in opt.state[p] for p in params)
+    bufs = [opt.state[p]["momentum_buffer"].clone() for p in params]
+    start = [p.detach().clone() for p in params]
+    nn.functional.cross_entropy(model(x), y).backward()
+    grads = [p.grad.clone() for p in params]
+    opt.step()
+    for p, s, b, g in zip(params, start, bufs, grads):
+        torch.testing.assert_close(p.detach(), s - 0.1 * (0.9 * b + g))
+
+
+def test_update_attr():
+    class WithAttrs(Net):
+        def __init__(self):
+            super().__init__()
+            self.names = ["a", "b"]
+            self.stride = 8
+            self._private = 1
+
+    model = WithAttrs()
+    ema = ModelEMA(model, 0.9, ConstantDecay())
+    model.names = ["x"]
+    model.stride = 16
+    model._private = 2
+    model.extra = "new"
+    model.train()
+    ema.update_attr(model)
+    assert ema.ema.names == ["x"] and ema.ema.stride == 16 and ema.ema.extra == "new"
+    assert ema.ema._private == 1
+    assert not ema.ema.training
+    ema.update_attr(model, exclude=["stride"])
+    model.stride = 32
+    ema.update_attr(model, include=["names"])
+    assert ema.ema.stride == 16
+
+
+def test_update_attr_uses_declared_include_exclude():
+    class Declared(Net):
+        def __init__(self):
+            super().__init__()
+            self.anchors = [1]
+            self.other = 1
+
+        def get_include_attributes(self):
+            return []
+
+        def get_exclude_attributes(self):
+            return ["other"]
+
+    model = Declared()
+    ema = ModelEMA(model, 0.9, ConstantDecay())
+    model.anchors, model.other = [2], 2
+    ema.update_attr(nn.DataParallel(model))
+    assert ema.ema.anchors == [2] and ema.ema.other == 1
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def run(ema, model_states, model, start, stop):
+    for step in range(start, stop):
+        model.load_state_dict(model_states[step])
+        ema.update(model, step, TOTAL)
+
+
+@pytest.mark.parametrize("decay_type,kwargs", [("exp", {"beta": 15}), ("power", {"update_after_step": 3})])
+def test_state_dict_round_trip_continues_bit_exactly(decay_type, kwargs, tmp_path):
+    gen = torch.Generator().manual_seed(13)
+    model = Net()
+    init = snapshot(model)
+    states = {}
+    for step in range(1, TOTAL + 1):
+        train_step(model, gen)
+        states[step] = snapshot(model)
+
+    def fresh():
+        m = Net()
+        m.load_state_dict(init)
+        return m
+
+    model = fresh()
+    uninterrupted = ModelEMA.from_params(model, decay_type=decay_type, decay=0.99, **kwargs)
+    run(uninterrupted, states, model, 1, TOTAL + 1)
+
+    model = fresh()
+    first = ModelEMA.from_params(model, decay_type=decay_type, decay=0.99, **kwargs)
+    run(first, states, model, 1, 61)
+    path = tmp_path / "ema.pt"
+    torch.save(first.state_dict(), path)
+    del first
+
+    model = Net()  # a fresh process: other initial weights, another schedule
+    resumed = ModelEMA(model, 0.5, ConstantDecay())
+    with pytest.warns(UserWarning, match="replaces the current"):
+        resumed.load_state_dict(torch.load(path, weights_only=True))
+    assert resumed.decay == 0.99 and type(resumed.decay_function) is EMA_DECAY_FUNCTIONS[decay_type]
+    assert resumed.num_updates == 60
+    run(resumed, states, model, 61, TOTAL + 1)
+    assert_bit_identical(snapshot(resumed.ema), snapshot(uninterrupted.ema))
+    assert resumed.num_updates == uninterrupted.num_updates == TOTAL
+
+
+def test_state_dict_holds_only_plain_values():
+    ema = ModelEMA(Net(), 0.9, ExpDecay(beta=15), update_every=2)
+    sd = ema.state_dict()
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=True)
+    assert loaded["decay_function"] == {"name": "exp", "params": {"beta": 15.0}}
+    assert loaded["update_every"] == 2 and loaded["decay"] == 0.9
+    assert set(loaded["ema"]) == set(Net().state_dict())
+
+
+def test_load_state_dict_rejects_mismatch_untouched():
+    ema = ModelEMA(Net(), 0.9, ConstantDecay())
+    before = snapshot(ema.ema)
+    other = ModelEMA(Net(width=7), 0.9, ConstantDecay()).state_dict()
+    with pytest.raises(RuntimeError, match="'conv.weight'"):
+        ema.load_state_dict(other)
+    sd = ModelEMA(Net(), 0.9, ConstantDecay()).state_dict()
+    sd["ema"].pop("bn.running_var")
+    with pytest.raises(RuntimeError, match="bn.running_var"):
+        ema.load_state_dict(sd)
+    sd = ModelEMA(Net(), 0.9, ConstantDecay()).state_dict()
+    sd["decay"] = 1.5
+    with pytest.raises(ValueError, match="1.5"):
+        ema.load_state_dict(sd)
+    assert_bit_identical(snapshot(ema.ema), before)
+
+
+# ---------------------------------------------------------------- distillation and wrappers
+
+
+def test_kd_teacher_never_written():
+    gen = torch.Generator().manual_seed(14)
+    kd = KD()
+    teacher_before = snapshot(kd.teacher)
+    teacher_ptrs = [t.data_ptr() for t in kd.teacher.state_dict().values()]
+    ema = KDModelEMA.from_params(kd, decay_type="threshold", decay=0.9)
+    assert ema.ema.teacher is kd.teacher
+    assert ema.ema.student is not kd.student and isinstance(ema.ema, KD)
+    assert kd.student is not ema.ema.student and kd._modules["student"] is kd.student
+    ref = SGReference(kd.student)
+    for step in range(1, 101):
+        train_step(kd, gen)
+        ema.update(kd, step, 100)
+        ref.update(kd.student, ThresholdDecay()(0.9, step, 100))
+    with ema.swapped(kd):
+        pass
+    ema.copy_to(kd)
+    assert_bit_identical(snapshot(kd.teacher), teacher_before)
+    assert [t.data_ptr() for t in kd.teacher.state_dict().values()] == teacher_ptrs
+    torch.testing.assert_close(ema.ema.student.conv.weight.double(), ref.state["conv.weight"], rtol=2e-6, atol=2e-7)
+    assert set(ema.state_dict()["ema"]) == set(kd.student.state_dict())
+
+
+def test_kd_needs_student_and_teacher():
+    with pytest.raises(TypeError, match="student"):
+        KDModelEMA(Net(), 0.9, ConstantDecay())
+
+
+def test_data_parallel_wrapper_is_removed():
+    gen = torch.Generator().manual_seed(15)
+    model = Net()
+    wrapped = nn.DataParallel(model)
+    ema = ModelEMA(wrapped, 0.9, ConstantDecay())
+    assert isinstance(ema.ema, Net)
+    assert set(ema.ema.state_dict()) == set(model.state_dict())
+    ref = SGReference(model)
+    for step in range(1, 11):
+        train_step(model, gen)
+        ema.update(wrapped if step % 2 else model, step, 10)
+        ref.update(model, 0.9)
+    torch.testing.assert_close(ema.ema.conv.weight.double(), ref.state["conv.weight"], rtol=2e-6, atol=2e-7)
+
+
+def test_ddp_wrapper_is_removed(tmp_path):
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = Net()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        ema = ModelEMA(ddp, 0.9, ConstantDecay())
+        assert isinstance(ema.ema, Net)
+        with torch.no_grad():
+            model.conv.weight.add_(1.0)
+        expected = ema.ema.conv.weight * 0.9 + model.conv.weight * 0.1
+        ema.update(ddp, 1, 10)
+        torch.testing.assert_close(ema.ema.conv.weight, expected)
+        with ema.swapped(ddp):
+            assert torch.equal(model.conv.weight, ema.ema.conv.weight)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_compiled_wrapper_is_removed():
+    model = Net()
+    compiled = torch.compile(model)
+    ema = ModelEMA(compiled, 0.9, ConstantDecay())
+    assert isinstance(ema.ema, Net)
+    assert set(ema.ema.state_dict()) == set(model.state_dict())
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    ema.update(compiled, 1, 10)
+    torch.testing.assert_close(ema.ema.head.bias, model.head.bias - 0.9)
+
+
+# ---------------------------------------------------------------- the seed's example and from_params
+
+
+def test_seed_linear_decay_example():
+    model = Net()
+
+    class LinearDecay(IDecayFunction):
+        def __init__(self, **kwargs):
+            pass
+
+        def __call__(self, decay: float, step: int, total_steps: int) -> float:
+            return decay * (step / total_steps)
+
+    EMA_DECAY_FUNCTIONS["linear"] = LinearDecay
+    try:
+        ema = ModelEMA.from_params(model, decay=0.999, decay_type="linear")
+        assert isinstance(ema.decay_function, LinearDecay) and ema.decay == 0.999
+        with torch.no_grad():
+            model.head.bias.add_(1.0)
+        start = ema.ema.head.bias.clone()
+        ema.update(model, step=50, total_steps=100)
+        d = 0.999 * 0.5
+        torch.testing.assert_close(ema.ema.head.bias, start * d + model.head.bias * (1 - d))
+        assert ema.state_dict()["decay_function"] == {"name": "linear", "params": {}}
+    finally:
+        EMA_DECAY_FUNCTIONS.pop("linear")
+
+
+def test_from_params_defaults_warn():
+    with pytest.warns(UserWarning) as record:
+        ema = ModelEMA.from_params(Net())
+    messages = " ".join(str(r.message) for r in record)
+    assert "decay=0.9999" in messages and "decay_type='exp'" in messages
+    assert ema.decay == 0.9999
+    assert isinstance(ema.decay_function, ExpDecay) and ema.decay_function.beta == 15
+
+
+@pytest.mark.parametrize("flag,cls", [(True, ExpDecay), (False, ConstantDecay)])
+def test_from_params_legacy_exp_activation(flag, cls):
+    with pytest.warns(DeprecationWarning, match="exp_activation"):
+        ema = ModelEMA.from_params(Net(), decay=0.99, exp_activation=flag)
+    assert type(ema.decay_function) is cls
+    if flag:
+        assert ema.decay_function.beta == 15
+
+
+def test_from_params_unknown_type_lists_registered():
+    with pytest.raises(ValueError, match=r"'cosine'.*\['constant', 'threshold', 'exp', 'power', 'ramp'"):
+        ModelEMA.from_params(Net(), decay=0.99, decay_type="cosine")
+
+
+def test_from_params_exp_without_beta():
+    with pytest.raises(TypeError, match="beta"):
+        ModelEMA.from_params(Net(), decay=0.99, decay_type="exp")
+
+
+def test_from_params_routes_options_and_ignores_extra_kwargs():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ema = ModelEMA.from_params(
+            Net(), decay=0.99, decay_type="ramp", tau=100, beta=3, unused="x",
+            buffers="copy", update_every=4, skip_nonfinite=True, ema_dtype=torch.float64,
+        )
+    assert isinstance(ema.decay_function, RampDecay) and ema.decay_function.tau == 100
+    assert (ema.buffers, ema.update_every, ema.skip_nonfinite, ema.ema_dtype) == ("copy", 4, True, torch.float64)
+    assert isinstance(PowerWarmupDecay(), IDecayFunction)
+
+
+# ---------------------------------------------------------------- bad input leaves the EMA untouched
+
+
+@pytest.mark.parametrize("decay", [1.5, 1.0, 0.0, -0.1, float("nan"), float("inf"), True, "0.9"])
+def test_decay_outside_open_interval_is_an_error(decay):
+    with pytest.raises(ValueError, match="decay must be a number in \\(0, 1\\)"):
+        ModelEMA(Net(), decay, ConstantDecay())
+
+
+class Returns(IDecayFunction):
+    def __init__(self, value):
+        self.value = value
+
+    def __call__(self, decay, step, total_steps):
+        return self.value
+
+
+@pytest.mark.parametrize("value", [1.5, -0.01, float("nan"), float("inf")])
+def test_schedule_value_outside_unit_interval_is_an_error(value):
+    model = Net()
+    ema = ModelEMA(model, 0.9, Returns(value))
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    before = snapshot(ema.ema)
+    with pytest.raises(ValueError, match=f"returned {value} at step 7 of 10"):
+        ema.update(model, 7, 10)
+    assert_bit_identical(snapshot(ema.ema), before)
+    assert ema.num_updates == 0
+
+
+def test_schedule_extremes_are_allowed():
+    model = Net()
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    ema = ModelEMA(model, 0.9, Returns(0.0))
+    ema.update(model, 1, 10)
+    assert torch.equal(ema.ema.head.bias, model.head.bias)
+    ema.decay_function = Returns(1.0)
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    ema.update(model, 2, 10)
+    assert not torch.equal(ema.ema.head.bias, model.head.bias)
+
+
+@pytest.mark.parametrize("total", [0, -1])
+def test_exp_with_bad_total_steps_is_an_error(total):
+    model = Net()
+    ema = ModelEMA(model, 0.9, ExpDecay(beta=15))
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    before = snapshot(ema.ema)
+    with pytest.raises(ValueError, match="total_steps must be > 0"):
+        ema.update(model, 1, total)
+    assert_bit_identical(snapshot(ema.ema), before)
+
+
+def test_step_past_total_steps_is_clamped():
+    model = Net()
+    a = ModelEMA(model, 0.9, ExpDecay(beta=15))
+    b = ModelEMA(model, 0.9, ExpDecay(beta=15))
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    a.update(model, 150, 100)
+    b.update(model, 100, 100)
+    assert_bit_identical(snapshot(a.ema), snapshot(b.ema))
+
+
+class Renamed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm = nn.BatchNorm2d(6)  # `bn` in Net
+        self.head = nn.Linear(6, 5)
+
+
+def test_renamed_entries_are_an_error_naming_the_key():
+    model = Net()
+    ema = ModelEMA(model, 0.9, ConstantDecay())
+    before = snapshot(ema.ema)
+    other = Renamed()
+    with pytest.raises(RuntimeError, match=r"missing from the model: 'bn.weight'.*not in the EMA: 'norm.weight'"):
+        ema.update(other, 1, 10)
+    assert_bit_identical(snapshot(ema.ema), before)
+
+
+def test_reshaped_entry_is_an_error_naming_the_key():
+    model = Net()
+    ema = ModelEMA(model, 0.9, ConstantDecay())
+    ema.update(model, 1, 10)  # the plan exists; the change must be noticed
+    before = snapshot(ema.ema)
+    with torch.no_grad():
+        model.head.weight.data = torch.randn(5, 7)
+    with pytest.raises(RuntimeError, match=r"'head.weight' has shape \[5, 7\] in the model but \[5, 6\] in the EMA"):
+        ema.update(model, 2, 10)
+    assert_bit_identical(snapshot(ema.ema), before)
+    # A differently shaped model of the same names: same error, before anything is written.
+    with pytest.raises(RuntimeError, match="'conv.weight'"):
+        ema.update(Net(width=7), 3, 10)
+    assert_bit_identical(snapshot(ema.ema), before)
+
+
+def test_model_on_another_device_is_an_error_naming_the_key():
+    model = Net()
+    ema = ModelEMA(model, 0.9, ConstantDecay())
+    ema.update(model, 1, 10)
+    before = snapshot(ema.ema)
+    model.to("meta")
+    with pytest.raises(RuntimeError, match="'conv.weight' is on meta in the model but on cpu in the EMA"):
+        ema.update(model, 2, 10)
+    assert_bit_identical(snapshot(ema.ema), before)
+
+
+def test_replaced_parameters_are_noticed():
+    # load_state_dict(assign=True) swaps in new Parameter objects: the cached
+    # plan must follow them, not keep averaging the old ones.
+    model = Net()
+    ema = ModelEMA(model, 0.5, ConstantDecay())
+    ema.update(model, 1, 10)
+    old = model.head.bias
+    new_state = {k: v + 1.0 if v.is_floating_point() else v for k, v in snapshot(model).items()}
+    model.load_state_dict(new_state, assign=True)
+    assert model.head.bias is not old
+    with torch.no_grad():
+        old.add_(100.0)  # the stale tensor must not leak in
+    start = ema.ema.head.bias.clone()
+    ema.update(model, 2, 10)
+    torch.testing.assert_close(ema.ema.head.bias, 0.5 * start + 0.5 * model.head.bias)
+    # A replaced submodule as well.
+    model.head = nn.Linear(6, 5)
+    start = ema.ema.head.weight.clone()
+    ema.update(model, 3, 10)
+    torch.testing.assert_close(ema.ema.head.weight, 0.5 * start + 0.5 * model.head.weight)
+
+
+def test_model_switched_to_channels_last():
+    gen = torch.Generator().manual_seed(16)
+    model = Net()
+    ema = ModelEMA(model, 0.8, ConstantDecay())
+    ref = SGReference(model)
+    ema.update(model, 1, 10)
+    ref.update(model, 0.8)
+    model.to(memory_format=torch.channels_last)
+    assert not model.conv.weight.is_contiguous()
+    for step in range(2, 6):
+        train_step(model, gen)
+        ema.update(model, step, 10)
+        ref.update(model, 0.8)
+    torch.testing.assert_close(ema.ema.conv.weight.double(), ref.state["conv.weight"], rtol=2e-6, atol=2e-7)
+    assert ema.ema.conv.weight.stride() == model.conv.weight.stride()
+
+
+def test_constructor_rejects_bad_options():
+    with pytest.raises(ValueError, match="buffers"):
+        ModelEMA(Net(), 0.9, ConstantDecay(), buffers="freeze")
+    with pytest.raises(ValueError, match="update_every"):
+        ModelEMA(Net(), 0.9, ConstantDecay(), update_every=0)
+    with pytest.raises(TypeError, match="decay_function"):
+        ModelEMA(Net(), 0.9, "constant")
+
+
+def test_decay_at_reports_the_schedule_value():
+    ema = ModelEMA(Net(), 0.9999, ExpDecay(beta=15))
+    assert ema.decay_at(50, 100) == ExpDecay(beta=15)(0.9999, 50, 100)
+    assert math.isclose(ema.decay_at(100, 100), 0.9999 * (1 - math.exp(-15)))
