@@ -87,6 +87,9 @@ def test_cli_writes_json_and_reports_goals(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "| workload | tensors | elements |" in printed
     assert "## Goals" in printed
+    # The tables can be re-rendered from the saved JSON alone.
+    assert bench_ema.main(["--from-json", str(files[0])]) == 0
+    assert "| workload | tensors | elements |" in capsys.readouterr().out
 
 
 def test_end_to_end_runs():
