@@ -28,6 +28,7 @@ from __future__ import annotations
 import copy
 import math
 import numbers
+import operator
 import warnings
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -161,6 +162,7 @@ class _Plan:
         "buffers",
         "watch",
         "watch_len",
+        "copy_shapes",
         "updater",
         "copy_ema",
         "copy_model",
@@ -336,6 +338,11 @@ class ModelEMA:
         packed: List[torch.Tensor] = []
         seen = set()
         for key, _, _, t, _ in entries:
+            if isinstance(t, nn.parameter.UninitializedTensorMixin):
+                raise ValueError(
+                    f"{type(self).__name__}: model entry {key!r} is not initialised yet (a lazy module); "
+                    "run one forward pass before creating the EMA"
+                )
             if id(t) in seen or not t.is_floating_point():
                 continue
             seen.add(id(t))
@@ -524,22 +531,34 @@ class ModelEMA:
         plan.updater = FusedUpdater(avg_ema, avg_model) if avg_ema else None
         plan.copy_ema, plan.copy_model, plan.pairs = copy_ema, copy_model, pairs
         plan.finite_check = [m for m, e in pairs if m.is_floating_point() and m.numel() > 0]
-        # Every registered tensor and child of both module trees, with the
-        # tensors' shapes, and the size of every registry: comparing them is
-        # the per-step check that the plan still describes the modules.
-        watch = []
+        # Every registered tensor and child of both module trees, and the size
+        # of every registry: comparing them is the per-step check that the
+        # plan still describes the modules.  Shapes are compared only for the
+        # copied entries; a replaced storage of an averaged tensor is caught
+        # by the fused op's own check, which then triggers a rebuild here.
+        owners, locals_, objects, sizes = [], [], [], []
         for _, owner, local, t, _ in m_entries + e_entries:
-            watch.append((owner, local, t, t.shape))
-        watch_len = []
+            owners.append(owner)
+            locals_.append(local)
+            objects.append(t)
         for module in m_modules + e_modules:
+            for registry in (module._parameters, module._buffers, module._modules):
+                sizes.append((registry, len(registry)))
             for local, child in module._modules.items():
-                watch.append((module._modules, local, child, None))
-            watch_len.extend(((module._parameters, len(module._parameters)), (module._buffers, len(module._buffers)), (module._modules, len(module._modules))))
-        plan.watch, plan.watch_len = watch, watch_len
+                owners.append(module._modules)
+                locals_.append(local)
+                objects.append(child)
+        plan.watch = (tuple(owners), tuple(locals_), tuple(objects))
+        plan.watch_len = (tuple(r for r, _ in sizes), tuple(n for _, n in sizes))
+        plan.copy_shapes = tuple(m.shape for m in copy_model)
         return plan
 
-    def _relayout(self, ema: List[torch.Tensor], model: List[torch.Tensor]) -> None:
-        """Moves the EMA's floating tensors into a new flat buffer, each laid out like its model tensor."""
+    def _relayout(self, ema: Sequence[torch.Tensor] = (), model: Sequence[torch.Tensor] = ()) -> None:
+        """Moves the EMA's floating tensors into a new flat buffer, values unchanged.
+
+        Each tensor in ``ema`` is laid out like its partner in ``model``; the
+        others keep their strides.
+        """
         floating = []
         seen = set()
         for _, _, _, t, _ in _state_entries(self._covered)[0]:
@@ -550,7 +569,7 @@ class ModelEMA:
         specs = []
         for t in floating:
             ref = like.get(id(t), t)
-            specs.append((t.shape, ref.stride() if _is_dense(ref) else t.stride(), t.dtype, t.device))
+            specs.append((t.shape, ref.stride() if _is_dense(ref) else t.contiguous().stride(), t.dtype, t.device))
         with torch.no_grad():
             for t, view in zip(floating, _flat_views(specs)):
                 view.copy_(t)
@@ -722,6 +741,19 @@ class ModelEMA:
         )
         return current
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # The plan holds the compiled updater (not picklable) and references to
+        # the training model; a copy of the EMA builds its own on first use.
+        state = dict(self.__dict__)
+        state["_plan"] = None
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        # Copying or unpickling clones every parameter on its own; put them
+        # back into one flat buffer.
+        self._relayout()
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(decay={self.decay}, decay_function={self.decay_function!r}, "
@@ -774,15 +806,17 @@ def _call_or(obj: Any, method: str, default: Any) -> Any:
 
 
 def _unchanged(plan: _Plan) -> bool:
-    """True while every watched registry holds the same objects (and tensors the same shapes)."""
-    for owner, local, obj, shape in plan.watch:
-        cur = owner.get(local)
-        if cur is not obj or (shape is not None and cur.shape != shape):
-            return False
-    for registry, size in plan.watch_len:
-        if len(registry) != size:
-            return False
-    return True
+    """True while every watched registry holds the same objects and sizes (and copied tensors their shapes).
+
+    Written with map() so that the loop runs in C: about 30 ns per entry.
+    """
+    owners, locals_, objects = plan.watch
+    if not all(map(operator.is_, map(dict.get, owners, locals_), objects)):
+        return False
+    registries, sizes = plan.watch_len
+    if tuple(map(len, registries)) != sizes:
+        return False
+    return tuple(t.shape for t in plan.copy_model) == plan.copy_shapes
 
 
 def _check_no_shared_storage(cls: str, entries: List[_Entry], tensors: List[torch.Tensor]) -> None:

@@ -833,6 +833,29 @@ def test_model_switched_to_channels_last():
     assert ema.ema.conv.weight.stride() == model.conv.weight.stride()
 
 
+def test_lazy_module_must_be_initialised_first():
+    model = nn.Sequential(nn.LazyLinear(3))
+    with pytest.raises(ValueError, match="'0.weight' is not initialised"):
+        ModelEMA(model, 0.9, ConstantDecay())
+    model(torch.randn(2, 4))
+    assert ModelEMA(model, 0.9, ConstantDecay()).ema[0].weight.shape == (3, 4)
+
+
+def test_deepcopy_of_the_ema_is_independent():
+    model = Net()
+    ema = ModelEMA(model, 0.5, ConstantDecay())
+    ema.update(model, 1, 10)
+    twin = copy.deepcopy(ema)
+    # The copy keeps the flat layout: its floating tensors still share one buffer.
+    assert len({t.untyped_storage().data_ptr() for t in twin.ema.state_dict().values() if t.is_floating_point()}) == 1
+    before = snapshot(ema.ema)
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    twin.update(model, 2, 10)
+    assert_bit_identical(snapshot(ema.ema), before)
+    torch.testing.assert_close(twin.ema.head.bias, 0.5 * before["head.bias"] + 0.5 * model.head.bias)
+
+
 def test_constructor_rejects_bad_options():
     with pytest.raises(ValueError, match="buffers"):
         ModelEMA(Net(), 0.9, ConstantDecay(), buffers="freeze")
