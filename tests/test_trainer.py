@@ -1,0 +1,621 @@
+"""Trainer / KDTrainer: EMA semantics (steps, validation, swap), checkpoints, resume, KD, params.
+
+Everything runs on tiny synthetic data on the CPU so that the file finishes in
+seconds on a 2-core machine.
+"""
+import json
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from ema_cuda import models
+from ema_cuda.checkpoint import load_checkpoint
+from ema_cuda.ema_decay_schedules import EMA_DECAY_FUNCTIONS, IDecayFunction
+from ema_cuda.training import (
+    KDLoss,
+    KDOutput,
+    KDTrainer,
+    LRScheduler,
+    MetricTracker,
+    Trainer,
+    TrainingParams,
+    parse_training_params,
+)
+from ema_cuda.training.metrics import topk_correct
+
+N_FEATURES, N_CLASSES = 8, 3
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Other suites run beside this one on a 2-core machine; tiny models gain nothing from threads.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _data(n=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, N_FEATURES, generator=g)
+    y = ((x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()).clamp(max=N_CLASSES - 1)
+    return TensorDataset(x, y)
+
+
+def _loaders(batch_size=8, own_generator=True, n=40):
+    gen = torch.Generator().manual_seed(123) if own_generator else None
+    train = DataLoader(_data(n), batch_size=batch_size, shuffle=True, generator=gen)
+    valid = DataLoader(_data(24, seed=1), batch_size=16)
+    return train, valid
+
+
+class Net(nn.Module):
+    """Linear-BN-ReLU-Dropout-Linear: BN buffers (float and int) and dropout (RNG) exercise everything."""
+
+    def __init__(self, hidden=16, dropout=0.2):
+        super().__init__()
+        self.fc1 = nn.Linear(N_FEATURES, hidden)
+        self.bn = nn.BatchNorm1d(hidden)
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, N_CLASSES)
+
+    def forward(self, x):
+        return self.fc2(self.drop(F.relu(self.bn(self.fc1(x)))))
+
+
+def _params(**kw):
+    p = {
+        "max_epochs": 2,
+        "initial_lr": 0.2,
+        "optimizer_params": {"momentum": 0.9},
+        "ema": True,
+        "ema_params": {"decay": 0.8, "decay_type": "constant"},
+        "progress_bar": False,
+        "silent_mode": True,
+        "device": "cpu",
+    }
+    p.update(kw)
+    return p
+
+
+def _state(module):
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _equal_states(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _equal_nested(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal_nested(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal_nested(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+        return math.isnan(b)
+    return a == b
+
+
+@torch.no_grad()
+def _direct_eval(model, loader):
+    """Loss and accuracy of ``model`` computed here, independently of the trainer."""
+    was = model.training
+    model.eval()
+    loss_sum, correct, n = 0.0, 0, 0
+    for x, y in loader:
+        out = model(x)
+        loss_sum += F.cross_entropy(out, y).item() * len(y)
+        correct += (out.argmax(1) == y).sum().item()
+        n += len(y)
+    model.train(was)
+    return loss_sum / n, correct / n
+
+
+class RecordingDecay(IDecayFunction):
+    """A constant decay that records every (step, total_steps) it is asked for."""
+
+    calls = []
+    model = None
+    grads_none = []
+
+    def __init__(self, **kwargs):
+        pass
+
+    def __call__(self, decay, step, total_steps):
+        RecordingDecay.calls.append((step, total_steps))
+        if RecordingDecay.model is not None:
+            RecordingDecay.grads_none.append(all(p.grad is None for p in RecordingDecay.model.parameters()))
+        return decay
+
+
+@pytest.fixture
+def recording_decay(monkeypatch):
+    monkeypatch.setitem(EMA_DECAY_FUNCTIONS, "recording", RecordingDecay)
+    RecordingDecay.calls = []
+    RecordingDecay.grads_none = []
+    RecordingDecay.model = None
+    yield RecordingDecay
+    RecordingDecay.model = None
+
+
+# --------------------------------------------------------------------------- training params
+
+
+def test_unknown_training_params_are_named_with_known_list(tmp_path):
+    train, valid = _loaders()
+    with pytest.raises(ValueError) as exc:
+        Trainer("x", tmp_path).train(Net(), _params(emma=True, foo_bar=1), train, valid)
+    msg = str(exc.value)
+    assert "'emma' (did you mean 'ema'?)" in msg and "'foo_bar'" in msg
+    assert "Known training params:" in msg and "max_epochs" in msg and "batch_accumulate" in msg
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"lr_mode": "linear"}, "lr_mode"),
+        ({"batch_accumulate": 0}, "batch_accumulate"),
+        ({"max_epochs": 0}, "max_epochs"),
+        ({"optimizer": "Lion"}, "optimizer"),
+        ({"mixed_precision": "fp8"}, "mixed_precision"),
+        ({"clip_grad_norm": -1.0}, "clip_grad_norm"),
+        ({"lr_warmup_epochs": 1, "lr_warmup_steps": 3}, "lr_warmup_epochs"),
+        ({"ema": "yes"}, "'ema'"),
+        ({"initial_lr": None}, "initial_lr"),
+    ],
+)
+def test_invalid_values_name_the_key(bad, match):
+    with pytest.raises(ValueError, match=match):
+        parse_training_params(_params(**bad))
+
+
+def test_max_epochs_required_and_defaults():
+    with pytest.raises(ValueError, match="max_epochs"):
+        parse_training_params({"initial_lr": 0.1})
+    p = parse_training_params({"max_epochs": 1, "initial_lr": 0.1})
+    assert p.optimizer == "SGD" and p.ema is False and p.batch_accumulate == 1 and p.lr_mode == "constant"
+    assert p.greater_is_better is True
+    assert parse_training_params({"max_epochs": 1, "initial_lr": 0.1, "metric_to_watch": "loss"}).greater_is_better is False
+    assert parse_training_params({"max_epochs": 1, "initial_lr": 0.1, "optimizer": "adamw"}).optimizer == "AdamW"
+    # Every field is documented in the class docstring.
+    for key in TrainingParams.known_keys():
+        assert f"``{key}``" in TrainingParams.__doc__, key
+
+
+def test_fp16_on_cpu_is_an_error(tmp_path):
+    train, valid = _loaders()
+    with pytest.raises(ValueError, match="mixed_precision.*fp16.*CUDA"):
+        Trainer("x", tmp_path).train(Net(), _params(mixed_precision="fp16"), train, valid)
+
+
+def test_unknown_metric_to_watch(tmp_path):
+    train, valid = _loaders()
+    with pytest.raises(ValueError, match="metric_to_watch.*'f1'.*accuracy"):
+        Trainer("x", tmp_path).train(Net(), _params(metric_to_watch="f1", max_epochs=1), train, valid)
+
+
+# --------------------------------------------------------------------------- EMA steps
+
+
+@pytest.mark.parametrize("accumulate, expected", [(1, list(range(1, 11))), (2, [2, 4, 5, 7, 9, 10]), (3, [3, 5, 8, 10])])
+def test_schedule_sees_sg_steps_and_total_steps(tmp_path, recording_decay, accumulate, expected):
+    # 5 batches per epoch, 2 epochs: total_steps = 10 batches.  The step is the
+    # 1-based global index of the batch that completes an optimizer step;
+    # windows end at the epoch boundary (batch 5 and 10 close short windows).
+    train, valid = _loaders(batch_size=8)
+    assert len(train) == 5
+    model = Net()
+    recording_decay.model = model
+    trainer = Trainer("steps", tmp_path)
+    steps_taken = []
+    real_step = None
+
+    params = _params(batch_accumulate=accumulate, ema_params={"decay": 0.9, "decay_type": "recording"})
+    # Count optimizer steps by wrapping the optimizer the trainer builds.
+    orig_build = trainer._build_optimizer
+
+    def build(p, net):
+        opt, lrs = orig_build(p, net)
+        nonlocal real_step
+        real_step = opt.step
+
+        def counted(*a, **k):
+            steps_taken.append(len(steps_taken) + 1)
+            return real_step(*a, **k)
+
+        opt.step = counted
+        return opt, lrs
+
+    trainer._build_optimizer = build
+    trainer.train(model, params, train, valid)
+    assert recording_decay.calls == [(s, 10) for s in expected]
+    assert len(steps_taken) == len(expected)  # exactly one EMA update per optimizer step
+    assert trainer.ema.num_updates == len(expected)
+    # The update comes after optimizer.step() and zero_grad(set_to_none=True).
+    assert all(recording_decay.grads_none)
+
+
+def test_accumulated_gradients_are_averaged(tmp_path):
+    # Without batch norm or dropout, two accumulated batches of 4 make the same
+    # SGD step as one batch of 8 (up to float rounding).
+    def run(batch_size, accumulate, name):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(N_FEATURES, 6), nn.Tanh(), nn.Linear(6, N_CLASSES))
+        train = DataLoader(_data(16), batch_size=batch_size, shuffle=False)
+        valid = DataLoader(_data(8, seed=1), batch_size=8)
+        Trainer(name, tmp_path).train(
+            model, _params(max_epochs=1, ema=False, batch_accumulate=accumulate, optimizer_params={}), train, valid
+        )
+        return _state(model)
+
+    a, b = run(8, 1, "big"), run(4, 2, "acc")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- validation on EMA weights
+
+
+class ProbingTrainer(Trainer):
+    """Checks, at each epoch end, the logged metrics against direct evaluations."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.checked = 0
+
+    def on_epoch_end(self, epoch, metrics):
+        ema_loss, ema_acc = _direct_eval(self.ema.ema, self.valid_loader)
+        raw_loss, raw_acc = _direct_eval(self.net, self.valid_loader)  # the raw weights are back
+        assert metrics["valid_loss"] == pytest.approx(ema_loss, rel=1e-6)
+        assert metrics["valid_accuracy"] == pytest.approx(ema_acc)
+        assert metrics["valid_raw_loss"] == pytest.approx(raw_loss, rel=1e-6)
+        assert metrics["valid_raw_accuracy"] == pytest.approx(raw_acc)
+        assert abs(ema_loss - raw_loss) > 1e-4  # the two really are different weights
+        self.checked += 1
+
+
+def test_validation_uses_ema_weights(tmp_path):
+    train, valid = _loaders()
+    trainer = ProbingTrainer("probe", tmp_path)
+    trainer.train(Net(), _params(max_epochs=3), train, valid)
+    assert trainer.checked == 3
+
+
+def test_training_weights_restored_bit_exact_after_validation(tmp_path):
+    train, valid = _loaders()
+    model = Net()
+    trainer = Trainer("restore", tmp_path)
+    seen = []
+    orig_validate, orig_evaluate = trainer._validate, trainer._evaluate
+
+    def evaluate(net, loader, desc, use_bar):
+        # What the model holds while being evaluated: raw weights, then the EMA's.
+        seen.append((desc, _equal_states(_state(net), _state(trainer.ema.ema))))
+        return orig_evaluate(net, loader, desc, use_bar)
+
+    def validate(net, loader, p, use_bar):
+        before = _state(net)
+        params_before = [(id(q), q.data_ptr()) for q in net.parameters()]
+        out = orig_validate(net, loader, p, use_bar)
+        assert _equal_states(_state(net), before)
+        assert [(id(q), q.data_ptr()) for q in net.parameters()] == params_before
+        # The optimizer state is still attached to the very same parameters.
+        assert all(q in trainer.optimizer.state for q in net.parameters())
+        assert net.training
+        return out
+
+    trainer._validate, trainer._evaluate = validate, evaluate
+    trainer.train(model, _params(max_epochs=2), train, valid)
+    assert seen == [("valid (raw)", False), ("valid (EMA)", True)] * 2
+
+
+# --------------------------------------------------------------------------- end of training
+
+
+def test_end_of_training_model_holds_ema_in_place_and_trains_again(tmp_path):
+    train, valid = _loaders()
+    model = Net()
+    ids = [(id(q), q.data_ptr()) for q in model.parameters()]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    trainer = Trainer("swap", tmp_path)
+    trainer.train(model, _params(optimizer=optimizer, initial_lr=None, optimizer_params={}), train, valid)
+
+    assert [(id(q), q.data_ptr()) for q in model.parameters()] == ids
+    assert _equal_states(_state(model), _state(trainer.ema.ema))
+    latest = load_checkpoint(tmp_path / "swap" / "ckpt_latest.pth")
+    assert _equal_states(latest["ema_net"], _state(model))
+    assert not _equal_states(latest["net"], _state(model))  # the raw weights stay in the checkpoint
+    assert all(q in optimizer.state for q in model.parameters())
+
+    # A second train() on the same model and optimizer starts from the EMA weights and works.
+    start = _state(model)
+    trainer2 = Trainer("swap2", tmp_path)
+    trainer2.train(model, _params(optimizer=optimizer, initial_lr=None, optimizer_params={}), train, valid)
+    assert [(id(q), q.data_ptr()) for q in model.parameters()] == ids
+    assert not _equal_states(_state(model), start)
+    assert _equal_states(_state(model), _state(trainer2.ema.ema))
+    # The base rate survived the first run (the scheduler records it as 'initial_lr').
+    assert trainer2.lr_scheduler.base_lrs == [0.1]
+
+
+def test_test_evaluates_ema(tmp_path):
+    train, valid = _loaders()
+    model = Net()
+    trainer = Trainer("test", tmp_path)
+    trainer.train(model, _params(), train, valid)
+    with torch.no_grad():  # move the model away from the EMA weights
+        for q in model.parameters():
+            q.add_(0.3)
+    moved = _state(model)
+    ema_loss, ema_acc = _direct_eval(trainer.ema.ema, valid)
+    out = trainer.test()
+    assert out["loss"] == pytest.approx(ema_loss, rel=1e-6) and out["accuracy"] == pytest.approx(ema_acc)
+    assert _equal_states(_state(model), moved)  # restored after the EMA evaluation
+    own_loss, _ = _direct_eval(model, valid)
+    assert trainer.test(valid, use_ema=False)["loss"] == pytest.approx(own_loss, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def test_checkpoint_keys_contents_and_metrics_log(tmp_path):
+    train, valid = _loaders()
+    model = Net()
+    trainer = Trainer("keys", tmp_path)
+    history = trainer.train(model, _params(max_epochs=3), train, valid)
+    d = tmp_path / "keys"
+    latest = torch.load(d / "ckpt_latest.pth", weights_only=True)
+    for key in ("net", "ema_net", "ema_state", "epoch", "acc", "metrics", "optimizer_state_dict",
+                "scaler_state_dict", "scheduler_state_dict", "rng_state", "best_metric"):
+        assert key in latest, key
+    assert latest["epoch"] == 3
+    assert latest["metrics"] == history[-1]
+    assert latest["acc"] == history[-1]["valid_accuracy"]
+    assert _equal_states(latest["ema_net"], _state(trainer.ema.ema))
+    assert latest["ema_state"]["num_updates"] == 15
+    assert set(latest["net"]) == set(model.state_dict())
+    assert latest["scheduler_state_dict"]["last_batch"] == 14
+
+    best_epoch = max(range(3), key=lambda i: (history[i]["valid_accuracy"], -i))  # first maximum
+    best = load_checkpoint(d / "ckpt_best.pth")
+    assert best["epoch"] == best_epoch + 1
+    assert best["acc"] == history[best_epoch]["valid_accuracy"] == latest["best_metric"]
+
+    lines = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3]
+    for line in lines:
+        assert {"valid_accuracy", "valid_raw_accuracy", "valid_loss", "valid_raw_loss", "train_loss", "lr"} <= set(line)
+
+
+def test_no_ema_means_no_ema_net_and_models_get_uses_net(tmp_path):
+    train, valid = _loaders()
+    model = models.get("mlp", in_features=N_FEATURES, num_classes=N_CLASSES, hidden_features=(16,))
+    Trainer("noema", tmp_path).train(model, _params(ema=False), train, valid)
+    latest = load_checkpoint(tmp_path / "noema" / "ckpt_latest.pth")
+    assert "ema_net" not in latest and "ema_state" not in latest
+    loaded = models.get("mlp", in_features=N_FEATURES, num_classes=N_CLASSES, hidden_features=(16,),
+                        checkpoint_path=tmp_path / "noema" / "ckpt_latest.pth")
+    assert loaded.loaded_checkpoint_key == "net" and _equal_states(_state(loaded), latest["net"])
+
+
+def test_models_get_loads_trained_ema(tmp_path):
+    train, valid = _loaders()
+    kw = dict(in_features=N_FEATURES, num_classes=N_CLASSES, hidden_features=(16,))
+    model = models.get("mlp", **kw)
+    trainer = Trainer("getema", tmp_path)
+    trainer.train(model, _params(), train, valid)
+    path = tmp_path / "getema" / "ckpt_latest.pth"
+    loaded = models.get("mlp", checkpoint_path=path, **kw)
+    assert loaded.loaded_checkpoint_key == "ema_net"
+    assert _equal_states(_state(loaded), _state(trainer.ema.ema))
+    assert _equal_states(_state(loaded), _state(model))  # the trained model holds the EMA too
+
+
+# --------------------------------------------------------------------------- resume
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAfter(Trainer):
+    def __init__(self, *a, stop_after, **k):
+        super().__init__(*a, **k)
+        self.stop_after = stop_after
+
+    def on_epoch_end(self, epoch, metrics):
+        if epoch == self.stop_after:
+            raise Interrupt(epoch)
+
+
+RESUME_CASES = {
+    # shuffling from the loader's own generator, accumulation with a short last window, cosine with warm-up
+    "loader-generator": dict(own_generator=True, params=dict(batch_accumulate=2, lr_mode="cosine", lr_warmup_steps=3,
+                                                              ema_params={"decay": 0.9, "decay_type": "exp", "beta": 5})),
+    # shuffling from the global generator, bf16 autocast, step decay, clipping, threshold schedule
+    "global-rng": dict(own_generator=False, params=dict(mixed_precision="bf16", lr_mode="step", lr_updates=[2],
+                                                        clip_grad_norm=0.5,
+                                                        ema_params={"decay": 0.99, "decay_type": "threshold"})),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESUME_CASES))
+def test_resume_is_bit_identical(tmp_path, case):
+    cfg = RESUME_CASES[case]
+    params = _params(max_epochs=4, **cfg["params"])
+
+    torch.manual_seed(7)
+    model_a = Net()
+    init = _state(model_a)
+    train, valid = _loaders(own_generator=cfg["own_generator"])
+    trainer_a = Trainer("a", tmp_path)
+    history_a = trainer_a.train(model_a, params, train, valid)
+
+    model_b = Net()
+    model_b.load_state_dict(init)
+    train, valid = _loaders(own_generator=cfg["own_generator"])
+    with pytest.raises(Interrupt):
+        StopAfter("b", tmp_path, stop_after=2).train(model_b, params, train, valid)
+
+    # A "new process": fresh model (other initial weights), fresh loaders, fresh trainer.
+    torch.manual_seed(999)
+    model_c = Net()
+    train, valid = _loaders(own_generator=cfg["own_generator"])
+    trainer_c = Trainer("b", tmp_path)
+    history_c = trainer_c.train(model_c, dict(params, resume=True), train, valid)
+
+    assert _equal_nested(history_c, history_a)
+    assert _equal_states(_state(model_c), _state(model_a))
+    assert _equal_states(_state(trainer_c.ema.ema), _state(trainer_a.ema.ema))
+    assert trainer_c.ema.num_updates == trainer_a.ema.num_updates
+    a = load_checkpoint(tmp_path / "a" / "ckpt_latest.pth")
+    c = load_checkpoint(tmp_path / "b" / "ckpt_latest.pth")
+    for key in ("net", "ema_net", "ema_state", "optimizer_state_dict", "scheduler_state_dict", "rng_state", "epoch",
+                "best_metric", "metrics"):
+        assert _equal_nested(c[key], a[key]), key
+    lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
+
+
+def test_resume_drops_log_lines_written_after_the_checkpoint(tmp_path):
+    train, valid = _loaders()
+    params = _params(max_epochs=2)
+    with pytest.raises(Interrupt):
+        StopAfter("log", tmp_path, stop_after=1).train(Net(), params, train, valid)
+    log = tmp_path / "log" / "metrics.jsonl"
+    # As if the process died after logging epoch 2 but before its checkpoint was renamed into place.
+    log.write_text(log.read_text() + json.dumps({"epoch": 2, "lr": 0.0}) + "\n")
+    trainer = Trainer("log", tmp_path)
+    history = trainer.train(Net(), dict(params, resume=True), train, valid)
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert [json.loads(line)["epoch"] for line in log.read_text().splitlines()] == [1, 2]
+    assert history[1]["lr"] == 0.2
+
+
+def test_resume_without_ema_net_warns_and_recreates_from_net(tmp_path):
+    train, valid = _loaders()
+    Trainer("late", tmp_path).train(Net(), _params(max_epochs=1, ema=False), train, valid)
+    net_weights = load_checkpoint(tmp_path / "late" / "ckpt_latest.pth")["net"]
+    model = Net()
+    trainer = Trainer("late", tmp_path)
+    with pytest.warns(RuntimeWarning, match=r"no 'ema_net'.*re-created from the checkpoint's 'net'"):
+        trainer.train(model, _params(max_epochs=1, resume=True), train, valid)  # nothing left to train
+    assert _equal_states(_state(trainer.ema.ema), net_weights)
+    assert _equal_states(_state(model), net_weights)
+
+
+def test_resume_without_checkpoint_names_path(tmp_path):
+    train, valid = _loaders()
+    with pytest.raises(FileNotFoundError, match=r"nothing[/\\]ckpt_latest\.pth"):
+        Trainer("nothing", tmp_path).train(Net(), _params(resume=True), train, valid)
+
+
+# --------------------------------------------------------------------------- knowledge distillation
+
+
+def test_kd_teacher_unchanged_student_ema_and_models_get(tmp_path):
+    train, valid = _loaders()
+    torch.manual_seed(3)
+    teacher = Net(hidden=24, dropout=0.5)
+    teacher.train()  # the trainer must switch it to eval itself
+    teacher_before = _state(teacher)
+    kw = dict(in_features=N_FEATURES, num_classes=N_CLASSES, hidden_features=(8,))
+    student = models.get("mlp", **kw)
+    student_before = _state(student)
+    trainer = KDTrainer("kd", tmp_path)
+    history = trainer.train(student, teacher, _params(max_epochs=2, loss_params={"temperature": 2.0,
+                                                                                  "distillation_weight": 0.7}),
+                            train, valid)
+
+    assert _equal_states(_state(teacher), teacher_before)  # BN running stats included
+    assert not teacher.training and not any(q.requires_grad for q in teacher.parameters())
+    assert not _equal_states(_state(student), student_before)
+    assert trainer.ema.ema.teacher is teacher  # the EMA shares the teacher, never copies or averages it
+    assert _equal_states(_state(student), _state(trainer.ema.ema.student))  # end-of-training swap
+    assert {"valid_accuracy", "valid_raw_accuracy"} <= set(history[-1])
+
+    latest = load_checkpoint(tmp_path / "kd" / "ckpt_latest.pth")
+    assert set(latest["net"]) == set(student.state_dict())  # the student only
+    assert _equal_states(latest["ema_net"], _state(student))
+    loaded = models.get("mlp", checkpoint_path=tmp_path / "kd" / "ckpt_latest.pth", **kw)
+    assert loaded.loaded_checkpoint_key == "ema_net" and _equal_states(_state(loaded), _state(student))
+    # The optimizer never saw the teacher.
+    teacher_ids = {id(q) for q in teacher.parameters()}
+    assert not any(id(q) in teacher_ids for g in trainer.optimizer.param_groups for q in g["params"])
+
+
+def test_kd_loss_formula():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(5, 4), torch.randn(5, 4), torch.randint(0, 4, (5,))
+    T, w = 3.0, 0.25
+    loss = KDLoss(temperature=T, distillation_weight=w)(KDOutput(s, t), y)
+    p_t = F.softmax(t / T, dim=1)
+    kl = (p_t * (p_t.log() - F.log_softmax(s / T, dim=1))).sum(1).mean()
+    expected = w * T * T * kl + (1 - w) * F.cross_entropy(s, y)
+    torch.testing.assert_close(loss, expected)
+    assert KDLoss(distillation_weight=0.0)(KDOutput(s, t), y).item() == pytest.approx(F.cross_entropy(s, y).item())
+    with pytest.raises(ValueError, match="temperature"):
+        KDLoss(temperature=0)
+
+
+def test_kd_rejects_plain_loss_name(tmp_path):
+    train, valid = _loaders()
+    with pytest.raises(ValueError, match="KDTrainer supports 'kd_loss'"):
+        KDTrainer("kd", tmp_path).train(Net(), Net(), _params(loss="cross_entropy"), train, valid)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_lr_schedules():
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    const = LRScheduler(opt, mode="constant", batches_per_epoch=10, max_epochs=3, base_lrs=[1.0], warmup_batches=4)
+    assert [const.factor(b) for b in range(6)] == pytest.approx([0.1, 0.325, 0.55, 0.775, 1.0, 1.0])
+    step = LRScheduler(opt, mode="step", batches_per_epoch=10, max_epochs=3, base_lrs=[1.0], lr_updates=[1, 2],
+                       lr_decay_factor=0.5)
+    assert [step.factor(b) for b in (0, 9, 10, 19, 20, 29)] == [1.0, 1.0, 0.5, 0.5, 0.25, 0.25]
+    cos = LRScheduler(opt, mode="cosine", batches_per_epoch=10, max_epochs=3, base_lrs=[2.0], cosine_final_lr_ratio=0.1)
+    assert cos.lrs_at(0) == [pytest.approx(2.0)] and cos.lrs_at(29) == [pytest.approx(0.2)]
+    assert cos.lrs_at(14) < cos.lrs_at(10) < [2.0]
+    cos.set_batch(29)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.2)
+
+
+def test_metrics():
+    logits = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.1], [0.2, 0.3, 0.5]])
+    y = torch.tensor([1, 2, 2])
+    assert topk_correct(logits, y, 1).item() == 2
+    assert topk_correct(logits, y, 2).item() == 2
+    assert topk_correct(logits, F.one_hot(y, 3).float(), 1).item() == 2
+    m = MetricTracker()
+    m.update(torch.tensor(1.0), logits[:2], y[:2])
+    m.update(torch.tensor(4.0), logits[2:], y[2:])
+    assert m.compute() == {"loss": pytest.approx(2.0), "accuracy": pytest.approx(2 / 3)}
+
+
+def test_progress_bars_and_summary_lines(tmp_path, capsys):
+    pytest.importorskip("tqdm")
+    train, valid = _loaders()
+    Trainer("bars", tmp_path).train(Net(), _params(progress_bar=True, silent_mode=False), train, valid)
+    captured = capsys.readouterr()
+    assert "epoch 1/2" in captured.out + captured.err and "EMA" in captured.out + captured.err
+    assert "train 1/2" in captured.err  # the batch bar
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fp16_with_scaler(tmp_path):
+    train, valid = _loaders()
+    model = Net()
+    trainer = Trainer("cuda", tmp_path)
+    trainer.train(model, _params(device="cuda", mixed_precision=True), train, valid)
+    assert trainer.scaler.is_enabled() and next(model.parameters()).is_cuda
+    assert next(trainer.ema.ema.parameters()).is_cuda
+    latest = load_checkpoint(tmp_path / "cuda" / "ckpt_latest.pth")
+    assert latest["scaler_state_dict"]["scale"] > 0
