@@ -32,8 +32,9 @@ SuperGradients, if its ``__init__`` accepts ``**kwargs``)::
 ``ModelEMA`` checks every value a schedule returns: a value outside ``[0, 1]``
 or a non-finite one is an error, not an update.
 
-Run ``python -m ema_cuda.ema_decay_schedules out.png`` (needs matplotlib) to
-plot the built-in schedules.
+``python -m ema_cuda.ema_decay_schedules`` prints the built-in schedules'
+values; ``python -m ema_cuda.ema_decay_schedules out.png`` also plots them
+(needs matplotlib).
 """
 from __future__ import annotations
 
@@ -302,24 +303,36 @@ def decay_function_name(decay_function: IDecayFunction) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _plot(path: str) -> None:
+def _builtin_examples() -> Dict[str, IDecayFunction]:
+    return {
+        "constant": ConstantDecay(),
+        "threshold": ThresholdDecay(),
+        "exp(beta=15)": ExpDecay(beta=15),
+        "power(2/3)": PowerWarmupDecay(power=2 / 3),
+        "power(3/4)": PowerWarmupDecay(power=3 / 4),
+        "ramp(tau=2000)": RampDecay(tau=2000),
+    }
+
+
+def _table(decay: float = 0.9999, total: int = 100_000) -> str:
+    steps = [1, 10, 100, 1_000, 5_000, 10_000, 40_000, total]
+    names = list(_builtin_examples())
+    lines = ["step      " + "".join(f"{n:>16}" for n in names)]
+    for s in steps:
+        fns = _builtin_examples().values()
+        lines.append(f"{s:<10}" + "".join(f"{fn(decay, s, total):>16.8f}" for fn in fns))
+    return "\n".join(lines)
+
+
+def _plot(path: str, decay: float = 0.9999, total: int = 100_000) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    total, decay = 100_000, 0.9999
     steps = range(0, total + 1, 100)
-    schedules = {
-        "constant": ConstantDecay(),
-        "threshold": ThresholdDecay(),
-        "exp (beta=15)": ExpDecay(beta=15),
-        "power (2/3)": PowerWarmupDecay(power=2 / 3),
-        "power (3/4)": PowerWarmupDecay(power=3 / 4),
-        "ramp (tau=2000)": RampDecay(tau=2000),
-    }
     fig, ax = plt.subplots(figsize=(8, 5))
-    for label, fn in schedules.items():
+    for label, fn in _builtin_examples().items():
         ax.plot(list(steps), [fn(decay, s, total) for s in steps], label=label)
     ax.set_xlabel(f"step (total_steps={total})")
     ax.set_ylabel("decay")
@@ -333,4 +346,10 @@ def _plot(path: str) -> None:
 if __name__ == "__main__":
     import sys
 
-    _plot(sys.argv[1] if len(sys.argv) > 1 else "ema_decay_schedules.png")
+    print(f"decay=0.9999, total_steps=100000\n{_table()}")
+    if len(sys.argv) > 1:
+        try:
+            _plot(sys.argv[1])
+        except ImportError:
+            sys.exit("plotting needs matplotlib (pip install matplotlib)")
+        print(f"wrote {sys.argv[1]}")
