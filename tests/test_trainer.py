@@ -546,6 +546,11 @@ def test_kd_teacher_unchanged_student_ema_and_models_get(tmp_path):
     assert _equal_states(latest["ema_net"], _state(student))
     loaded = models.get("mlp", checkpoint_path=tmp_path / "kd" / "ckpt_latest.pth", **kw)
     assert loaded.loaded_checkpoint_key == "ema_net" and _equal_states(_state(loaded), _state(student))
+    # test() evaluates the student EMA through the distillation module; a bare
+    # student reports its hard-label loss.
+    assert trainer.test()["accuracy"] == pytest.approx(_direct_eval(trainer.ema.ema.student, valid)[1])
+    bare = trainer.test(valid, model=loaded)
+    assert bare["loss"] == pytest.approx(_direct_eval(loaded, valid)[0], rel=1e-6)
     # The optimizer never saw the teacher.
     teacher_ids = {id(q) for q in teacher.parameters()}
     assert not any(id(q) in teacher_ids for g in trainer.optimizer.param_groups for q in g["params"])

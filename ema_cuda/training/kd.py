@@ -95,7 +95,8 @@ class KDTrainer(Trainer):
     The default loss is ``"kd_loss"`` (:class:`KDLoss`; ``loss_params``
     sets ``temperature``, ``distillation_weight`` and ``label_smoothing``).
     A custom loss is called as ``loss(kd_output, targets)``.  Accuracy is the
-    student's.  After training, ``trainer.net`` is the :class:`KDModule` and
+    student's; evaluating a bare student (``test(model=student)``) reports
+    the hard-label cross-entropy as its loss.  After training, ``trainer.net`` is the :class:`KDModule` and
     ``trainer.student`` the student, which holds the EMA weights when EMA
     was on.
     """
@@ -145,6 +146,13 @@ class KDTrainer(Trainer):
         from ema_cuda.ema import KDModelEMA
 
         return KDModelEMA.from_params(net, **dict(ema_params))
+
+    def _compute_loss(self, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        if not isinstance(outputs, KDOutput):
+            # A standalone student (e.g. ``test(model=student)``): there is no
+            # teacher output, so the loss reported is the hard-label one.
+            return F.cross_entropy(outputs.float(), targets)
+        return super()._compute_loss(outputs, targets)
 
     def _logits(self, outputs: Any) -> torch.Tensor:
         return outputs.student_output if isinstance(outputs, KDOutput) else outputs
