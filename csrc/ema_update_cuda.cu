@@ -35,7 +35,7 @@ __device__ __forceinline__ double read_decay(const DecayArg& d) {
   }
 }
 
-__global__ void __launch_bounds__(kCudaThreads)
+__global__ void __launch_bounds__(kCudaThreads, kCudaBlocksPerSM)
     ema_update_kernel(const TensorEntry* __restrict__ tensors,
                       const ChunkEntry* __restrict__ chunks, int64_t num_chunks,
                       DecayArg decay_arg) {

@@ -119,8 +119,15 @@ C10_HOST_DEVICE inline void lerp_pack(Pack<E, N>& ev, const Pack<M, N>& mv, Acc 
   }
 }
 
-// Vector steps per thread and loop iteration in `chunk_body`.
-constexpr int kUnroll = 4;
+// Vector steps per thread and loop iteration in `chunk_body`: up to 4, and
+// at most 64 bytes of the wider side, which keeps the registers of the
+// fp64/fp16 paths (one kernel holds all 16 dtype pairs) from lowering the
+// occupancy of the common fp32 and bf16 ones.
+template <typename E, typename M>
+struct Unroll {
+  static constexpr int bytes = VecWidth<E, M>::value * (sizeof(E) > sizeof(M) ? sizeof(E) : sizeof(M));
+  static constexpr int value = bytes >= 64 ? 1 : (64 / bytes > 4 ? 4 : 64 / bytes);
+};
 
 // Processes elements [start, start + len) of tensor `t` as thread `tid` of
 // `nthreads`: a scalar head up to the first position where both pointers are
@@ -133,6 +140,7 @@ C10_HOST_DEVICE inline void chunk_body(const TensorEntry& t, int64_t start,
                                        typename AccType<E, M>::type w) {
   using Acc = typename AccType<E, M>::type;
   constexpr int N = VecWidth<E, M>::value;
+  constexpr int kUnroll = Unroll<E, M>::value;
   E* e = static_cast<E*>(t.ema);
   const M* m = static_cast<const M*>(t.model);
   const int64_t end = start + len;
