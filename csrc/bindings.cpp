@@ -42,12 +42,18 @@ class ListUpdater {
 
  private:
   // The tensors are held here, so their storages stay alive; but a tensor's
-  // storage can still be swapped (`p.data = ...`, `set_`, `module.to()`
-  // on a parameter).  Comparing the plan's signature with the live tensors
-  // is O(tensors) pointer reads and catches every such change.
+  // storage or layout can still be swapped (`p.data = ...`, `set_`,
+  // `module.to()` on a parameter).  Comparing the plan's signature (address,
+  // numel, dtype) and each pair's strides with the live tensors is
+  // O(tensors) and catches every such change; a change means a full
+  // re-validation before anything is written.
   void ensure_plan() {
     const int64_t chunk = ema_.empty() ? kCpuChunk : chunk_size_for(ema_[0].device());
-    if (!plan_->matches(ema_, model_, chunk)) refresh();
+    bool same = plan_->matches(ema_, model_, chunk);
+    for (size_t i = 0; same && i < ema_.size(); ++i) {
+      same = ema_[i].strides() == model_[i].strides();
+    }
+    if (!same) refresh();
   }
 
   void refresh() {

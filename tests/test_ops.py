@@ -363,6 +363,19 @@ def test_fused_updater_revalidates_replaced_storage():
     assert_bit_identical(ema, before)
 
 
+def test_fused_updater_notices_a_layout_change_at_the_same_address():
+    # Same pointer, numel and dtype, but the model's layout no longer matches
+    # the EMA's: averaging element by element would mix transposed entries.
+    ema, model = [torch.randn(4, 4)], [torch.randn(4, 4)]
+    updater = ops.FusedUpdater(ema, model)
+    updater.update(0.5)
+    model[0].data = model[0].data.t()
+    before = snapshot(ema)
+    with pytest.raises(RuntimeError, match=r"ema\[0\] has strides \[4, 1\] but model\[0\] has strides \[1, 4\]"):
+        updater.update(0.5)
+    assert_bit_identical(ema, before)
+
+
 def test_fused_updater_rejects_bad_decay():
     ema, model = make_pairs([10])
     updater = ops.FusedUpdater(ema, model)
