@@ -25,10 +25,10 @@ tensors:
                    0-dim decay tensor
 ``limit``          the same bytes moved by one op over one flat buffer: on the
                    CPU ``flat_ema.lerp_(flat_model, 1 - d)`` (with a bf16
-                   model ``flat_ema.add_(flat_model, alpha=1 - d)``: ``lerp_``
-                   rejects mixed dtypes, and the axpy moves the same 10 bytes
-                   per element); on CUDA a device-to-device copy whose reads
-                   plus writes equal the update's
+                   model, an fp32 ``lerp_`` over as many bytes: ``lerp_``
+                   rejects mixed dtypes and torch's mixed-dtype ``add_`` is
+                   far slower than memory); on CUDA a device-to-device copy
+                   whose reads plus writes equal the update's
 =================  ==========================================================
 
 Protocol.  Every method first makes one update from the same random start
@@ -106,6 +106,7 @@ class Context:
     ema0: List[torch.Tensor]  # the starting EMA, for methods that own their EMA copy
     model_module: nn.Module
     ema_module: nn.Module
+    reference: List[torch.Tensor] = field(default_factory=list)  # one update from ema0, in fp64
 
 
 @dataclass
@@ -323,11 +324,17 @@ def m_limit(ctx: Context) -> Runner:
         src = torch.randint(0, 255, (half,), dtype=torch.uint8, device=dev)
         dst = torch.empty_like(src)
         return Runner(lambda: dst.copy_(src), [], note=f"D2D copy of {half / 1e9:.2f} GB", check=False)
-    flat_e = torch.randn(n, device=dev).to(wl.ema_dtype)
-    flat_m = torch.randn(n, device=dev).to(wl.model_dtype)
-    if wl.mixed:
-        return Runner(lambda: flat_e.add_(flat_m, alpha=w), [], note="flat add_(alpha), mixed dtypes", check=False)
-    return Runner(lambda: flat_e.lerp_(flat_m, w), [], note="flat lerp_", check=False)
+    if wl.ema_dtype == wl.model_dtype:
+        flat_e = torch.randn(n, device=dev).to(wl.ema_dtype)
+        flat_m = torch.randn(n, device=dev).to(wl.model_dtype)
+        return Runner(lambda: flat_e.lerp_(flat_m, w), [], note="flat lerp_", check=False)
+    # lerp_ takes one dtype, and TensorIterator's mixed-dtype kernels (e.g.
+    # fp32.add_(bf16, alpha=w)) run a slow converting loop, far from any
+    # limit.  The same bytes moved by an fp32 lerp_ is the bound instead.
+    n32 = wl.bytes_per_update // 12
+    flat_e = torch.randn(n32, device=dev)
+    flat_m = torch.randn(n32, device=dev)
+    return Runner(lambda: flat_e.lerp_(flat_m, w), [], note="flat fp32 lerp_ of the same bytes", check=False)
 
 
 @dataclass
@@ -362,16 +369,24 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_cpu(step: Callable[[], None], min_time: float, repeats: int) -> List[float]:
-    """Seconds per call, one value per block (``blocked_autorange`` on all threads)."""
+def time_cpu(step: Callable[[], None], min_time: float, repeats: int, max_time: float = 3.0) -> List[float]:
+    """Seconds per call, one value per block (``blocked_autorange`` on all threads).
+
+    At least ``min_time`` seconds and ``repeats`` blocks, except that a method
+    slow enough to pass ``max_time`` stops at 3 blocks (the SG loop on a
+    124M-parameter model takes about a second per call).
+    """
     from torch.utils.benchmark import Timer
 
     timer = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
     step()  # warm-up: first-touch page faults, allocator, thread pool
     m = timer.blocked_autorange(min_run_time=min_time)
     times = [t / m.number_per_run for t in m.raw_times]
-    while len(times) < repeats:
-        times.append(timer.timeit(m.number_per_run).raw_times[0] / m.number_per_run)
+    total = sum(m.raw_times)
+    while len(times) < repeats and not (len(times) >= 3 and total > max_time):
+        block = timer.timeit(m.number_per_run).raw_times[0]
+        total += block
+        times.append(block / m.number_per_run)
     return times
 
 
@@ -430,18 +445,25 @@ def count_cuda_launches(step: Callable[[], None], device: torch.device, calls: i
 # --------------------------------------------------------------------------- checking
 
 
-def check_result(result: Sequence[torch.Tensor], ctx: Context) -> Tuple[bool, float, str]:
-    """Compares one update's result with ``ema0 * d + model * (1 - d)`` in fp64."""
+def reference_update(ema0: Sequence[torch.Tensor], model: Sequence[torch.Tensor], d: float) -> List[torch.Tensor]:
+    """``ema0 * d + model * (1 - d)`` in fp64."""
     with torch.no_grad():
-        return _compare(result, ctx.ema0, ctx.model, ctx.decay)
+        return [e.double() * d + m.double() * (1.0 - d) for e, m in zip(ema0, model)]
 
 
-def _compare(result, ema0, model, d) -> Tuple[bool, float, str]:
+def check_result(result: Sequence[torch.Tensor], ctx: Context) -> Tuple[bool, float, str]:
+    """Compares one update's result with the fp64 reference; returns (ok, max abs error, first mismatch)."""
+    if not ctx.reference:
+        ctx.reference = reference_update(ctx.ema0, ctx.model, ctx.decay)
+    with torch.no_grad():
+        return _compare(result, ctx.reference)
+
+
+def _compare(result: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> Tuple[bool, float, str]:
     worst, msg = 0.0, ""
-    if len(result) != len(ema0):
-        return False, math.inf, f"{len(result)} result tensors for {len(ema0)} parameters"
-    for i, (r, e0, m) in enumerate(zip(result, ema0, model)):
-        ref = e0.double() * d + m.double() * (1.0 - d)
+    if len(result) != len(reference):
+        return False, math.inf, f"{len(result)} result tensors for {len(reference)} parameters"
+    for i, (r, ref) in enumerate(zip(result, reference)):
         if r.shape != ref.shape:
             return False, math.inf, f"tensor {i}: shape {list(r.shape)}, expected {list(ref.shape)}"
         err = (r.double() - ref).abs()
