@@ -215,14 +215,16 @@ def make_tensors(
     pages at every tensor).  Values are standard normal, never zeros,
     so no method is timed on a trivially cheap input.
     """
-    g = torch.Generator(device="cpu").manual_seed(seed)
+    device = torch.device(device)
+    # Drawn where they live: a 1B-parameter GPU workload would take minutes
+    # to draw on the CPU.
+    g = torch.Generator(device=device).manual_seed(seed)
 
     def draw(dtype: torch.dtype) -> List[torch.Tensor]:
         out = []
         for shape in workload.shapes:
-            t = torch.randn(shape, generator=g, dtype=torch.float32)
-            out.append(t.to(device=device, dtype=dtype, copy=True))
-            del t  # free the fp32 draw before the next allocation, keeping the list packed
+            t = torch.randn(shape, generator=g, dtype=torch.float32, device=device)
+            out.append(t if dtype == torch.float32 else t.to(dtype))
         return out
 
     model = draw(workload.model_dtype)
