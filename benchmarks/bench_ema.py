@@ -33,9 +33,12 @@ tensors:
 
 Protocol.  Every method first makes one update from the same random start
 and its result is compared with an fp64 reference; a method that gives a
-wrong answer is reported as WRONG and not timed.  Then, after warm-up, the
-median time per update: ``torch.utils.benchmark`` (``blocked_autorange``,
-all threads) on the CPU, CUDA events around blocks of updates on a GPU.
+wrong answer is reported as WRONG and not timed.  Then each method is warmed
+up and timed in blocks of updates (``torch.utils.benchmark`` on all threads
+on the CPU, CUDA events on a GPU), one block of every method per round over
+``--repeats`` rounds in rotating order, and the median block is reported:
+interleaving makes a burst of load from elsewhere on the machine hit all
+methods alike, so the ratios of one run stay comparable.
 GB/s counts the bytes one update must move (12 per element for fp32/fp32,
 10 for an fp32 EMA of a bf16 model).  On CUDA the profiler also counts the
 kernel launches per update of every method.  At the end, an end-to-end run
@@ -369,56 +372,47 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_cpu(step: Callable[[], None], min_time: float, repeats: int, max_time: float = 3.0) -> List[float]:
-    """Seconds per call, one value per block (``blocked_autorange`` on all threads).
+class BlockTimer:
+    """Times blocks of ``number`` calls of one method: the unit of the interleaved rounds.
 
-    At least ``min_time`` seconds and ``repeats`` blocks, except that a method
-    slow enough to pass ``max_time`` stops at 3 blocks (the SG loop on a
-    124M-parameter model takes about a second per call).
+    On the CPU a ``torch.utils.benchmark.Timer`` on all of torch's threads
+    (its default is one thread), whose ``blocked_autorange`` also warms up
+    and picks ``number`` so that the timer's overhead stays below 0.1%; on
+    CUDA, events around the block (the host only waits at the block's end).
     """
-    from torch.utils.benchmark import Timer
 
-    timer = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
-    step()  # warm-up: first-touch page faults, allocator, thread pool
-    m = timer.blocked_autorange(min_run_time=min_time)
-    times = [t / m.number_per_run for t in m.raw_times]
-    total = sum(m.raw_times)
-    while len(times) < repeats and not (len(times) >= 3 and total > max_time):
-        block = timer.timeit(m.number_per_run).raw_times[0]
-        total += block
-        times.append(block / m.number_per_run)
-    return times
+    def __init__(self, step: Callable[[], None], device: torch.device, block_time: float):
+        self.step, self.device = step, device
+        if device.type == "cuda":
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._end = torch.cuda.Event(enable_timing=True)
+            for _ in range(3):
+                step()
+            self.number = 1
+            while True:  # double until a block lasts block_time (at least ~1 ms)
+                t = self.block()
+                if t >= max(block_time, 1e-3) or self.number >= 1 << 14:
+                    break
+                self.number *= 2
+        else:
+            from torch.utils.benchmark import Timer
 
+            self._timer = Timer("step()", globals={"step": step}, num_threads=torch.get_num_threads())
+            step()  # first-touch page faults, allocator, thread pool
+            m = self._timer.blocked_autorange(min_run_time=block_time)
+            per_call = m.median
+            self.number = max(m.number_per_run, int(block_time / per_call) if per_call > 0 else 1)
 
-def time_cuda(step: Callable[[], None], min_time: float, repeats: int, device: torch.device) -> List[float]:
-    """Seconds per call from CUDA events around blocks of calls, after warm-up."""
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    # Blocks of >= ~1 ms so the event resolution and launch gaps between
-    # blocks do not matter; enough blocks to fill min_time.
-    number = 1
-    while True:
-        start.record()
-        for _ in range(number):
-            step()
-        end.record()
-        end.synchronize()
-        block = start.elapsed_time(end) / 1e3
-        if block >= 1e-3 or number >= 1 << 14:
-            break
-        number *= 2
-    blocks = max(repeats, int(min_time / max(block, 1e-9)))
-    times = []
-    for _ in range(min(blocks, 10_000)):
-        start.record()
-        for _ in range(number):
-            step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / number)
-    return times
+    def block(self) -> float:
+        """Seconds per call, averaged over one block."""
+        if self.device.type == "cuda":
+            self._start.record()
+            for _ in range(self.number):
+                self.step()
+            self._end.record()
+            self._end.synchronize()
+            return self._start.elapsed_time(self._end) / 1e3 / self.number
+        return self._timer.timeit(self.number).raw_times[0] / self.number
 
 
 def count_cuda_launches(step: Callable[[], None], device: torch.device, calls: int = 5) -> Dict[str, float]:
@@ -517,8 +511,15 @@ def run_workload(
     repeats: int = 5,
     seed: int = 0,
     log: Callable[[str], None] = print,
+    max_time: float = 3.0,
 ) -> Dict[str, Any]:
-    """Checks and times every method on one workload; returns a JSON-ready dict."""
+    """Checks and times every method on one workload; returns a JSON-ready dict.
+
+    Every method is first checked; then each gets ``repeats`` timed blocks of
+    about ``min_time / repeats`` seconds (at least one call), in interleaved
+    rounds.  Past 3 rounds, timing stops once the methods have used
+    ``max_time`` seconds each on average.
+    """
     t0 = time.perf_counter()
     ema, model = make_tensors(wl, device, seed)
     ema0 = [e.clone() for e in ema]
@@ -535,12 +536,20 @@ def run_workload(
     )
 
     results: Dict[str, MethodResult] = {}
+    runners: Dict[str, Runner] = {}
+
+    def fail(res: MethodResult, exc: Exception) -> None:
+        res.status, res.detail = "error", f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        log(f"  {res.label:<22} ERROR: {res.detail}")
+        if os.environ.get("EMA_BENCH_TRACEBACK"):
+            traceback.print_exc()
+        runners.pop(res.key, None)
+
+    # 1. Build and check every method from the same start.
     for meth in methods:
-        res = MethodResult(meth.key, meth.label, "ok")
-        results[meth.key] = res
-        _load(ctx.ema, ema0)
+        res = results[meth.key] = MethodResult(meth.key, meth.label, "ok")
+        _load(ctx.ema, ctx.ema0)
         _sync(device)
-        runner = None
         try:
             runner = meth.make(ctx)
             res.note = runner.note
@@ -551,34 +560,64 @@ def run_workload(
                 res.max_abs_err = worst
                 if not ok:
                     res.status, res.detail = "wrong", msg
-                    log(f"  {meth.label:<22} WRONG RESULT: {msg}")
+                    log(f"  {meth.label:<22} WRONG RESULT (not timed): {msg}")
                     continue
-            if device.type == "cuda":
-                res.times_s = time_cuda(runner.step, min_time, repeats, device)
-                try:
-                    res.__dict__.update(count_cuda_launches(runner.step, device))
-                except Exception as exc:  # the profiler is optional; keep the timing
-                    res.detail = f"profiler failed: {exc}"
-            else:
-                res.times_s = time_cpu(runner.step, min_time, repeats)
-            res.median_s = statistics.median(res.times_s)
-            res.min_s = min(res.times_s)
-            res.gb_s = wl.bytes_per_update / res.median_s / 1e9
-            extra = f", {res.launches:g} launches" if res.launches is not None else ""
-            log(
-                f"  {meth.label:<22} {_fmt_time(res.median_s):>10}  {res.gb_s:7.1f} GB/s"
-                f"  (min {_fmt_time(res.min_s)}, {len(res.times_s)} blocks){extra}"
-            )
+            runners[meth.key] = runner
         except Skip as exc:
             res.status, res.detail = "skipped", str(exc)
             log(f"  {meth.label:<22} skipped: {exc}")
         except Exception as exc:
-            res.status, res.detail = "error", f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-            log(f"  {meth.label:<22} ERROR: {res.detail}")
-            if os.environ.get("EMA_BENCH_TRACEBACK"):
-                traceback.print_exc()
-        finally:
-            del runner
+            fail(res, exc)
+    # The start and the fp64 reference are no longer needed: give the memory back.
+    ctx.ema0, ctx.reference = [], []
+
+    # 2. Warm up and size one block per method.
+    block_time = min_time / max(1, repeats)
+    timers: Dict[str, BlockTimer] = {}
+    for key in list(runners):
+        try:
+            timers[key] = BlockTimer(runners[key].step, device, block_time)
+        except Exception as exc:
+            fail(results[key], exc)
+
+    # 3. Interleaved rounds: one block of every method per round, the order
+    # rotated each round, so that a burst of load from elsewhere on the
+    # machine lands on all methods alike instead of on whichever was running.
+    keys = list(timers)
+    spent = 0.0
+    for rnd in range(max(1, repeats)):
+        if rnd >= 3 and spent > max_time * len(keys):
+            break  # very slow methods (the SG loop at 1B parameters): 3 rounds are enough
+        shift = rnd % len(keys) if keys else 0
+        for key in keys[shift:] + keys[:shift]:
+            if key not in timers:
+                continue
+            t1 = time.perf_counter()
+            try:
+                results[key].times_s.append(timers[key].block())
+            except Exception as exc:
+                fail(results[key], exc)
+                timers.pop(key)
+            spent += time.perf_counter() - t1
+
+    # 4. Launch counts (CUDA), statistics.
+    for key, timer in timers.items():
+        res = results[key]
+        if device.type == "cuda":
+            try:
+                res.__dict__.update(count_cuda_launches(timer.step, device))
+            except Exception as exc:  # the profiler is optional; keep the timing
+                res.detail = f"profiler failed: {exc}"
+        res.median_s = statistics.median(res.times_s)
+        res.min_s = min(res.times_s)
+        res.gb_s = wl.bytes_per_update / res.median_s / 1e9
+        extra = f", {res.launches:g} launches" if res.launches is not None else ""
+        log(
+            f"  {res.label:<22} {_fmt_time(res.median_s):>10}  {res.gb_s:7.1f} GB/s"
+            f"  (min {_fmt_time(res.min_s)}, {len(res.times_s)} blocks of {timer.number}){extra}"
+        )
+    timers.clear()
+    runners.clear()
     _derive(results)
     log(f"  ({time.perf_counter() - t0:.1f} s)")
     out = {
@@ -1005,8 +1044,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "GPT-2 (default 1, or 0.05 with --quick)")
     p.add_argument("--small-count", type=int, default=None,
                    help="number of 1,000-element tensors in the 'small' workload (default 10000, 1000 with --quick)")
-    p.add_argument("--repeats", type=int, default=5, help="minimum number of timed blocks per method")
-    p.add_argument("--min-time", type=float, default=0.3, help="minimum seconds of timing per method")
+    p.add_argument("--repeats", type=int, default=7,
+                   help="timed blocks per method, taken in interleaved rounds over the methods; medians over blocks")
+    p.add_argument("--min-time", type=float, default=0.35,
+                   help="seconds of timing per method, split into the blocks (a block holds at least one update)")
     p.add_argument("--decay", type=float, default=0.999, help="EMA decay (does not change the speed)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0)
@@ -1028,7 +1069,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.small_count = 1000 if args.quick else 10_000
     if args.quick:
         args.repeats = min(args.repeats, 3)
-        args.min_time = min(args.min_time, 0.02)
+        args.min_time = min(args.min_time, 0.03)
         args.e2e_steps = min(args.e2e_steps, 3)
         args.e2e_batch = min(args.e2e_batch, 8)
         if args.out is None:
