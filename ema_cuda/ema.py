@@ -37,12 +37,12 @@ import torch
 from torch import nn
 
 from ema_cuda.ema_decay_schedules import EMA_DECAY_FUNCTIONS, IDecayFunction, decay_function_name
-from ema_cuda.ops import SUPPORTED_DTYPES, FusedUpdater
+from ema_cuda.ops import SUPPORTED_DTYPES, FusedUpdater, ema_update_
 
 __all__ = ["ModelEMA", "KDModelEMA", "unwrap_model"]
 
 _STATE_VERSION = 1
-_OPTIONS = ("buffers", "ema_dtype", "update_every", "skip_nonfinite")
+_OPTIONS = ("buffers", "ema_dtype", "update_every", "skip_nonfinite", "capturable", "total_steps")
 _PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 # Each packed tensor starts on a 64-byte boundary of its flat buffer: a cache
 # line on CPUs, and aligned for the CUDA kernel's 16-byte vector loads.
@@ -214,6 +214,25 @@ class ModelEMA:
             a model tensor holds NaN or Inf, so one bad step cannot poison the
             average.  It costs one extra read of every model tensor (a max-abs
             reduction) and a host synchronisation per update.
+        capturable: keep the step, the decay and the update counter in 0-dim
+            tensors on the EMA's device (``step_tensor``, ``decay_tensor``)
+            and evaluate the schedule there
+            (:meth:`~ema_cuda.ema_decay_schedules.IDecayFunction.tensor_value`),
+            so that an update involves no host value that changes from step to
+            step.  That is what a training step compiled with
+            ``torch.compile(fullgraph=True)`` (no recompilation as the decay
+            changes) or captured in a CUDA graph (replayed with a new step
+            each time) needs; see :meth:`update`.  The plan is built here, at
+            construction, so the first update may already be compiled or
+            captured.  Needs a schedule with a tensor form (all built-in ones
+            have one), ``update_every=1`` and ``skip_nonfinite=False`` (both
+            would need a host decision per step).  On a CUDA device the
+            schedule's value is not range-checked per step (that would
+            synchronise); the built-in schedules stay in [0, 1] by
+            construction.
+        total_steps: the run's planned number of steps, used by
+            :meth:`update` when it is called without ``total_steps``
+            (capturable mode).
 
     Differences from SuperGradients: ``decay`` outside (0, 1) and a schedule
     value outside [0, 1] are errors; entries are paired by name with shape
@@ -232,6 +251,8 @@ class ModelEMA:
         ema_dtype: Optional[torch.dtype] = None,
         update_every: int = 1,
         skip_nonfinite: bool = False,
+        capturable: bool = False,
+        total_steps: Optional[int] = None,
     ):
         self.decay = _check_decay(decay)
         if not callable(decay_function):
@@ -245,6 +266,19 @@ class ModelEMA:
         self.ema_dtype = _parse_dtype(ema_dtype)
         self.update_every = int(update_every)
         self.skip_nonfinite = bool(skip_nonfinite)
+        self.capturable = bool(capturable)
+        if total_steps is not None and (
+            isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Integral) or total_steps < 1
+        ):
+            raise ValueError(f"ModelEMA: total_steps must be None or an integer >= 1, got {total_steps!r}")
+        self.total_steps = None if total_steps is None else int(total_steps)
+        if self.capturable:
+            self._check_capturable_options()
+        #: Device tensors of the capturable mode (None otherwise): the step of
+        #: the last update, its decay (float64) and the number of updates.
+        self.step_tensor: Optional[torch.Tensor] = None
+        self.decay_tensor: Optional[torch.Tensor] = None
+        self._num_updates_t: Optional[torch.Tensor] = None
         #: Updates applied, and updates skipped by the non-finite guard.
         self.num_updates = 0
         self.num_skipped = 0
@@ -260,6 +294,56 @@ class ModelEMA:
 
         self._plan: Optional[_Plan] = None
         self._swap_depth = 0
+        if self.capturable:
+            device = self._state_device()
+            self.step_tensor = torch.zeros((), dtype=torch.int64, device=device)
+            self.decay_tensor = torch.zeros((), dtype=torch.float64, device=device)
+            self._num_updates_t = torch.zeros((), dtype=torch.int64, device=device)
+            # Built now so that the first update can already be compiled or
+            # captured (neither can build it: it validates and allocates).
+            self._plan = self._build_plan(src)
+
+    def _check_capturable_options(self) -> None:
+        name = type(self).__name__
+        fn = self.decay_function
+        if not (isinstance(fn, IDecayFunction) and fn.has_tensor_value()):
+            raise ValueError(
+                f"{name}: capturable=True needs a decay schedule with a tensor form (IDecayFunction.tensor_value); "
+                f"{fn!r} has none"
+            )
+        if self.update_every != 1:
+            raise ValueError(
+                f"{name}: capturable=True needs update_every=1 (got {self.update_every}); skipping steps would "
+                "need a host decision per step"
+            )
+        if self.skip_nonfinite:
+            raise ValueError(
+                f"{name}: capturable=True cannot be combined with skip_nonfinite=True, whose check reads a value "
+                "back to the host at every update"
+            )
+
+    def _state_device(self) -> torch.device:
+        """The one device of the EMA's floating tensors (where the capturable step and decay live)."""
+        devices = {t.device for _, _, _, t, _ in _state_entries(self._covered)[0] if t.is_floating_point()}
+        if len(devices) > 1:
+            raise ValueError(
+                f"{type(self).__name__}: capturable=True needs the EMA on one device, found "
+                f"{sorted(str(d) for d in devices)}"
+            )
+        return devices.pop() if devices else torch.device("cpu")
+
+    @property
+    def num_updates(self) -> int:
+        """The number of updates applied (read from the device in capturable mode)."""
+        t = self.__dict__.get("_num_updates_t")
+        return int(t) if t is not None else self._num_updates
+
+    @num_updates.setter
+    def num_updates(self, value: int) -> None:
+        t = self.__dict__.get("_num_updates_t")
+        if t is not None:
+            t.fill_(int(value))
+        self._num_updates = int(value)
 
     # ------------------------------------------------------------------ construction
 
@@ -270,8 +354,9 @@ class ModelEMA:
         ``decay_type`` names a schedule in ``EMA_DECAY_FUNCTIONS``; the
         remaining keyword arguments go to the schedule's constructor (the
         built-in ones ignore arguments they do not take), except the
-        :class:`ModelEMA` options ``buffers``, ``ema_dtype``, ``update_every``
-        and ``skip_nonfinite``, which are taken out first.
+        :class:`ModelEMA` options ``buffers``, ``ema_dtype``, ``update_every``,
+        ``skip_nonfinite``, ``capturable`` and ``total_steps``, which are
+        taken out first.
 
         Defaults with a warning, as SuperGradients: ``decay=0.9999``, and
         ``decay_type="exp"`` with ``beta=15``.  The legacy ``exp_activation``
@@ -382,7 +467,7 @@ class ModelEMA:
 
     # ------------------------------------------------------------------ the update
 
-    def update(self, model: nn.Module, step: int, total_steps: int) -> None:
+    def update(self, model: nn.Module, step: Any = None, total_steps: Optional[int] = None) -> None:
         """Moves the EMA towards ``model``: ``ema = ema * d + model * (1 - d)``.
 
         ``d = decay_function(decay, step, total_steps)``; call it once per
@@ -394,10 +479,31 @@ class ModelEMA:
         Raises before writing anything (the EMA stays bit-identical) when the
         schedule returns a value outside [0, 1] or a non-finite one, or when
         the model's entries no longer match the EMA's by name and shape.
+
+        With ``capturable=True`` the step is a device tensor: leave ``step``
+        out (``None``) and the EMA counts on the device (``step_tensor`` goes
+        up by one, so the first update is step 1), or pass a 0-dim tensor.
+        ``total_steps`` defaults to the one given at construction.  Inside
+        ``torch.compile`` or a CUDA graph capture a Python int ``step`` is an
+        error (it would be baked into the compiled code or the graph); in
+        eager code it sets the counter.  Such an update can be part of a
+        ``torch.compile(fullgraph=True)`` function (it then calls the list
+        op, whose decay is read from ``decay_tensor``) or of a captured CUDA
+        graph; the model must keep its tensors between steps there (the
+        structure check that adapts to replaced tensors runs in eager calls
+        only).
         """
         if self._swap_depth:
             raise RuntimeError(
                 f"{type(self).__name__}.update: called inside swapped(); the model holds the EMA weights there"
+            )
+        if self.capturable:
+            self._update_capturable(model, step, total_steps)
+            return
+        if step is None or total_steps is None:
+            raise TypeError(
+                f"{type(self).__name__}.update: step and total_steps are required (they may be left out only "
+                "with capturable=True, where the step is counted on the device)"
             )
         if step % self.update_every:
             return
@@ -423,6 +529,62 @@ class ModelEMA:
             if plan.copy_ema:
                 torch._foreach_copy_(plan.copy_ema, plan.copy_model)
         self.num_updates += 1
+
+    def _update_capturable(self, model: nn.Module, step: Any, total_steps: Optional[int]) -> None:
+        name = type(self).__name__
+        compiling = torch.compiler.is_compiling()
+        capturing = self.step_tensor.is_cuda and torch.cuda.is_current_stream_capturing()
+        src = self._source(model)
+        if compiling or capturing:
+            # Neither a trace nor a capture can build a plan (it validates on
+            # the host and allocates); it exists since construction unless the
+            # model was swapped for another one.
+            plan = self._plan
+            if plan is None or plan.src is not src:
+                raise RuntimeError(
+                    f"{name}.update: no update plan for this model inside torch.compile or a CUDA graph capture; "
+                    "call update() once eagerly with this model first"
+                )
+        else:
+            plan = self._ensure_plan(src)
+
+        # The new step and its decay are computed before anything is written,
+        # so that a failing schedule leaves the counter and the EMA as they were.
+        if step is None:
+            new_step = self.step_tensor + 1
+        elif isinstance(step, torch.Tensor):
+            if step.dim() != 0 or step.device != self.step_tensor.device:
+                raise ValueError(
+                    f"{name}.update: a step tensor must be 0-dim and on {self.step_tensor.device}, got shape "
+                    f"{list(step.shape)} on {step.device}"
+                )
+            new_step = step
+        elif compiling or capturing:
+            raise TypeError(
+                f"{name}.update: got the Python int step={step!r} inside torch.compile or a CUDA graph capture, "
+                "where it would be frozen into the compiled code or the graph; leave step out (the EMA counts "
+                "steps on the device) or pass a 0-dim tensor"
+            )
+        else:
+            if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+                raise ValueError(f"{name}.update: step must be an integer >= 0 or a 0-dim tensor, got {step!r}")
+            new_step = torch.full_like(self.step_tensor, int(step))
+        total = self.total_steps if total_steps is None else total_steps
+
+        with torch.no_grad():
+            decay = self.decay_function.tensor_value(self.decay, new_step, total)
+            self.step_tensor.copy_(new_step)
+            self.decay_tensor.copy_(decay)
+            if plan.updater is not None:
+                if compiling:
+                    # The list op is what torch.compile can trace; the
+                    # updater object is opaque to it.
+                    ema_update_(plan.updater.ema, plan.updater.model, self.decay_tensor)
+                else:
+                    plan.updater.update(self.decay_tensor)
+            if plan.copy_ema:
+                torch._foreach_copy_(plan.copy_ema, plan.copy_model)
+            self._num_updates_t.add_(1)
 
     def decay_at(self, step: int, total_steps: int) -> float:
         """The decay an update at ``step`` would use, checked to be a finite number in [0, 1]."""
@@ -669,6 +831,7 @@ class ModelEMA:
             "skip_nonfinite": self.skip_nonfinite,
             "num_updates": self.num_updates,
             "num_skipped": self.num_skipped,
+            "step": None if self.step_tensor is None else int(self.step_tensor),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -704,6 +867,13 @@ class ModelEMA:
         if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
             raise ValueError(f"{name}.load_state_dict: update_every must be an integer >= 1, got {every!r}")
         decay_function = self._saved_decay_function(state.get("decay_function"))
+        if self.capturable:
+            fn_ok = isinstance(decay_function, IDecayFunction) and decay_function.has_tensor_value()
+            if not fn_ok or every != 1 or options.get("skip_nonfinite", False):
+                raise ValueError(
+                    f"{name}.load_state_dict: the saved state (schedule {decay_function!r}, update_every={every}, "
+                    f"skip_nonfinite={options.get('skip_nonfinite', False)}) cannot run with capturable=True"
+                )
 
         with torch.no_grad():
             for key, t in current.items():
@@ -714,7 +884,14 @@ class ModelEMA:
             setattr(self, k, v)
         self.num_updates = int(state.get("num_updates", 0))
         self.num_skipped = int(state.get("num_skipped", 0))
-        self._plan = None  # the options may have changed what is averaged
+        if self.step_tensor is not None and state.get("step") is not None:
+            self.step_tensor.fill_(int(state["step"]))
+        # The options may have changed what is averaged.  A capturable EMA
+        # rebuilds its plan now, so that the next update may be compiled.
+        src = self._plan.src if self._plan is not None else None
+        self._plan = None
+        if self.capturable and src is not None:
+            self._plan = self._build_plan(src)
 
     def _saved_decay_function(self, info: Optional[Dict[str, Any]]) -> IDecayFunction:
         current = self.decay_function
@@ -758,7 +935,7 @@ class ModelEMA:
         return (
             f"{type(self).__name__}(decay={self.decay}, decay_function={self.decay_function!r}, "
             f"buffers={self.buffers!r}, ema_dtype={self.ema_dtype}, update_every={self.update_every}, "
-            f"skip_nonfinite={self.skip_nonfinite}, num_updates={self.num_updates})"
+            f"skip_nonfinite={self.skip_nonfinite}, capturable={self.capturable}, num_updates={self.num_updates})"
         )
 
 

@@ -32,6 +32,15 @@ SuperGradients, if its ``__init__`` accepts ``**kwargs``)::
 ``ModelEMA`` checks every value a schedule returns: a value outside ``[0, 1]``
 or a non-finite one is an error, not an update.
 
+Tensor form.  ``ModelEMA(..., capturable=True)`` (for ``torch.compile`` and
+CUDA graphs) keeps the step in a device tensor and evaluates the schedule
+with :meth:`IDecayFunction.tensor_value`, which every built-in schedule
+implements with tensor operations in float64: the result equals the float
+value (bit for bit, except where ``exp``/``pow`` of the device's math
+library differ from the host's in the last place), and neither reading nor
+changing the step synchronises with the host.  A schedule of your own needs
+``tensor_value`` to be used that way.
+
 ``python -m ema_cuda.ema_decay_schedules`` prints the built-in schedules'
 values; ``python -m ema_cuda.ema_decay_schedules out.png`` also plots them
 (needs matplotlib).
@@ -41,7 +50,9 @@ from __future__ import annotations
 import math
 import numbers
 from abc import ABC, abstractmethod
-from typing import Any, Dict, Type
+from typing import Any, Dict, Optional, Type
+
+import torch
 
 try:  # SuperGradients evaluates ExpDecay with numpy's exp, which may differ from libm's in the last bit.
     from numpy import exp as _sg_exp
@@ -71,6 +82,27 @@ def _check_step(cls: str, step: Any) -> None:
         raise ValueError(f"{cls}: step must be >= 0, got {step}")
 
 
+def _step_f64(cls: str, step: Any) -> torch.Tensor:
+    """``step`` as a 0-dim float64 tensor (on its own device when it is a tensor)."""
+    if isinstance(step, torch.Tensor):
+        if step.dim() != 0:
+            raise ValueError(f"{cls}.tensor_value: step must be a 0-dim tensor, got shape {list(step.shape)}")
+        if step.is_complex() or step.dtype == torch.bool:
+            raise ValueError(f"{cls}.tensor_value: step must be an integer or floating tensor, got {step.dtype}")
+        return step.to(torch.float64)
+    return torch.tensor(float(step), dtype=torch.float64)
+
+
+def _check_total(cls: str, total_steps: Any) -> float:
+    if isinstance(total_steps, torch.Tensor):
+        raise TypeError(
+            f"{cls}.tensor_value: total_steps must be a Python number (it is fixed for a run), got a tensor"
+        )
+    if total_steps is None or isinstance(total_steps, bool) or not total_steps > 0:
+        raise ValueError(f"{cls}: total_steps must be > 0, got {total_steps}")
+    return total_steps
+
+
 class IDecayFunction(ABC):
     """The interface of a decay schedule: ``schedule(decay, step, total_steps) -> float``.
 
@@ -86,6 +118,27 @@ class IDecayFunction(ABC):
     @abstractmethod
     def __call__(self, decay: float, step: int, total_steps: int) -> float:
         """The decay for one update at ``step`` of ``total_steps``, at most ``decay``."""
+
+    def tensor_value(self, decay: float, step: torch.Tensor, total_steps: Optional[int]) -> torch.Tensor:
+        """The same value as a 0-dim float64 tensor on ``step``'s device, computed without host synchronisation.
+
+        ``step`` is a 0-dim tensor (integer or floating); ``decay`` and
+        ``total_steps`` are Python numbers, fixed for a run.  Used by
+        ``ModelEMA(..., capturable=True)``, where the step lives on the device
+        so that a compiled or graph-captured training step sees a new value
+        every step without recompiling or re-capturing.  Override it with
+        tensor operations that mirror :meth:`__call__`; the default raises
+        ``NotImplementedError``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no tensor form: implement tensor_value(decay, step, total_steps) with "
+            "tensor operations (see ema_cuda.ema_decay_schedules) to use it with ModelEMA(capturable=True)"
+        )
+
+    @classmethod
+    def has_tensor_value(cls) -> bool:
+        """True when the class implements :meth:`tensor_value`."""
+        return cls.tensor_value is not IDecayFunction.tensor_value
 
     def get_params(self) -> Dict[str, Any]:
         """The schedule's parameters: its public attributes that are numbers, strings or None.
@@ -123,6 +176,9 @@ class ConstantDecay(IDecayFunction):
     def __call__(self, decay: float, step: int, total_steps: int) -> float:
         return decay
 
+    def tensor_value(self, decay, step, total_steps):
+        return torch.full_like(_step_f64("ConstantDecay", step), float(decay))
+
 
 class ThresholdDecay(IDecayFunction):
     """``d = min(decay, (1 + step) / (10 + step))``: starts at 0.1 and follows 1 - 9 / (10 + step).
@@ -155,6 +211,10 @@ class ThresholdDecay(IDecayFunction):
     def __call__(self, decay: float, step: int, total_steps: int) -> float:
         _check_step("ThresholdDecay", step)
         return min(decay, (1 + step) / (10 + step))
+
+    def tensor_value(self, decay, step, total_steps):
+        s = _step_f64("ThresholdDecay", step)
+        return torch.clamp((1 + s) / (10 + s), max=float(decay))
 
 
 class ExpDecay(IDecayFunction):
@@ -195,6 +255,11 @@ class ExpDecay(IDecayFunction):
         _check_step("ExpDecay", step)
         x = min(step, total_steps) / total_steps
         return float(decay * (1 - _sg_exp(-x * self.beta)))
+
+    def tensor_value(self, decay, step, total_steps):
+        total = _check_total("ExpDecay", total_steps)
+        x = torch.clamp(_step_f64("ExpDecay", step), max=total) / total
+        return float(decay) * (1 - torch.exp(-x * self.beta))
 
 
 class PowerWarmupDecay(IDecayFunction):
@@ -254,6 +319,12 @@ class PowerWarmupDecay(IDecayFunction):
         d = 1 - (1 + s / self.inv_gamma) ** -self.power
         return max(min(d, decay), self.min_decay)
 
+    def tensor_value(self, decay, step, total_steps):
+        s = torch.clamp(_step_f64("PowerWarmupDecay", step) - (self.update_after_step + 1), min=0)
+        d = 1 - (1 + s / self.inv_gamma) ** -self.power
+        d = torch.clamp(torch.clamp(d, max=float(decay)), min=self.min_decay)
+        return torch.where(s <= 0, torch.zeros_like(d), d)
+
 
 class RampDecay(IDecayFunction):
     """ultralytics' ramp: ``d = decay * (1 - exp(-step / tau))``.
@@ -282,6 +353,9 @@ class RampDecay(IDecayFunction):
     def __call__(self, decay: float, step: int, total_steps: int) -> float:
         _check_step("RampDecay", step)
         return decay * (1 - math.exp(-step / self.tau))
+
+    def tensor_value(self, decay, step, total_steps):
+        return float(decay) * (1 - torch.exp(-_step_f64("RampDecay", step) / self.tau))
 
 
 #: Schedules by name, for ``ModelEMA.from_params(decay_type=...)``.  Add your own.
