@@ -713,6 +713,7 @@ def run_end_to_end(
 
     variants = [("none", "no EMA", None), ("sg_loop", "SG loop", make_sg), (FUSED, "FusedUpdater", make_fused),
                 ("model_ema", "ModelEMA.update", make_model_ema)]
+    live = []
     for key, label, make in variants:
         torch.manual_seed(0)
         model = model_fn().to(device)
@@ -724,8 +725,12 @@ def run_end_to_end(
             out["variants"][key] = {"label": label, "status": "skipped", "detail": str(exc)}
             log(f"  {label:<16} skipped: {exc}")
             continue
-        step_times, ema_times = [], []
-        for i in range(steps + warmup):
+        live.append((key, label, model, opt, update, [], []))
+
+    # Interleaved, one step of each variant in turn, so that load from
+    # elsewhere on the machine falls on all variants alike.
+    for i in range(steps + warmup):
+        for key, label, model, opt, update, step_times, ema_times in live:
             t0 = time.perf_counter()
             loss = nn.functional.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
@@ -740,6 +745,7 @@ def run_end_to_end(
             if i >= warmup:
                 step_times.append(t2 - t0)
                 ema_times.append(t2 - t1)
+    for key, label, model, opt, update, step_times, ema_times in live:
         step = statistics.median(step_times)
         ema_t = statistics.median(ema_times)
         rec = {"label": label, "status": "ok", "step_s": step, "ema_s": ema_t, "ema_share": ema_t / step}
@@ -860,8 +866,8 @@ def summary_table(workloads: List[Dict[str, Any]]) -> str:
 
 
 def detail_table(w: Dict[str, Any], cuda: bool) -> str:
-    head = "| method | median | GB/s | fused is x faster | % of limit | check |"
-    sep = "|---|---:|---:|---:|---:|---|"
+    head = "| method | median | min | GB/s | fused is x faster | % of limit | check |"
+    sep = "|---|---:|---:|---:|---:|---:|---|"
     if cuda:
         head += " launches / update |"
         sep += "---:|"
@@ -871,12 +877,13 @@ def detail_table(w: Dict[str, Any], cuda: bool) -> str:
         if r["status"] == "ok":
             check = "n/a" if r["key"] == LIMIT else "ok"
             row = (
-                f"| {label} | {_fmt_time(r['median_s'])} | {r['gb_s']:.1f} | {_fmt_x(r['fused_speedup'])} "
+                f"| {label} | {_fmt_time(r['median_s'])} | {_fmt_time(r.get('min_s'))} | {r['gb_s']:.1f} "
+                f"| {_fmt_x(r['fused_speedup'])} "
                 f"| {r['pct_of_limit']:.0f}% | {check} |"
             )
         else:
             detail = (r.get("detail") or "").replace("|", "/")
-            row = f"| {label} | {r['status']} | - | - | - | {detail} |"
+            row = f"| {label} | {r['status']} | - | - | - | - | {detail} |"
         if cuda:
             row += f" {'-' if r.get('launches') is None else format(r['launches'], 'g')} |"
         lines.append(row)
