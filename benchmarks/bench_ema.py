@@ -981,8 +981,14 @@ def report(result: Dict[str, Any]) -> str:
     """All the markdown tables of a run (also from a saved JSON: ``--from-json``)."""
     meta, workloads = result["meta"], result["workloads"]
     cuda = meta["device"].startswith("cuda")
+    load = ""
+    if meta.get("loadavg_start") is not None:
+        load = f" Load average {meta['loadavg_start']} at the start, {meta.get('loadavg_end')} at the end."
     parts = [
         f"# Results: {meta['device_name']}, torch {meta['torch']}, {meta['date']}",
+        "",
+        f"ema_cuda {meta.get('ema_cuda')} ({meta.get('backend')} backend), {meta.get('threads')} threads, "
+        f"size scale {meta['args'].get('size_scale')}, {meta['args'].get('repeats')} rounds.{load}",
         "",
         summary_table(workloads),
         "",
@@ -1016,6 +1022,13 @@ def device_name(device: torch.device) -> str:
     except OSError:
         pass
     return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+
+
+def _loadavg() -> Optional[float]:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
 
 
 def _slug(s: str) -> str:
@@ -1144,6 +1157,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
+        # Other processes on the machine disturb the timings: the 1-minute
+        # load average before and after the run says how busy it was.
+        "loadavg_start": _loadavg(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
     print(f"# EMA update benchmark: {name}")
@@ -1165,6 +1181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         e2e = run_end_to_end(device, args.e2e_steps, args.e2e_batch, args.decay)
 
     goals = evaluate_goals(device, workloads)
+    meta["loadavg_end"] = _loadavg()
     result = {"meta": meta, "workloads": workloads, "end_to_end": e2e, "goals": goals}
 
     print()
