@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ema_cuda.training.trainer import Trainer
+from ema_cuda.training.trainer import Trainer, _unwrap
 
 __all__ = ["KDTrainer", "KDModule", "KDOutput", "KDLoss"]
 
@@ -133,14 +133,14 @@ class KDTrainer(Trainer):
         )
 
     def _weights_module(self, net: nn.Module) -> nn.Module:
-        return net.student
+        return _unwrap(net).student
 
     def _ema_weights_module(self) -> nn.Module:
         ema_model = self.ema.ema
         return getattr(ema_model, "student", ema_model)
 
     def _trainable_parameters(self, net: nn.Module) -> List[nn.Parameter]:
-        return [p for p in net.student.parameters() if p.requires_grad]
+        return [p for p in _unwrap(net).student.parameters() if p.requires_grad]
 
     def _build_ema(self, net: nn.Module, ema_params: Mapping[str, Any]):
         from ema_cuda.ema import KDModelEMA

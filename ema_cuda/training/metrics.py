@@ -47,6 +47,24 @@ class MetricTracker:
             self._correct[k] = c if k not in self._correct else self._correct[k] + c
         self.count += n
 
+    def all_reduce_(self, device: torch.device) -> None:
+        """Sums the totals over all ranks of a distributed run, so that :meth:`compute` gives the global metrics.
+
+        Call it on every rank (it is a collective); ``device`` is where the
+        reduction runs (the training device: CUDA for NCCL).  Nothing happens
+        when the run is not distributed.
+        """
+        from ema_cuda import distributed
+
+        if not distributed.is_distributed():
+            return
+        values = [float(self._loss_sum.item()) if self._loss_sum is not None else 0.0, float(self.count)]
+        values += [float(self._correct[k].item()) if k in self._correct else 0.0 for k in self.topk]
+        total = distributed.reduce_sums(values, device)
+        self._loss_sum = torch.tensor(total[0], dtype=torch.float64)
+        self.count = int(total[1])
+        self._correct = {k: torch.tensor(total[2 + i], dtype=torch.float64) for i, k in enumerate(self.topk)}
+
     def running_loss(self) -> float:
         return float(self._loss_sum.item()) / self.count if self.count else float("nan")
 

@@ -15,6 +15,18 @@ It follows SuperGradients' ``Trainer`` where EMA is concerned (see
 * checkpoints hold the raw weights as ``net`` and the EMA weights as
   ``ema_net``.
 
+Distributed data parallel: launched with ``WORLD_SIZE > 1`` (``torchrun``),
+the trainer initialises the process group from the environment (unless it
+exists), wraps the model in ``DistributedDataParallel`` and builds the EMA from
+the wrapped model, so every rank keeps an identical EMA with no communication
+per update.  Each rank iterates over its own train loader: give it a
+``DistributedSampler`` (a warning says so otherwise), whose epoch is set
+before every epoch.  Losses and accuracies are summed over the ranks, EMA
+buffers (BatchNorm statistics) are broadcast from rank 0 once per epoch,
+checkpoints and the metrics log are written by rank 0 only, and at the end
+the trainer checks that all ranks hold the same EMA.  See
+``docs/distributed.md``.
+
 Where we differ from SuperGradients: at the end of training the model holds
 the EMA weights (copied in place, so the same model and optimizer can train
 again); :meth:`Trainer.test` evaluates the EMA weights when there are any;
@@ -25,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
@@ -33,6 +46,7 @@ import torch
 from torch import nn
 
 from ema_cuda import checkpoint as ckpt_io
+from ema_cuda import distributed as dist_utils
 from ema_cuda.training import logs
 from ema_cuda.training.lr_schedules import LRScheduler
 from ema_cuda.training.metrics import MetricTracker
@@ -47,6 +61,16 @@ CKPT_BEST = "ckpt_best.pth"
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    """True when the model's parameters are DTensors (FSDP2 / tensor parallel), which DDP cannot wrap."""
+    return any(hasattr(p, "device_mesh") and hasattr(p, "to_local") for p in model.parameters())
+
+
+def _samplers(loader: Any) -> List[Any]:
+    return [s for s in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None))
+            if s is not None]
 
 
 def _to_device(obj: Any, device: torch.device) -> Any:
@@ -94,6 +118,7 @@ class Trainer:
         self.valid_loader = None
         self._amp_dtype: Optional[torch.dtype] = None
         self._watched_key: Optional[str] = None
+        self._distributed = False
 
     # ------------------------------------------------------------------ paths
 
@@ -177,7 +202,16 @@ class Trainer:
         first = next(iter(model.parameters()), None)
         if first is not None and first.device.type != "cpu":
             return first.device
-        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        if torch.cuda.is_available():
+            if self._distributed:
+                return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+            return torch.device("cuda")
+        return torch.device("cpu")
+
+    @property
+    def is_main_process(self) -> bool:
+        """True on rank 0 of a distributed run, and always in a single-process run."""
+        return not self._distributed or dist_utils.get_rank() == 0
 
     def _resolve_amp(self, p: TrainingParams, device: torch.device) -> Optional[torch.dtype]:
         mp = p.mixed_precision
@@ -243,7 +277,33 @@ class Trainer:
         return opt, [float(p.initial_lr)] * len(opt.param_groups)
 
     def _prepare_model(self, model: nn.Module, device: torch.device) -> nn.Module:
-        return model.to(device)
+        model = model.to(device)
+        if self._distributed and not isinstance(model, nn.parallel.DistributedDataParallel) and not _is_sharded(model):
+            # DDP broadcasts rank 0's weights and buffers here, so the EMA
+            # built from the wrapped model afterwards is the same on all ranks.
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" and device.index is not None else None
+            )
+        return model
+
+    def _check_distributed_loader(self, train_loader: Any, batches_per_epoch: int) -> None:
+        lengths = dist_utils.all_gather_objects(batches_per_epoch)
+        if len(set(lengths)) > 1:
+            raise ValueError(
+                f"Trainer.train: the train loaders of the ranks have different lengths {lengths}; every rank must "
+                "make the same number of steps (DistributedSampler pads the data set so that they do)"
+            )
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        if isinstance(train_loader, DataLoader) and not isinstance(train_loader.dataset, torch.utils.data.IterableDataset):
+            if not any(isinstance(s, DistributedSampler) for s in _samplers(train_loader)):
+                warnings.warn(
+                    f"Trainer.train: distributed over {dist_utils.get_world_size()} ranks but the train loader has no "
+                    "DistributedSampler, so every rank iterates over the whole data set (the same batches, the "
+                    "same result, world-size times the work); use DataLoader(..., sampler=DistributedSampler(dataset))",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
 
     def _run(self, model: nn.Module, p: TrainingParams, train_loader: Any, valid_loader: Any):
         try:
@@ -252,6 +312,9 @@ class Trainer:
             raise TypeError("Trainer.train: train_loader must have a length (len(train_loader))") from None
         if batches_per_epoch == 0:
             raise ValueError("Trainer.train: train_loader is empty")
+        self._distributed = dist_utils.init_from_env()
+        if self._distributed:
+            self._check_distributed_loader(train_loader, batches_per_epoch)
         if p.seed is not None:
             seed_everything(p.seed)
         device = self._resolve_device(model, p)
@@ -287,7 +350,8 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self._amp_dtype == torch.float16)
         self.history = []
         self.best_metric = None
-        metrics_log = logs.MetricsLog(self.checkpoints_dir)
+        main = self.is_main_process
+        metrics_log = logs.MetricsLog(self.checkpoints_dir) if main else None
 
         start_epoch = 0
         rng_state = None
@@ -297,10 +361,11 @@ class Trainer:
         else:
             if p.ema:
                 self.ema = self._build_ema(net, p.ema_params)
-            metrics_log.reset()
+            if main:
+                metrics_log.reset()
 
         total_steps = batches_per_epoch * p.max_epochs
-        use_bar = p.progress_bar
+        use_bar = p.progress_bar and main
         self._watched_key = None
         if rng_state is not None:
             # Restored last, right before the first epoch, so that nothing in
@@ -311,7 +376,14 @@ class Trainer:
             unit="epoch",
         )
         for epoch in epochs:
+            for sampler in _samplers(train_loader):
+                if hasattr(sampler, "set_epoch"):  # DistributedSampler reshuffles per epoch
+                    sampler.set_epoch(epoch)
             train_metrics = self._train_one_epoch(epoch, net, train_loader, p, total_steps, use_bar)
+            if self._distributed and self.ema is not None:
+                # BatchNorm statistics come from each rank's own batches; make
+                # the EMA's agree before it is validated and saved.
+                dist_utils.broadcast_ema_buffers(self.ema)
             record: Dict[str, Any] = {"epoch": epoch + 1, "lr": float(optimizer.param_groups[0]["lr"])}
             record.update({f"train_{k}": v for k, v in train_metrics.items()})
             record.update(self._validate(net, valid_loader, p, use_bar))
@@ -320,13 +392,16 @@ class Trainer:
             if is_best:
                 self.best_metric = watched
             self.history.append(record)
-            metrics_log.append(record)
-            if not p.silent_mode:
+            if main:
+                metrics_log.append(record)
+            if not p.silent_mode and main:
                 logs.emit(logs.format_epoch_summary(record, p.max_epochs, self.ema is not None, is_best), use_bar)
             if p.save_model:
                 self._save_checkpoints(epoch + 1, record, watched, is_best, train_loader, batches_per_epoch)
             self.on_epoch_end(epoch + 1, record)
 
+        if self.ema is not None and self._distributed:
+            dist_utils.check_ema_synchronized(self.ema)
         if self.ema is not None:
             # The trained model carries the EMA weights from here on (the raw
             # ones stay in ckpt_latest.pth as 'net').  copy_to writes into the
@@ -336,7 +411,8 @@ class Trainer:
         net.train(was_training)
         return self.history
 
-    def _resume(self, net: nn.Module, p: TrainingParams, metrics_log: "logs.MetricsLog", batches_per_epoch: int):
+    def _resume(self, net: nn.Module, p: TrainingParams, metrics_log: Optional["logs.MetricsLog"],
+                batches_per_epoch: int):
         path = Path(p.resume_path) if p.resume_path is not None else self.checkpoints_dir / CKPT_LATEST
         ckpt = ckpt_io.load_checkpoint(path, map_location="cpu")
         for key in (ckpt_io.NET_KEY, "epoch", "optimizer_state_dict"):
@@ -397,9 +473,23 @@ class Trainer:
             )
         best = ckpt.get("best_metric")
         self.best_metric = None if best is None else float(best)
-        metrics_log.truncate_after(start_epoch)
-        self.history = metrics_log.read()
-        return start_epoch, ckpt.get("rng_state")
+        if metrics_log is not None:
+            metrics_log.truncate_after(start_epoch)
+        dist_utils.barrier()  # the log is truncated before any rank reads it
+        self.history = logs.MetricsLog(self.checkpoints_dir).read()
+        rng_state = ckpt.get("rng_state")
+        per_rank = ckpt.get("rng_states")
+        if self._distributed:
+            if per_rank is not None and len(per_rank) == dist_utils.get_world_size():
+                rng_state = per_rank[dist_utils.get_rank()]
+            else:
+                warnings.warn(
+                    f"resuming from {str(path)!r} on {dist_utils.get_world_size()} ranks, but it holds the random "
+                    f"states of {len(per_rank) if per_rank is not None else 1}: every rank restores rank 0's",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        return start_epoch, rng_state
 
     def _train_one_epoch(self, epoch: int, net: nn.Module, loader: Any, p: TrainingParams, total_steps: int,
                          use_bar: bool) -> Dict[str, float]:
@@ -420,12 +510,18 @@ class Trainer:
             # carried through validation and checkpointing into the next epoch.
             window_start = (batch_idx // k) * k
             window_len = min(k, n - window_start)
-            with self._autocast():
-                outputs = self._forward(net, inputs)
-                loss = self._compute_loss(outputs, targets)
-            scaled = loss / window_len if window_len > 1 else loss
-            scaler.scale(scaled).backward()
-            if batch_idx == window_start + window_len - 1:
+            last_of_window = batch_idx == window_start + window_len - 1
+            # Under DDP, gradients are averaged over the ranks only on the
+            # window's last backward; the others accumulate locally.
+            sync = contextlib.nullcontext() if last_of_window or not isinstance(
+                net, nn.parallel.DistributedDataParallel) else net.no_sync()
+            with sync:
+                with self._autocast():
+                    outputs = self._forward(net, inputs)
+                    loss = self._compute_loss(outputs, targets)
+                scaled = loss / window_len if window_len > 1 else loss
+                scaler.scale(scaled).backward()
+            if last_of_window:
                 if p.clip_grad_norm is not None:
                     scaler.unscale_(optimizer)
                     torch.nn.utils.clip_grad_norm_(
@@ -441,6 +537,7 @@ class Trainer:
             tracker.update(loss, self._logits(outputs), targets)
             if bar is not loader and (batch_idx % 20 == 0 or batch_idx == n - 1):
                 bar.set_postfix(loss=f"{tracker.running_loss():.4f}", refresh=False)
+        tracker.all_reduce_(self.device)
         return tracker.compute()
 
     def _split_batch(self, batch: Any) -> Tuple[Any, torch.Tensor]:
@@ -475,6 +572,7 @@ class Trainer:
                 tracker.update(loss, self._logits(outputs), targets)
         finally:
             net.train(was_training)
+        tracker.all_reduce_(self.device)
         return tracker.compute()
 
     def _validate(self, net: nn.Module, loader: Any, p: TrainingParams, use_bar: bool) -> Dict[str, float]:
@@ -514,7 +612,7 @@ class Trainer:
         return value > self.best_metric if p.greater_is_better else value < self.best_metric
 
     def _checkpoint_state(self, epoch: int, record: Dict[str, Any], watched: float, train_loader: Any,
-                          batches_per_epoch: int) -> Dict[str, Any]:
+                          batches_per_epoch: int, rng_states: List[Dict[str, Any]]) -> Dict[str, Any]:
         from ema_cuda import __version__
 
         p = self.training_params
@@ -528,7 +626,8 @@ class Trainer:
             "optimizer_state_dict": self.optimizer.state_dict(),
             "scaler_state_dict": self.scaler.state_dict(),
             "scheduler_state_dict": self.lr_scheduler.state_dict(),
-            "rng_state": capture_rng_state(train_loader),
+            "rng_state": rng_states[0],
+            "rng_states": rng_states,
             "max_epochs": p.max_epochs,
             "batches_per_epoch": batches_per_epoch,
             "training_params": p.to_log_dict(),
@@ -541,10 +640,15 @@ class Trainer:
 
     def _save_checkpoints(self, epoch: int, record: Dict[str, Any], watched: float, is_best: bool,
                           train_loader: Any, batches_per_epoch: int) -> None:
-        state = self._checkpoint_state(epoch, record, watched, train_loader, batches_per_epoch)
-        ckpt_io.save_checkpoint(state, self.checkpoints_dir / CKPT_LATEST)
-        if is_best:
-            ckpt_io.save_checkpoint(state, self.checkpoints_dir / CKPT_BEST)
+        # Every rank's random state goes into the checkpoint (a collective),
+        # so that a resumed distributed run replays each rank's own stream.
+        rng_states = dist_utils.all_gather_objects(capture_rng_state(train_loader))
+        if self.is_main_process:
+            state = self._checkpoint_state(epoch, record, watched, train_loader, batches_per_epoch, rng_states)
+            ckpt_io.save_checkpoint(state, self.checkpoints_dir / CKPT_LATEST)
+            if is_best:
+                ckpt_io.save_checkpoint(state, self.checkpoints_dir / CKPT_BEST)
+        dist_utils.barrier()  # no rank runs ahead of a checkpoint it might resume from
 
     # ---------------------------------------------------------------- test
 
