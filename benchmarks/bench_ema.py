@@ -763,20 +763,20 @@ def evaluate_goals(device: torch.device, workloads: List[Dict[str, Any]]) -> Lis
     """The issue's targets, met / not met, from this run's figures (None where not measured)."""
     by_name = {w["name"]: w for w in workloads}
 
-    def t(wname: str, key: str) -> Optional[float]:
+    def t(wname: str, key: str, stat: str) -> Optional[float]:
         w = by_name.get(wname)
         if w is None:
             return None
         r = w["methods"].get(key)
-        return r["median_s"] if r and r["status"] == "ok" else None
+        return r.get(stat) if r and r["status"] == "ok" else None
 
-    def ratio(wname: str, slow: str, fast: str) -> Optional[float]:
-        a, b = t(wname, slow), t(wname, fast)
+    def ratio(wname: str, slow: str, fast: str, stat: str = "median_s") -> Optional[float]:
+        a, b = t(wname, slow, stat), t(wname, fast, stat)
         return a / b if a and b else None
 
     goals = []
 
-    def add(name: str, target: float, measured: Optional[float], unit: str = "x"):
+    def add(name: str, target: float, measured: Optional[float], unit: str = "x", of_mins: Optional[float] = None):
         goals.append(
             {
                 "goal": name,
@@ -784,15 +784,21 @@ def evaluate_goals(device: torch.device, workloads: List[Dict[str, Any]]) -> Lis
                 "measured": measured,
                 "unit": unit,
                 "met": None if measured is None else measured >= target,
+                # The same ratio from each method's fastest block: what the
+                # run shows once bursts of load from elsewhere are set aside.
+                "measured_of_mins": of_mins,
             }
         )
 
+    def add_ratio(name: str, target: float, wname: str, slow: str, fast: str):
+        add(name, target, ratio(wname, slow, fast), of_mins=ratio(wname, slow, fast, "min_s"))
+
     if device.type == "cpu":
         for wname in ("resnet50", "vit_b16"):
-            add(f"fused >= 0.9x flat-buffer limit on {wname}", 0.9, ratio(wname, LIMIT, FUSED))
-        add("fused >= 3x _foreach_lerp_ on 10k x 1k", 3.0, ratio("small", "foreach", FUSED))
-        add("fused >= 3x SG loop on ResNet-50", 3.0, ratio("resnet50", "sg_loop", FUSED))
-        add("bf16 model + fp32 EMA: fused >= 3x cast+foreach", 3.0, ratio("vit_b16_bf16", "foreach", FUSED))
+            add_ratio(f"fused >= 0.9x flat-buffer limit on {wname}", 0.9, wname, LIMIT, FUSED)
+        add_ratio("fused >= 3x _foreach_lerp_ on 10k x 1k", 3.0, "small", "foreach", FUSED)
+        add_ratio("fused >= 3x SG loop on ResNet-50", 3.0, "resnet50", "sg_loop", FUSED)
+        add_ratio("bf16 model + fp32 EMA: fused >= 3x cast+foreach", 3.0, "vit_b16_bf16", "foreach", FUSED)
     else:
         launches = [
             w["methods"][FUSED].get("launches")
@@ -813,8 +819,8 @@ def evaluate_goals(device: torch.device, workloads: List[Dict[str, Any]]) -> Lis
         fracs = [f for f in fracs if f is not None]
         add("fused >= 90% of copy bandwidth at 100M+ parameters (worst workload)", 0.9,
             min(fracs) if fracs else None)
-        add("fused >= 5x _foreach_lerp_ on 10k x 1k", 5.0, ratio("small", "foreach", FUSED))
-        add("bf16 model + fp32 EMA: fused >= 1.6x cast+foreach", 1.6, ratio("vit_b16_bf16", "foreach", FUSED))
+        add_ratio("fused >= 5x _foreach_lerp_ on 10k x 1k", 5.0, "small", "foreach", FUSED)
+        add_ratio("bf16 model + fp32 EMA: fused >= 1.6x cast+foreach", 1.6, "vit_b16_bf16", "foreach", FUSED)
     return goals
 
 
@@ -891,14 +897,19 @@ def detail_table(w: Dict[str, Any], cuda: bool) -> str:
 
 
 def goals_table(goals: List[Dict[str, Any]]) -> str:
-    lines = ["| goal | measured | met |", "|---|---:|---|"]
+    lines = [
+        "| goal | measured (medians) | met | same ratio from fastest blocks |",
+        "|---|---:|---|---:|",
+    ]
     for g in goals:
+        mins = g.get("measured_of_mins")
+        mins = "-" if mins is None else f"{mins:.2f}x"
         if g["measured"] is None:
             meas, met = "not measured", "-"
         else:
             meas = f"{g['measured']:.2f} {g['unit']}" if g["unit"] != "x" else f"{g['measured']:.2f}x"
             met = "met" if g["met"] else f"**not met** ({g['measured'] / g['target']:.0%} of target)"
-        lines.append(f"| {g['goal']} | {meas} | {met} |")
+        lines.append(f"| {g['goal']} | {meas} | {met} | {mins} |")
     return "\n".join(lines)
 
 
@@ -1133,6 +1144,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     if args.from_json:
         result = json.loads(args.from_json.read_text())
+        # Goals are re-derived from the timings, so a saved run is judged by today's rules.
+        result["goals"] = evaluate_goals(torch.device(result["meta"]["device"]), result["workloads"])
         print(report(result))
         why = plot(result, args.from_json.with_suffix(".png"))
         print(f"\nPlot: {why}; skipped" if why else f"\nWrote {args.from_json.with_suffix('.png')}")
