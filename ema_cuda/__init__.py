@@ -8,9 +8,9 @@ __version__ = "0.1.0"
 
 __all__ = ["ops", "ema_update_", "FusedUpdater", "__version__", "ModelEMA", "KDModelEMA", "ema_decay_schedules"]
 
-# The trainer, the model registry and checkpoint I/O load on first use, so
+# The trainer, the model registry, checkpoint I/O and the distributed pieces load on first use, so
 # that `import ema_cuda` costs no more than the op and the EMA.
-__all__ += ["Trainer", "KDTrainer", "models", "checkpoint", "training"]
+__all__ += ["Trainer", "KDTrainer", "models", "checkpoint", "training", "ShardedModelEMA", "distributed", "sharded"]
 
 
 def __getattr__(name):
@@ -18,7 +18,11 @@ def __getattr__(name):
         from ema_cuda import training
 
         return getattr(training, name)
-    if name in ("training", "models", "checkpoint"):
+    if name == "ShardedModelEMA":
+        from ema_cuda.sharded import ShardedModelEMA
+
+        return ShardedModelEMA
+    if name in ("training", "models", "checkpoint", "distributed", "sharded"):
         import importlib
 
         return importlib.import_module(f"ema_cuda.{name}")

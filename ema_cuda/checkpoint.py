@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Union
 
@@ -36,6 +37,8 @@ from torch import nn
 
 __all__ = [
     "CheckpointError",
+    "is_dcp_checkpoint",
+    "load_dcp_weights",
     "save_checkpoint",
     "load_checkpoint",
     "load_checkpoint_to_model",
@@ -230,3 +233,72 @@ def pick_weights_key(checkpoint: Mapping[str, Any], path: Optional[PathLike] = N
     raise CheckpointError(
         f"{where} has neither an {EMA_NET_KEY!r} nor a {NET_KEY!r} entry; its entries are {sorted(checkpoint)}"
     )
+
+
+# --------------------------------------------------------------------------- DCP checkpoints
+
+#: Where :func:`ema_cuda.sharded.save_sharded_checkpoint` states keep the weights:
+#: ``{"model": model.state_dict(), "ema": ema.state_dict(), ...}``.
+DCP_NET_PATH = ("model",)
+DCP_EMA_PATH = ("ema", "ema")
+
+
+def _dcp_directory(path: PathLike) -> Optional[Path]:
+    path = Path(path)
+    if (path / ".metadata").is_file():
+        return path
+    pointer = path / "LATEST"
+    if pointer.is_file():
+        candidate = path / pointer.read_text().strip()
+        if (candidate / ".metadata").is_file():
+            return candidate
+        raise CheckpointError(f"{str(pointer)!r} names {candidate.name!r}, which holds no complete DCP checkpoint")
+    return None
+
+
+def is_dcp_checkpoint(path: PathLike) -> bool:
+    """True for a directory written by ``torch.distributed.checkpoint`` (or a root with a ``LATEST`` file)."""
+    path = Path(path)
+    return path.is_dir() and ((path / ".metadata").is_file() or (path / "LATEST").is_file())
+
+
+def load_dcp_weights(path: PathLike, which: str = "ema") -> Dict[str, torch.Tensor]:
+    """The full (consolidated) weights of a DCP checkpoint, as a state dict of plain CPU tensors.
+
+    Works in a single process with no process group, whatever number of ranks
+    wrote the checkpoint: DCP assembles every tensor from its shards.  ``path``
+    is a checkpoint directory or a root written by
+    :func:`ema_cuda.sharded.save_sharded_checkpoint` (its ``LATEST`` is
+    read).  ``which`` is ``"ema"`` (the EMA weights, saved as
+    ``{"ema": ema.state_dict()}``) or ``"net"`` (the raw weights, saved as
+    ``{"model": model.state_dict()}``).  Raises :class:`CheckpointError` when
+    the checkpoint holds no such weights.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if which not in ("ema", "net"):
+        raise ValueError(f"load_dcp_weights: which must be 'ema' or 'net', got {which!r}")
+    directory = _dcp_directory(path)
+    if directory is None:
+        raise FileNotFoundError(f"{str(path)!r} is not a DCP checkpoint directory (no .metadata, no LATEST)")
+    prefix = DCP_EMA_PATH if which == "ema" else DCP_NET_PATH
+    metadata = dcp.FileSystemReader(str(directory)).read_metadata()
+    paths = metadata.planner_data or {}
+    templates: Dict[str, torch.Tensor] = {}
+    names: Dict[str, str] = {}
+    for flat_key, meta in metadata.state_dict_metadata.items():
+        where = tuple(paths.get(flat_key, (flat_key,)))
+        if len(where) == len(prefix) + 1 and where[: len(prefix)] == prefix and isinstance(meta, TensorStorageMetadata):
+            templates[flat_key] = torch.empty(meta.size, dtype=meta.properties.dtype)
+            names[flat_key] = where[-1]
+    if not templates:
+        raise CheckpointError(
+            f"DCP checkpoint {str(directory)!r} holds no {which} weights under {'.'.join(prefix)!r}; "
+            f"its entries start with {sorted({str(p[0]) for p in paths.values()})}"
+        )
+    with warnings.catch_warnings():
+        # DCP warns that it assumes a single process even when told so.
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+        dcp.load(templates, checkpoint_id=directory, no_dist=True)
+    return {names[k]: v for k, v in templates.items()}

@@ -168,6 +168,7 @@ class _Plan:
         "copy_model",
         "pairs",
         "finite_check",
+        "local_watch",
     )
 
 
@@ -423,6 +424,11 @@ class ModelEMA:
         packed: List[torch.Tensor] = []
         seen = set()
         for key, _, _, t, _ in entries:
+            if _is_dtensor(t):
+                raise TypeError(
+                    f"{type(self).__name__}: model entry {key!r} is a DTensor (a model sharded with FSDP2 "
+                    "fully_shard or tensor parallelism); use ema_cuda.ShardedModelEMA, which keeps each rank's shard"
+                )
             if isinstance(t, nn.parameter.UninitializedTensorMixin):
                 raise ValueError(
                     f"{type(self).__name__}: model entry {key!r} is not initialised yet (a lazy module); "
@@ -509,7 +515,7 @@ class ModelEMA:
             return
         d = self.decay_at(step, total_steps)
         plan = self._ensure_plan(self._source(model))
-        if self.skip_nonfinite and plan.finite_check and not self._model_is_finite(plan):
+        if self.skip_nonfinite and not self._model_is_finite(plan):
             self.num_skipped += 1
             return
         with torch.no_grad():
@@ -606,6 +612,8 @@ class ModelEMA:
     def _model_is_finite(self, plan: _Plan) -> bool:
         # One max-abs reduction per tensor: finite iff no NaN/Inf, and unlike a
         # sum or a 2-norm it cannot overflow on large finite values.
+        if not plan.finite_check:
+            return True
         maxima = torch._foreach_norm(plan.finite_check, ord=float("inf"))
         return bool(torch.stack(maxima).isfinite().all())
 
@@ -618,6 +626,10 @@ class ModelEMA:
         self._plan = None
         self._plan = self._build_plan(src)
         return self._plan
+
+    def _model_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """The tensor of a model entry that the EMA pairs with (this rank's shard for a sharded EMA)."""
+        return t
 
     def _build_plan(self, src: nn.Module) -> _Plan:
         """Pairs the model's entries with the EMA's by name, checks them, and caches the lists.
@@ -646,7 +658,7 @@ class ModelEMA:
         # Group keys by EMA tensor: tied weights are one tensor under several names.
         groups: Dict[int, Tuple[torch.Tensor, List[str], bool]] = {}
         for key, _, _, e, is_param in e_entries:
-            m = model_by_key[key][3]
+            m = self._model_tensor(model_by_key[key][3])
             if m.shape != e.shape:
                 raise RuntimeError(
                     f"{name}: entry {key!r} has shape {list(m.shape)} in the model but {list(e.shape)} in the EMA"
@@ -670,7 +682,7 @@ class ModelEMA:
         avg_ema, avg_model, copy_ema, copy_model, pairs = [], [], [], [], []
         seen_model = set()
         for e, keys, is_param in groups.values():
-            ms = [model_by_key[k][3] for k in keys]
+            ms = [self._model_tensor(model_by_key[k][3]) for k in keys]
             if any(m is not ms[0] for m in ms[1:]):
                 raise RuntimeError(f"{name}: entries {_names(keys)} share one tensor in the EMA but not in the model")
             m = ms[0]
@@ -693,6 +705,8 @@ class ModelEMA:
         plan.updater = FusedUpdater(avg_ema, avg_model) if avg_ema else None
         plan.copy_ema, plan.copy_model, plan.pairs = copy_ema, copy_model, pairs
         plan.finite_check = [m for m, e in pairs if m.is_floating_point() and m.numel() > 0]
+        dtensors = [t for _, _, _, t, _ in m_entries if _is_dtensor(t)]
+        plan.local_watch = (tuple(dtensors), tuple(map(_local_shard, dtensors))) if dtensors else None
         # Every registered tensor and child of both module trees, and the size
         # of every registry: comparing them is the per-step check that the
         # plan still describes the modules.  Shapes are compared only for the
@@ -807,6 +821,17 @@ class ModelEMA:
             if (include and k not in include) or k.startswith("_") or k in exclude or k == "training":
                 continue
             setattr(self.ema, k, v)
+
+    def memory_bytes(self) -> int:
+        """Bytes of memory the EMA's own tensors occupy (its flat buffers and copied buffers, each storage once)."""
+        seen = set()
+        total = 0
+        for _, _, _, t, _ in _state_entries(self._covered)[0]:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in seen or storage.nbytes() == 0:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        return total
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -993,7 +1018,28 @@ def _unchanged(plan: _Plan) -> bool:
     registries, sizes = plan.watch_len
     if tuple(map(len, registries)) != sizes:
         return False
+    if plan.local_watch is not None:
+        # Sharded parameters: each DTensor must still hold the same local shard.
+        dtensors, shards = plan.local_watch
+        if not all(map(operator.is_, map(_local_shard, dtensors), shards)):
+            return False
     return tuple(t.shape for t in plan.copy_model) == plan.copy_shapes
+
+
+def _is_dtensor(t: Any) -> bool:
+    # Checked by attribute so that torch.distributed is imported only when used.
+    return hasattr(t, "device_mesh") and hasattr(t, "placements") and hasattr(t, "to_local")
+
+
+def _local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (the tensor object it holds, not an alias), else ``t``."""
+    if not _is_dtensor(t):
+        return t
+    local = getattr(t, "_local_tensor", None)
+    if local is None:
+        with torch.no_grad():
+            local = t.to_local()
+    return local
 
 
 def _check_no_shared_storage(cls: str, entries: List[_Entry], tensors: List[torch.Tensor]) -> None:

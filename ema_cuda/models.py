@@ -142,7 +142,10 @@ def get(
 
     With a checkpoint, the EMA weights (``ema_net``) are loaded when the
     checkpoint has them and ``load_ema`` is true (the default), and the raw
-    weights (``net``) otherwise.  The chosen entry is recorded on the
+    weights (``net``) otherwise.  ``checkpoint_path`` may also be a
+    distributed checkpoint directory written with
+    :func:`ema_cuda.sharded.save_sharded_checkpoint` (e.g. by an FSDP2 run on
+    any number of ranks): the consolidated EMA (or raw) weights are loaded.  The chosen entry is recorded on the
     returned model as ``model.loaded_checkpoint_key``.  A corrupt file, a
     missing entry or key, or a shape mismatch raises an error naming the
     file, the entry and the key.
@@ -158,7 +161,24 @@ def get(
     model = factory(**kwargs)
     if not isinstance(model, nn.Module):
         raise TypeError(f"models.get: factory {label} returned a {type(model).__name__}, not an nn.Module")
-    if checkpoint_path is not None:
+    if checkpoint_path is not None and _ckpt.is_dcp_checkpoint(checkpoint_path):
+        # A distributed (DCP) checkpoint, e.g. of an FSDP2 run: the EMA (or
+        # raw) weights are consolidated from the shards in this process.
+        key = _ckpt.NET_KEY
+        weights = None
+        if load_ema:
+            try:
+                weights = _ckpt.load_dcp_weights(checkpoint_path, "ema")
+                key = _ckpt.EMA_NET_KEY
+            except _ckpt.CheckpointError:
+                weights = None
+        if weights is None:
+            weights = _ckpt.load_dcp_weights(checkpoint_path, "net")
+        _ckpt.load_state_dict_into_model(
+            model, weights, source=f"DCP checkpoint {str(checkpoint_path)!r}, {key!r} weights", strict=strict
+        )
+        model.loaded_checkpoint_key = key
+    elif checkpoint_path is not None:
         ckpt = _ckpt.load_checkpoint(checkpoint_path)
         key = _ckpt.pick_weights_key(ckpt, checkpoint_path) if load_ema else _ckpt.NET_KEY
         if ckpt.get(key) is None:

@@ -1,0 +1,374 @@
+"""EMA of a model sharded with FSDP2, kept shard by shard, and its distributed checkpoints.
+
+A model sharded with ``torch.distributed.fsdp.fully_shard`` holds its
+parameters as DTensors: each rank owns one shard of every parameter.  A
+``deepcopy`` of such a module, or an EMA that gathers the full parameters at
+every step, defeats the point of sharding.  :class:`ShardedModelEMA` keeps,
+on each rank, the moving average of that rank's shards only (memory per rank
+= the shard size, not the model size) and updates it with the same fused
+kernel as :class:`~ema_cuda.ema.ModelEMA`, with no gathering and no
+communication.
+
+Its :meth:`~ShardedModelEMA.state_dict` presents the shards as DTensors laid
+out like the model's parameters, so :func:`torch.distributed.checkpoint`
+(DCP) saves them in parallel and reshards on load: a checkpoint written on 2
+ranks loads on 1, on 2, or into a plain :class:`~ema_cuda.ema.ModelEMA` of
+the unsharded model.  :func:`save_sharded_checkpoint` writes such a checkpoint
+so that a crash while saving never damages the previous one, and
+:func:`ema_cuda.checkpoint.load_dcp_weights` (used by ``models.get``) reads the
+consolidated EMA weights in a single process.
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from ema_cuda.ema import ModelEMA, _flat_views, _is_dense, _is_dtensor, _local_shard, _state_entries
+from ema_cuda.ops import SUPPORTED_DTYPES
+
+__all__ = [
+    "ShardedModelEMA",
+    "save_sharded_checkpoint",
+    "load_sharded_checkpoint",
+    "latest_checkpoint",
+    "LATEST_NAME",
+]
+
+#: The file, inside a checkpoint root directory, naming the complete checkpoint to load.
+LATEST_NAME = "LATEST"
+_TAG_RE = re.compile(r"^step-(\d+)$")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class ShardedModelEMA(ModelEMA):
+    """An EMA of an FSDP2-sharded model that keeps only this rank's shards.
+
+    Use it instead of :class:`~ema_cuda.ema.ModelEMA` when the model was
+    sharded with ``fully_shard`` (or its parameters are DTensors for another
+    reason, such as tensor parallelism).  Build it on every rank after
+    sharding; then :meth:`update` after every optimizer step, on every rank,
+    exactly as with :class:`ModelEMA` (same decay, schedules and options,
+    including ``capturable``).  Each update is one fused call over the local
+    shards (``DTensor`` local tensors) and involves no communication.
+
+    ``ema.ema`` is a plain module tree with the model's names holding this
+    rank's shards (buffers, which FSDP does not shard, in full); it cannot run
+    a forward pass.  To evaluate with the EMA weights use :meth:`swapped`,
+    which copies them into the model's shards for the block and restores the
+    training weights exactly on exit (it needs a temporary buffer of the shard
+    size), or :meth:`copy_to` at the end of training.
+
+    Buffers such as BatchNorm statistics are not sharded by FSDP and are
+    updated from each rank's own batch, so their averages differ between
+    ranks; :func:`ema_cuda.distributed.broadcast_ema_buffers` makes them agree.
+    """
+
+    def _copy_module(self, src: nn.Module) -> nn.Module:
+        entries, _ = _state_entries(src)
+        shards: Dict[int, torch.Tensor] = {}
+        floating: List[Tuple[int, torch.Tensor]] = []
+        self._specs: Dict[str, Tuple[Any, Any, torch.Size, Tuple[int, ...]]] = {}
+        for key, _, _, t, _ in entries:
+            if isinstance(t, nn.parameter.UninitializedTensorMixin):
+                raise ValueError(f"ShardedModelEMA: model entry {key!r} is not initialised yet (a lazy module)")
+            if _is_dtensor(t):
+                self._specs[key] = (t.device_mesh, tuple(t.placements), t.shape, tuple(t.stride()))
+            if id(t) in shards:
+                continue
+            local = _local_shard(t)
+            shards[id(t)] = local
+            if not local.is_floating_point():
+                continue
+            if local.dtype not in SUPPORTED_DTYPES:
+                raise ValueError(
+                    f"ShardedModelEMA: model entry {key!r} has dtype {local.dtype}; the fused update supports "
+                    f"{[str(d) for d in SUPPORTED_DTYPES]}"
+                )
+            if not _is_dense(local):
+                raise ValueError(f"ShardedModelEMA: the local shard of model entry {key!r} is not dense")
+            floating.append((id(t), local))
+        if not self._specs:
+            raise TypeError(
+                "ShardedModelEMA: the model has no DTensor parameters or buffers (it is not sharded); use ModelEMA"
+            )
+
+        views = _flat_views([(t.shape, t.stride(), self.ema_dtype or t.dtype, t.device) for _, t in floating])
+        copies: Dict[int, torch.Tensor] = {}
+        with torch.no_grad():
+            for (ident, local), view in zip(floating, views):
+                view.copy_(local)
+                copies[ident] = view
+            for ident, local in shards.items():
+                if ident not in copies:  # integer buffers
+                    copies[ident] = local.detach().clone()
+
+        mirrors: Dict[int, nn.Module] = {}
+        params: Dict[int, nn.Parameter] = {}
+
+        def mirror(module: nn.Module) -> nn.Module:
+            # A plain module with the same names, holding the shard copies
+            # (shared modules and tied tensors stay shared).
+            if id(module) in mirrors:
+                return mirrors[id(module)]
+            m = nn.Module()
+            mirrors[id(module)] = m
+            for name, p in module._parameters.items():
+                if p is not None:
+                    # A parameter tied in the model is one Parameter here too.
+                    if id(p) not in params:
+                        params[id(p)] = nn.Parameter(copies[id(p)], requires_grad=False)
+                    m._parameters[name] = params[id(p)]
+            skip = module._non_persistent_buffers_set
+            for name, b in module._buffers.items():
+                if b is not None and name not in skip:
+                    m._buffers[name] = copies[id(b)]
+            for name, child in module._modules.items():
+                if child is not None:
+                    m._modules[name] = mirror(child)
+            return m
+
+        return mirror(src).eval()
+
+    def _model_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        return _local_shard(t)
+
+    def _model_is_finite(self, plan) -> bool:
+        # Each rank sees only its shards: the ranks agree on skipping through
+        # one 1-element all-reduce (the only communication of an update, and
+        # only with skip_nonfinite=True), else their EMAs would drift apart.
+        finite = super()._model_is_finite(plan)
+        dist = _dist()
+        if dist is None:
+            return finite
+        device = plan.finite_check[0].device if plan.finite_check else torch.device("cpu")
+        if dist.get_backend() == "nccl" and device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+        flag = torch.tensor([0 if finite else 1], dtype=torch.int32, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return not bool(flag.item())
+
+    # ------------------------------------------------------------------ evaluation
+
+    @contextmanager
+    def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Lets ``model`` hold the EMA weights inside a ``with`` block, then restores it exactly.
+
+        FSDP owns the storage of the shards, so the EMA values are copied into
+        it (through a temporary of this rank's shard size) and the training
+        values copied back on exit, also when the block raises.  Call it on
+        every rank, like the forward passes inside it.
+        """
+        plan = self._ensure_plan(self._source(model))
+        model_side = [m for m, _ in plan.pairs]
+        self._swap_depth += 1
+        try:
+            with torch.no_grad():
+                saved = [m.clone() for m in model_side]
+                torch._foreach_copy_(model_side, [e for _, e in plan.pairs])
+            try:
+                yield model
+            finally:
+                with torch.no_grad():
+                    torch._foreach_copy_(model_side, saved)
+        finally:
+            self._swap_depth -= 1
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Like :meth:`ModelEMA.state_dict`, with each sharded entry a DTensor laid out like the model's.
+
+        The DTensors share memory with the EMA.  Pass the dictionary (inside
+        the state given) to :func:`save_sharded_checkpoint` or
+        ``torch.distributed.checkpoint.save`` on every rank; DCP writes each
+        rank's shards and records the global shapes, so the checkpoint can be
+        loaded with another number of ranks.
+        """
+        from torch.distributed.tensor import DTensor
+
+        state = super().state_dict()
+        weights = {}
+        for key, t in state["ema"].items():
+            spec = self._specs.get(key)
+            if spec is None:
+                weights[key] = t
+            else:
+                mesh, placements, shape, stride = spec
+                weights[key] = DTensor.from_local(t, mesh, placements, run_check=False, shape=shape, stride=stride)
+        state["ema"] = weights
+        return state
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restores a state from :meth:`state_dict` (possibly filled by a DCP load), or from a plain ModelEMA.
+
+        Entries may be DTensors (their local shard is taken) or full tensors
+        of the model's global shape, e.g. the state of a :class:`ModelEMA` of
+        the unsharded model, from which this rank's shard is cut.  Everything
+        is checked before anything is written.
+        """
+        if isinstance(state, dict) and isinstance(state.get("ema"), dict):
+            weights = {}
+            for key, v in state["ema"].items():
+                spec = self._specs.get(key)
+                if _is_dtensor(v):
+                    v = _local_shard(v)
+                elif spec is not None and isinstance(v, torch.Tensor) and v.shape == spec[2]:
+                    v = _cut_shard(v, spec)
+                weights[key] = v
+            state = dict(state, ema=weights)
+        super().load_state_dict(state)
+
+    def __getstate__(self) -> Dict[str, Any]:
+        raise TypeError(
+            "ShardedModelEMA cannot be pickled or deep-copied (it refers to a device mesh); save it with "
+            "save_sharded_checkpoint or torch.distributed.checkpoint"
+        )
+
+
+def _cut_shard(full: torch.Tensor, spec: Tuple[Any, Any, torch.Size, Tuple[int, ...]]) -> torch.Tensor:
+    """This rank's piece of a full tensor, for a DTensor layout ``spec``."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh, placements, shape, _ = spec
+    local_shape, offset = compute_local_shape_and_global_offset(shape, mesh, placements)
+    piece = full
+    for dim, (start, length) in enumerate(zip(offset, local_shape)):
+        piece = piece.narrow(dim, start, length)
+    return piece
+
+
+# ---------------------------------------------------------------------- DCP checkpoints
+
+
+def _dist():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() else None
+
+
+def latest_checkpoint(root: PathLike) -> Optional[Path]:
+    """The complete checkpoint directory ``root/LATEST`` names, or ``None`` when there is none yet."""
+    root = Path(root)
+    pointer = root / LATEST_NAME
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text().strip()
+    path = root / name
+    if not (path / ".metadata").is_file():
+        raise FileNotFoundError(f"{str(pointer)!r} names {name!r}, but {str(path)!r} holds no DCP checkpoint")
+    return path
+
+
+def _write_pointer(root: Path, name: str) -> None:
+    tmp = root / f".{LATEST_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / LATEST_NAME)
+    try:
+        fd = os.open(root, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def save_sharded_checkpoint(state: Dict[str, Any], root: PathLike, *, keep: int = 1,
+                            process_group: Optional[Any] = None) -> Path:
+    """Saves ``state`` with ``torch.distributed.checkpoint`` under ``root`` without ever damaging the previous save.
+
+    Call it on every rank with the same structure, e.g.
+    ``{"model": model.state_dict(), "ema": ema.state_dict(), "step": step}``
+    (the keys ``"model"`` and ``"ema"`` are what
+    :func:`ema_cuda.checkpoint.load_dcp_weights` and ``models.get`` look for).
+    Each save goes to a new directory ``root/step-N``; only when every rank
+    has written its part and DCP has written the metadata does rank 0 point
+    ``root/LATEST`` at it (an atomic rename), and then removes all but the
+    ``keep`` newest complete checkpoints.  A rank that dies mid-save leaves an
+    incomplete ``step-N`` directory that ``LATEST`` never names, so the
+    previous checkpoint stays the one that loads.  Returns the new directory.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+        raise ValueError(f"save_sharded_checkpoint: keep must be an integer >= 1, got {keep!r}")
+    dist = _dist()
+    root = Path(root)
+    rank = dist.get_rank(process_group) if dist else 0
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        numbers = [int(m.group(1)) for p in root.iterdir() if (m := _TAG_RE.match(p.name))]
+        name = [f"step-{max(numbers, default=0) + 1}"]
+    else:
+        name = [None]
+    if dist:
+        dist.broadcast_object_list(name, src=dist.get_global_rank(process_group, 0) if process_group else 0,
+                                   group=process_group)
+    path = root / name[0]
+    with _quiet_single_process():
+        dcp.save(state, checkpoint_id=path, process_group=process_group, no_dist=dist is None)
+    if dist:
+        dist.barrier(group=process_group)
+    if rank == 0:
+        _write_pointer(root, path.name)
+        complete = sorted(
+            (int(m.group(1)), p) for p in root.iterdir()
+            if (m := _TAG_RE.match(p.name)) and p != path and int(m.group(1)) < int(_TAG_RE.match(path.name).group(1))
+        )
+        # Older directories go, complete or not (an incomplete one is a
+        # crashed save); the `keep - 1` newest complete ones stay.
+        kept = [p for _, p in complete if (p / ".metadata").is_file()][-(keep - 1):] if keep > 1 else []
+        for _, p in complete:
+            if p not in kept:
+                shutil.rmtree(p, ignore_errors=True)
+    if dist:
+        dist.barrier(group=process_group)
+    return path
+
+
+def load_sharded_checkpoint(state: Dict[str, Any], root: PathLike, *, process_group: Optional[Any] = None) -> Path:
+    """Loads the checkpoint ``root/LATEST`` names into ``state`` in place (DCP) and returns its directory.
+
+    ``state`` has the structure that was saved, filled with tensors to load
+    into: ``{"ema": ema.state_dict()}`` (DTensors of a sharded EMA, or the
+    plain tensors of a :class:`ModelEMA` of the unsharded model: DCP reshards
+    to whatever layout they have, on any number of ranks).  Then call
+    ``ema.load_state_dict(state["ema"])`` to restore the decay, the schedule
+    and the counters.  Without a process group it loads in this process alone.
+    ``root`` may also be a checkpoint directory itself.
+    """
+    import torch.distributed.checkpoint as dcp
+
+    root = Path(root)
+    path = root if (root / ".metadata").is_file() else latest_checkpoint(root)
+    if path is None:
+        raise FileNotFoundError(f"no complete DCP checkpoint under {str(root)!r} (no {LATEST_NAME} file)")
+    dist = _dist()
+    with _quiet_single_process():
+        dcp.load(state, checkpoint_id=path, process_group=process_group, no_dist=dist is None)
+    return path
+
+
+@contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    # DCP warns that it assumes a single process whenever no process group
+    # exists, even when no_dist=True says so explicitly.
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to (load|save) in a single process")
+        yield
