@@ -1011,7 +1011,10 @@ def report(result: Dict[str, Any]) -> str:
         parts += [detail_table(w, cuda), ""]
     if result.get("end_to_end"):
         parts += ["## End to end", "", e2e_table(result["end_to_end"]), ""]
-    parts += ["## Goals", "", goals_table(result["goals"])]
+    parts += ["## Goals", ""]
+    if meta["args"].get("quick") or meta["args"].get("size_scale") != 1.0 or meta["args"].get("small_count") != 10_000:
+        parts += ["Sizes differ from the goals' workloads (--quick, --size-scale or --small-count): indicative only.", ""]
+    parts += [goals_table(result["goals"])]
     wrong = _wrong(result)
     if wrong:
         parts += ["", "WRONG RESULTS (not timed): " + "; ".join(f"{lbl} on {wn}" for wn, _, lbl in wrong)]
