@@ -1049,6 +1049,13 @@ def _slug(s: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except ``None`` ones (their help says what they mean)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks.bench_ema",
@@ -1057,7 +1064,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             "per-tensor loops, torch._foreach_lerp_, AveragedModel, timm ModelEmaV3 and the "
             "bandwidth limit. Every method is checked against an fp64 reference first."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument(
