@@ -30,6 +30,7 @@ import math
 import numbers
 import operator
 import warnings
+import weakref
 from contextlib import contextmanager
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -42,7 +43,7 @@ from ema_cuda.ops import SUPPORTED_DTYPES, FusedUpdater, ema_update_
 __all__ = ["ModelEMA", "KDModelEMA", "unwrap_model"]
 
 _STATE_VERSION = 1
-_OPTIONS = ("buffers", "ema_dtype", "update_every", "skip_nonfinite", "capturable", "total_steps")
+_OPTIONS = ("buffers", "ema_dtype", "update_every", "skip_nonfinite", "capturable", "total_steps", "async_update")
 _PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
 # Each packed tensor starts on a 64-byte boundary of its flat buffer: a cache
 # line on CPUs, and aligned for the CUDA kernel's 16-byte vector loads.
@@ -169,7 +170,66 @@ class _Plan:
         "pairs",
         "finite_check",
         "local_watch",
+        "side_updater",
     )
+
+
+class _CudaStreams:
+    """The stream operations of the asynchronous update, in one place (tests substitute a recording fake)."""
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def side_stream(self, device: torch.device) -> Any:
+        return torch.cuda.Stream(device=device)
+
+    def current_stream(self, device: torch.device) -> Any:
+        return torch.cuda.current_stream(device)
+
+    def stream(self, stream: Any) -> Any:
+        return torch.cuda.stream(stream)
+
+    def new_event(self) -> Any:
+        return torch.cuda.Event()
+
+    def record_stream(self, tensor: torch.Tensor, stream: Any) -> None:
+        tensor.record_stream(stream)
+
+
+_STREAMS = _CudaStreams()
+# Asynchronous EMAs with an update in flight; every optimizer step waits for them.
+_PENDING: "weakref.WeakSet[ModelEMA]" = weakref.WeakSet()
+_OPTIMIZER_HOOK = None
+
+
+def _wait_before_optimizer_step(optimizer: Any, args: Any, kwargs: Any) -> None:
+    # The step writes the parameters that a side-stream update may still be reading.
+    for ema in list(_PENDING):
+        ema.wait()
+
+
+def _install_optimizer_hook() -> None:
+    global _OPTIMIZER_HOOK
+    if _OPTIMIZER_HOOK is None:
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+        _OPTIMIZER_HOOK = register_optimizer_step_pre_hook(_wait_before_optimizer_step)
+
+
+class _WaitHook:
+    """Forward pre-hook of ``ema.ema``: a forward pass reads the EMA, so it waits for an update in flight."""
+
+    def __init__(self, ema: Optional["ModelEMA"]):
+        self.ref = weakref.ref(ema) if ema is not None else None
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        ema = self.ref() if self.ref is not None else None
+        if ema is not None:
+            ema.wait()
+
+    def __reduce__(self):
+        # A copied module gets an inert hook; the copied EMA installs its own.
+        return (_WaitHook, (None,))
 
 
 class ModelEMA:
@@ -234,6 +294,19 @@ class ModelEMA:
         total_steps: the run's planned number of steps, used by
             :meth:`update` when it is called without ``total_steps``
             (capturable mode).
+        async_update: on CUDA, run the averaging of the parameters on a side
+            stream, so that it overlaps with the next forward pass (it only
+            reads the parameters, which nothing writes until the next
+            optimizer step).  The side stream waits for the current one
+            before each update; the current stream waits for the update
+            before the next ``optimizer.step()`` of any ``torch.optim``
+            optimizer (a global step pre-hook) and before every read of the
+            EMA here: :meth:`swapped`, :meth:`copy_to`, :meth:`state_dict`,
+            :meth:`load_state_dict`, a forward pass of ``ema.ema``.  Buffers
+            (which the forward pass writes) are updated on the current stream.
+            Code that writes the model's parameters by other means, or reads
+            the EMA's tensors directly, calls :meth:`wait` first.  Needs the
+            EMA on one CUDA device; not combinable with ``capturable``.
 
     Differences from SuperGradients: ``decay`` outside (0, 1) and a schedule
     value outside [0, 1] are errors; entries are paired by name with shape
@@ -254,6 +327,7 @@ class ModelEMA:
         skip_nonfinite: bool = False,
         capturable: bool = False,
         total_steps: Optional[int] = None,
+        async_update: bool = False,
     ):
         self.decay = _check_decay(decay)
         if not callable(decay_function):
@@ -275,6 +349,15 @@ class ModelEMA:
         self.total_steps = None if total_steps is None else int(total_steps)
         if self.capturable:
             self._check_capturable_options()
+        self.async_update = bool(async_update)
+        if self.async_update and self.capturable:
+            raise ValueError(
+                f"{type(self).__name__}: async_update and capturable are exclusive (a captured graph orders the "
+                "update itself)"
+            )
+        self._streams: Optional[Any] = None  # None: the CUDA streams (a test may substitute a fake)
+        self._side_stream: Optional[Any] = None
+        self._pending: Optional[Any] = None
         #: Device tensors of the capturable mode (None otherwise): the step of
         #: the last update, its decay (float64) and the number of updates.
         self.step_tensor: Optional[torch.Tensor] = None
@@ -295,6 +378,15 @@ class ModelEMA:
 
         self._plan: Optional[_Plan] = None
         self._swap_depth = 0
+        if self.async_update:
+            device = self._state_device()
+            if not self._stream_ops().supports(device):
+                raise ValueError(
+                    f"{type(self).__name__}: async_update needs the EMA on a CUDA device, it is on {device}"
+                )
+            self._async_device = device
+            self._install_wait_hook()
+            _install_optimizer_hook()
         if self.capturable:
             device = self._state_device()
             self.step_tensor = torch.zeros((), dtype=torch.int64, device=device)
@@ -332,6 +424,45 @@ class ModelEMA:
                 f"{sorted(str(d) for d in devices)}"
             )
         return devices.pop() if devices else torch.device("cpu")
+
+    def _stream_ops(self) -> Any:
+        return self._streams if self._streams is not None else _STREAMS
+
+    def _install_wait_hook(self) -> None:
+        hooks = self.ema._forward_pre_hooks
+        for key in [k for k, h in hooks.items() if isinstance(h, _WaitHook)]:
+            del hooks[key]
+        self.ema.register_forward_pre_hook(_WaitHook(self))
+
+    def wait(self) -> None:
+        """Makes the current stream wait for an asynchronous update still in flight (``async_update``).
+
+        Called automatically before every read of the EMA in this class, by
+        a forward pass of ``ema.ema`` and before every ``optimizer.step()``;
+        call it yourself before reading the EMA's tensors directly or writing
+        the model's parameters outside an optimizer.  It does not block the
+        host, and does nothing when no update is in flight.
+        """
+        event = self._pending
+        if event is not None:
+            self._stream_ops().current_stream(self._async_device).wait_event(event)
+            self._pending = None
+            _PENDING.discard(self)
+
+    def _update_on_side_stream(self, updater: FusedUpdater, decay: Any) -> None:
+        ops = self._stream_ops()
+        device = self._async_device
+        if self._side_stream is None:
+            self._side_stream = ops.side_stream(device)
+        side = self._side_stream
+        # The parameters were written on the current stream (optimizer.step).
+        side.wait_stream(ops.current_stream(device))
+        with ops.stream(side):
+            updater.update(decay)
+        event = ops.new_event()
+        event.record(side)
+        self._pending = event
+        _PENDING.add(self)
 
     @property
     def num_updates(self) -> int:
@@ -519,22 +650,31 @@ class ModelEMA:
             self.num_skipped += 1
             return
         with torch.no_grad():
-            if plan.updater is not None:
-                try:
-                    plan.updater.update(d)
-                except RuntimeError:
-                    # A model tensor's storage was replaced by one the plan
-                    # cannot take (another device, layout or shape).  The op
-                    # checks before writing; rebuilding either adapts (layout)
-                    # or names the offending entry.
-                    self._plan = None
-                    plan = self._ensure_plan(plan.src)
-                    if plan.updater is None:
-                        raise
-                    plan.updater.update(d)
+            done = set()
+            try:
+                self._apply(plan, d, done)
+            except RuntimeError:
+                # A model tensor's storage was replaced by one the plan
+                # cannot take (another device, layout or shape).  The op
+                # checks before writing; rebuilding either adapts (layout)
+                # or names the offending entry.  Updaters that already ran
+                # are not run again.
+                self._plan = None
+                plan = self._ensure_plan(plan.src)
+                if plan.updater is None and plan.side_updater is None:
+                    raise
+                self._apply(plan, d, done)
             if plan.copy_ema:
                 torch._foreach_copy_(plan.copy_ema, plan.copy_model)
         self.num_updates += 1
+
+    def _apply(self, plan: _Plan, decay: float, done: set) -> None:
+        if plan.side_updater is not None and "side" not in done:
+            self._update_on_side_stream(plan.side_updater, decay)
+            done.add("side")
+        if plan.updater is not None and "main" not in done:
+            plan.updater.update(decay)
+            done.add("main")
 
     def _update_capturable(self, model: nn.Module, step: Any, total_steps: Optional[int]) -> None:
         name = type(self).__name__
@@ -680,6 +820,7 @@ class ModelEMA:
                 groups[id(e)] = (e, [key], is_param)
 
         avg_ema, avg_model, copy_ema, copy_model, pairs = [], [], [], [], []
+        avg_is_param = []
         seen_model = set()
         for e, keys, is_param in groups.values():
             ms = [self._model_tensor(model_by_key[k][3]) for k in keys]
@@ -689,6 +830,7 @@ class ModelEMA:
             if e.is_floating_point() and (is_param or self.buffers == "average"):
                 avg_ema.append(e)
                 avg_model.append(m)
+                avg_is_param.append(is_param)
             else:
                 copy_ema.append(e)
                 copy_model.append(m)
@@ -702,6 +844,23 @@ class ModelEMA:
         plan = _Plan()
         plan.src = src
         plan.buffers = self.buffers
+        plan.side_updater = None
+        if self.async_update:
+            # Parameters on the side stream (nothing writes them before the
+            # next optimizer step); buffers, which the next forward pass
+            # writes, on the current one.
+            side = [i for i, p in enumerate(avg_is_param) if p]
+            main = [i for i, p in enumerate(avg_is_param) if not p]
+            if side:
+                plan.side_updater = FusedUpdater([avg_ema[i] for i in side], [avg_model[i] for i in side])
+                ops = self._stream_ops()
+                if self._side_stream is None:
+                    self._side_stream = ops.side_stream(self._async_device)
+                # The caching allocator must not hand these blocks out again
+                # while the side stream may still use them.
+                for t in plan.side_updater.ema + plan.side_updater.model:
+                    ops.record_stream(t, self._side_stream)
+            avg_ema, avg_model = [avg_ema[i] for i in main], [avg_model[i] for i in main]
         plan.updater = FusedUpdater(avg_ema, avg_model) if avg_ema else None
         plan.copy_ema, plan.copy_model, plan.pairs = copy_ema, copy_model, pairs
         plan.finite_check = [m for m, e in pairs if m.is_floating_point() and m.numel() > 0]
@@ -769,6 +928,7 @@ class ModelEMA:
         training mode): evaluate in eval mode.  :meth:`update` refuses to run
         inside the block.
         """
+        self.wait()
         plan = self._ensure_plan(self._source(model))
         saved = []
         self._swap_depth += 1
@@ -797,6 +957,7 @@ class ModelEMA:
         """
         if self._swap_depth:
             raise RuntimeError(f"{type(self).__name__}.copy_to: called inside swapped()")
+        self.wait()
         plan = self._ensure_plan(self._source(model))
         if plan.pairs:
             with torch.no_grad():
@@ -843,6 +1004,7 @@ class ModelEMA:
         share memory with the EMA (like ``nn.Module.state_dict``): save or
         clone them before further updates if you keep the dictionary.
         """
+        self.wait()
         fn = self.decay_function
         params = fn.get_params() if isinstance(fn, IDecayFunction) else {}
         return {
@@ -854,6 +1016,7 @@ class ModelEMA:
             "ema_dtype": None if self.ema_dtype is None else str(self.ema_dtype),
             "update_every": self.update_every,
             "skip_nonfinite": self.skip_nonfinite,
+            "async_update": self.async_update,
             "num_updates": self.num_updates,
             "num_skipped": self.num_skipped,
             "step": None if self.step_tensor is None else int(self.step_tensor),
@@ -900,6 +1063,7 @@ class ModelEMA:
                     f"skip_nonfinite={options.get('skip_nonfinite', False)}) cannot run with capturable=True"
                 )
 
+        self.wait()
         with torch.no_grad():
             for key, t in current.items():
                 t.copy_(weights[key])
@@ -948,13 +1112,25 @@ class ModelEMA:
         # the training model; a copy of the EMA builds its own on first use.
         state = dict(self.__dict__)
         state["_plan"] = None
+        # CUDA streams and events belong to this process and this object.
+        state["_side_stream"] = None
+        state["_pending"] = None
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
+        state = dict(state)
+        if "num_updates" in state:  # pickled before num_updates became a property
+            state["_num_updates"] = state.pop("num_updates")
+        for key, default in (("capturable", False), ("total_steps", None), ("step_tensor", None),
+                             ("decay_tensor", None), ("_num_updates_t", None), ("async_update", False),
+                             ("_streams", None), ("_side_stream", None), ("_pending", None)):
+            state.setdefault(key, default)
         self.__dict__.update(state)
         # Copying or unpickling clones every parameter on its own; put them
         # back into one flat buffer.
         self._relayout()
+        if self.__dict__.get("async_update"):
+            self._install_wait_hook()
 
     def __repr__(self) -> str:
         return (

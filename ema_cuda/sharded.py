@@ -167,6 +167,7 @@ class ShardedModelEMA(ModelEMA):
         values copied back on exit, also when the block raises.  Call it on
         every rank, like the forward passes inside it.
         """
+        self.wait()
         plan = self._ensure_plan(self._source(model))
         model_side = [m for m, _ in plan.pairs]
         self._swap_depth += 1
