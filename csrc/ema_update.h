@@ -48,6 +48,9 @@ struct Plan {
   std::vector<int8_t> ema_dtypes, model_dtypes;
   at::Tensor tensor_rows;  // TensorEntry[num_tensors], uint8 on `device`
   at::Tensor chunk_rows;   // ChunkEntry[num_chunks], uint8 on `device`
+  // CPU plans: running element count at the end of each chunk, so that the
+  // CPU kernel can hand every thread the same number of elements.
+  std::vector<int64_t> chunk_ends;
   // Set once the plan's device table has been baked into a captured CUDA
   // graph: such a plan is never evicted from the cache.
   mutable bool pinned = false;

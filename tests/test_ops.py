@@ -167,6 +167,22 @@ def test_ten_thousand_tensors(device):
     check(ema, ref)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_cpu_threads_split_by_elements_mid_tensor(threads):
+    # The CPU kernel hands each thread the same number of elements, so the
+    # boundaries fall inside tensors and inside chunks: every element must
+    # still be updated exactly once.
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ema, model = make_pairs([5] * 300 + [(1 << 16) * 3 + 11] + [1, 2, 3] * 50)
+        ref = reference(ema, model, 0.4)
+        ops.ema_update_(ema, model, 0.4)
+        check(ema, ref)
+    finally:
+        torch.set_num_threads(old)
+
+
 def test_decay_tensor_matches_float(device):
     ema, model = make_pairs(SIZES, torch.float32, torch.bfloat16, device)
     ema2 = snapshot(ema)
