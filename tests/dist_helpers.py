@@ -35,18 +35,24 @@ def _entry(fn, rank, world_size, port, errdir, args):
     import torch
 
     torch.set_num_threads(1)
+    import torch.distributed as dist
+
     try:
         fn(rank, world_size, *args)
+        if dist.is_available() and dist.is_initialized():
+            # Tear down together: a rank destroying its group while its peer
+            # has already exited can abort inside gloo's threads.
+            dist.barrier()
+            dist.destroy_process_group()
     except BaseException:
         Path(errdir, f"rank{rank}.err").write_text(traceback.format_exc())
         sys.stderr.write(traceback.format_exc())
         sys.stderr.flush()
         os._exit(1)
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown (and the destructors of communication threads run from it).
+    os._exit(0)
 
 
 def run_workers(fn, world_size, args=(), *, workdir, timeout=45.0, check=True):

@@ -84,7 +84,16 @@ def _ddp_worker(rank, world, outdir):
         "main": trainer.is_main_process,
     }
 
-    # 2. BatchNorm statistics come from each rank's batch: the EMAs' buffers
+    # 2. Stopped after the first epoch and resumed (every rank reads rank 0's
+    # checkpoint, and its own random state): the same EMA as uninterrupted.
+    first = Trainer("ddp_resume", outdir)
+    first.train(mlp(seed=100 + rank), dict(PARAMS, max_epochs=1), train, valid)
+    resumed = Trainer("ddp_resume", outdir)
+    resumed.train(mlp(seed=200 + rank), dict(PARAMS, resume=True), train, valid)
+    result["resumed_ema"] = {k: v.clone() for k, v in resumed.ema.ema.state_dict().items()}
+    result["resumed_history"] = resumed.history
+
+    # 3. BatchNorm statistics come from each rank's batch: the EMAs' buffers
     # differ until they are broadcast; the parameters agree throughout.
     torch.manual_seed(0)
     net = nn.parallel.DistributedDataParallel(BNNet())
@@ -139,6 +148,13 @@ def test_ddp_trainer_ema_equals_single_process_run_of_the_global_batch(tmp_path)
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["valid_loss"] == pytest.approx(b["valid_loss"], rel=1e-5)
         assert a["valid_accuracy"] == b["valid_accuracy"]
+
+    # The resumed run ends where the uninterrupted one does, on every rank.
+    for r in (r0, r1):
+        for key, v in r0["ema"].items():
+            assert torch.equal(r["resumed_ema"][key], v), key
+    assert [h["epoch"] for h in r0["resumed_history"]] == [1, 2]
+    assert r0["resumed_history"][1]["valid_loss"] == r0["history"][1]["valid_loss"]
 
     # BatchNorm buffers: different per rank until broadcast, equal afterwards.
     assert r0["differ_before_broadcast"] and r1["differ_before_broadcast"]

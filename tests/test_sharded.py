@@ -278,6 +278,11 @@ def test_plain_model_ema_refuses_a_sharded_model_and_sharded_needs_one(tmp_path)
         model = shard(make_net())
         with pytest.raises(TypeError, match="use ema_cuda.ShardedModelEMA"):
             ModelEMA(model, 0.9, ThresholdDecay())
+        from ema_cuda import Trainer
+
+        loader = [(torch.randn(2, 12), torch.zeros(2, dtype=torch.long))]
+        with pytest.raises(ValueError, match="the Trainer drives DDP only"):
+            Trainer("fsdp", tmp_path).train(model, {"max_epochs": 1, "initial_lr": 0.1}, loader, loader)
         ema = ShardedModelEMA(model, 0.9, ThresholdDecay())
         with pytest.raises(TypeError, match="cannot be pickled"):
             copy.deepcopy(ema)

@@ -312,6 +312,12 @@ class Trainer:
             raise TypeError("Trainer.train: train_loader must have a length (len(train_loader))") from None
         if batches_per_epoch == 0:
             raise ValueError("Trainer.train: train_loader is empty")
+        if _is_sharded(model):
+            raise ValueError(
+                "Trainer.train: the model's parameters are DTensors (sharded with FSDP2 fully_shard or tensor "
+                "parallelism); the Trainer drives DDP only. Keep an EMA of a sharded model with "
+                "ema_cuda.ShardedModelEMA in your own loop (see docs/distributed.md)"
+            )
         self._distributed = dist_utils.init_from_env()
         if self._distributed:
             self._check_distributed_loader(train_loader, batches_per_epoch)
