@@ -12,8 +12,12 @@ first three schedules reproduce SuperGradients' values (``constant``,
 ``threshold``, ``exp``); ``power`` is the warmup of timm's ``ModelEmaV3`` and
 diffusers' ``EMAModel``, ``ramp`` the one of ultralytics' ``ModelEMA``.
 
-Steps follow SuperGradients' Trainer: 1-based and counting optimizer steps, so
-the first update of a run is ``step=1``.
+Steps follow SuperGradients' Trainer: 1-based batch indices
+(``epoch * len(loader) + batch_idx + 1``), so the first update of a run is
+``step=1`` and ``total_steps = len(loader) * max_epochs``.  With gradient
+accumulation the Trainer updates once per optimizer step but still passes the
+batch index of the batch that completed it (e.g. 2, 4, 6, ... for two batches
+per step).
 
 Register your own schedule by adding a class to :data:`EMA_DECAY_FUNCTIONS`;
 ``ModelEMA.from_params(model, decay_type=name, **kwargs)`` then builds it from
