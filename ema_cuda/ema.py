@@ -39,6 +39,7 @@ from torch import nn
 
 from ema_cuda.ema_decay_schedules import EMA_DECAY_FUNCTIONS, IDecayFunction, decay_function_name
 from ema_cuda.ops import SUPPORTED_DTYPES, FusedUpdater, ema_update_
+from ema_cuda.ops import is_dense as _is_dense
 
 __all__ = ["ModelEMA", "KDModelEMA", "unwrap_model"]
 
@@ -95,18 +96,6 @@ def _state_entries(root: nn.Module) -> Tuple[List[_Entry], List[nn.Module]]:
 
     visit(root, "")
     return entries, modules
-
-
-def _is_dense(t: torch.Tensor) -> bool:
-    """True when ``t`` covers exactly ``numel`` consecutive elements in some dimension order."""
-    if t.is_contiguous() or t.numel() <= 1:
-        return True
-    expected = 1
-    for stride, size in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def _flat_views(specs: Sequence[Tuple[torch.Size, Tuple[int, ...], torch.dtype, torch.device]]) -> List[torch.Tensor]:

@@ -110,7 +110,7 @@ def _check_lists(op: str, ema: Sequence[torch.Tensor], model: Sequence[torch.Ten
                 raise RuntimeError(
                     f"{op}: {side}[{i}] is on {t.device} but ema[0] is on {device}; all tensors must be on one device"
                 )
-            if not _non_overlapping_and_dense(t):
+            if not is_dense(t):
                 raise RuntimeError(
                     f"{op}: {side}[{i}] with shape {list(t.shape)} and strides {list(t.stride())} is not dense "
                     "or overlaps itself; pass a contiguous tensor"
@@ -129,10 +129,12 @@ def _check_lists(op: str, ema: Sequence[torch.Tensor], model: Sequence[torch.Ten
             )
 
 
-def _non_overlapping_and_dense(t: torch.Tensor) -> bool:
+def is_dense(t: torch.Tensor) -> bool:
+    """True when ``t`` covers exactly ``numel`` consecutive elements in some
+    dimension order (contiguous, or a permutation of a contiguous tensor)."""
     if t.is_contiguous() or t.numel() <= 1:
         return True
-    # Dense in some permutation: sort dims by stride, expect a contiguous walk.
+    # Sort dims by stride and expect a contiguous walk.
     dims = sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1)
     expected = 1
     for stride, size in dims:
