@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <vector>
 
@@ -54,6 +55,11 @@ struct Plan {
   // Set once the plan's device table has been baked into a captured CUDA
   // graph: such a plan is never evicted from the cache.
   mutable bool pinned = false;
+  // CUDA streams the tables have been used on, each recorded with the caching
+  // allocator once, so that evicting the plan while a kernel on a side
+  // stream still reads its table cannot hand the memory to another tensor.
+  mutable std::mutex streams_mu;
+  mutable std::vector<int64_t> streams_used;
 
   bool matches(at::TensorList ema, at::TensorList model, int64_t chunk) const;
   const TensorEntry* tensors() const;

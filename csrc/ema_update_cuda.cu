@@ -4,6 +4,9 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <mutex>
+
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -99,9 +102,21 @@ void cuda_launch(const Plan& plan, const at::Tensor* decay_tensor,
                  double decay) {
   if (plan.num_chunks == 0) return;
   const c10::cuda::CUDAGuard guard(plan.device);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  // A captured graph keeps the table's address: never evict that plan.
-  if (!plan.pinned && cuda_capturing(plan.device)) plan.pinned = true;
+  const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current.stream();
+  if (cuda_capturing(plan.device)) {
+    // A captured graph keeps the table's address: never evict that plan.
+    plan.pinned = true;
+  } else {
+    std::lock_guard<std::mutex> lock(plan.streams_mu);
+    const int64_t id = static_cast<int64_t>(current.id());
+    auto& used = plan.streams_used;
+    if (std::find(used.begin(), used.end(), id) == used.end()) {
+      plan.tensor_rows.record_stream(current.unwrap());
+      plan.chunk_rows.record_stream(current.unwrap());
+      used.push_back(id);
+    }
+  }
 
   DecayArg arg{decay, nullptr, kF32};
   if (decay_tensor != nullptr) {
