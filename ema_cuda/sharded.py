@@ -31,6 +31,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from ema_cuda.checkpoint import _fsync_directory
 from ema_cuda.ema import ModelEMA, _flat_views, _is_dense, _is_dtensor, _local_shard, _state_entries
 from ema_cuda.ops import SUPPORTED_DTYPES
 
@@ -276,16 +277,7 @@ def _write_pointer(root: Path, name: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, root / LATEST_NAME)
-    try:
-        fd = os.open(root, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    _fsync_directory(root)
 
 
 def save_sharded_checkpoint(state: Dict[str, Any], root: PathLike, *, keep: int = 1,
