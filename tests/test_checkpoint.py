@@ -205,9 +205,20 @@ _KILL_SCRIPT = textwrap.dedent(
 )
 
 
-def _spawn(args):
+def _spawn(args, script=_KILL_SCRIPT):
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, *args], stdout=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen([sys.executable, "-c", script, *args], stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _sigkill(proc):
+    """SIGKILLs ``proc`` and reaps it (also when the caller's checks failed first)."""
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.parametrize("where", ["write", "fsync"])
@@ -219,12 +230,8 @@ def test_kill_during_save_keeps_previous_checkpoint(tmp_path, where):
         assert proc.stdout.readline().strip() == "HANG"
         # The partially written temporary file exists next to the checkpoint ...
         assert len(_tmp_files(tmp_path)) == 1
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        _sigkill(proc)
     assert proc.returncode == -signal.SIGKILL
     # ... but the checkpoint itself is the previous one, intact.
     ckpt = load_checkpoint(path)
@@ -248,18 +255,13 @@ def test_kill_at_random_points_never_tears_the_file(tmp_path):
     )
     path = tmp_path / "ckpt_latest.pth"
     save_checkpoint({"net": {"w": torch.full((1 << 19,), 0.0)}, "epoch": 0}, path)
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for delay in (0.05, 0.2, 0.35):
-        proc = subprocess.Popen([sys.executable, "-c", script, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+        proc = _spawn([str(path)], script)
         try:
             assert proc.stdout.readline().strip() == "START"
             time.sleep(delay)
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
         finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
+            _sigkill(proc)
         ckpt = load_checkpoint(path)
         w = ckpt["net"]["w"]
         assert torch.equal(w, torch.full_like(w, float(ckpt["epoch"])))

@@ -362,8 +362,9 @@ def test_swapped_with_different_ema_dtype_keeps_model_dtype():
     assert_bit_identical(snapshot(model), before)
 
 
-def test_swapped_then_optimizer_keeps_training():
-    gen = torch.Generator().manual_seed(11)
+def _trained_with_ema(seed):
+    """A Net trained 3 SGD-with-momentum steps, its optimizer, its EMA and the batch."""
+    gen = torch.Generator().manual_seed(seed)
     model = Net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     ema = ModelEMA(model, 0.9, ConstantDecay())
@@ -373,6 +374,11 @@ def test_swapped_then_optimizer_keeps_training():
         opt.step()
         opt.zero_grad()
         ema.update(model, step, 10)
+    return model, opt, ema, x, y
+
+
+def test_swapped_then_optimizer_keeps_training():
+    model, opt, ema, x, y = _trained_with_ema(seed=11)
     twin = copy.deepcopy(model)
     twin_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
     twin_opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # not shared momentum buffers
@@ -388,16 +394,7 @@ def test_swapped_then_optimizer_keeps_training():
 
 
 def test_copy_to_with_optimizer_continuing():
-    gen = torch.Generator().manual_seed(12)
-    model = Net()
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    ema = ModelEMA(model, 0.9, ConstantDecay())
-    x, y = torch.randn(4, 3, 5, 5, generator=gen), torch.randint(0, 5, (4,), generator=gen)
-    for step in range(1, 4):
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-        opt.zero_grad()
-        ema.update(model, step, 10)
+    model, opt, ema, x, y = _trained_with_ema(seed=12)
     params = list(model.parameters())
     ptrs = [p.data_ptr() for p in params]
     ema.copy_to(model)
