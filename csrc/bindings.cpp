@@ -49,11 +49,7 @@ class ListUpdater {
   // re-validation before anything is written.
   void ensure_plan() {
     const int64_t chunk = ema_.empty() ? kCpuChunk : chunk_size_for(ema_[0].device());
-    bool same = plan_->matches(ema_, model_, chunk);
-    for (size_t i = 0; same && i < ema_.size(); ++i) {
-      same = ema_[i].strides() == model_[i].strides();
-    }
-    if (!same) refresh();
+    if (!plan_->matches(ema_, model_, chunk, /*check_layout=*/true)) refresh();
   }
 
   void refresh() {

@@ -3,6 +3,7 @@
 #include "ema_update.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <list>
 #include <mutex>
@@ -83,9 +84,7 @@ void check_lists(const char* op, at::TensorList ema, at::TensorList model) {
     check_one(op, "model", i, m, device);
     TORCH_CHECK(e.sizes() == m.sizes(), op, ": ema[", i, "] has shape ",
                 e.sizes(), " but model[", i, "] has shape ", m.sizes());
-    TORCH_CHECK(e.strides() == m.strides() ||
-                    (e.is_contiguous() && m.is_contiguous()),
-                op, ": ema[", i, "] has strides ", e.strides(), " but model[",
+    TORCH_CHECK(same_layout(e, m), op, ": ema[", i, "] has strides ", e.strides(), " but model[",
                 i, "] has strides ", m.strides(),
                 "; both tensors of a pair must share one memory layout");
     TORCH_CHECK(!(grad && e.requires_grad()), op, ": ema[", i,
@@ -117,25 +116,74 @@ void check_decay_tensor(const char* op, const at::Tensor& decay,
 
 // ---------------------------------------------------------------- plan cache
 
-bool Plan::matches(at::TensorList ema, at::TensorList model,
-                   int64_t chunk) const {
-  if (chunk != chunk_size || static_cast<int64_t>(ema.size()) != num_tensors) {
+namespace {
+
+// The signature check touches two heap objects per tensor (its TensorImpl,
+// then the StorageImpl it points to), and after an update has streamed the
+// weights through the caches both are cold: with 10,000 separately
+// allocated tensors a plain loop over the pairs waited ~1.3 ms on those
+// dependent misses per call on a 2-core EPYC, a third of the update.  So the
+// loop prefetches the TensorImpls kPrefetchImpl pairs ahead and, once those
+// have arrived, their StorageImpls kPrefetchStorage pairs ahead, and long
+// lists are split across the threads.
+constexpr int64_t kPrefetchImpl = 16;
+constexpr int64_t kPrefetchStorage = 8;
+// Below this many pairs a second thread costs more than it saves.
+constexpr int64_t kParallelCheckPairs = 2048;
+
+inline void prefetch_impl(const at::Tensor& t) {
+  const char* p = reinterpret_cast<const char*>(t.unsafeGetTensorImpl());
+  for (size_t b = 0; b < sizeof(c10::TensorImpl); b += 64) __builtin_prefetch(p + b);
+}
+
+inline void prefetch_storage(const at::Tensor& t) {
+  // Reads the TensorImpl (prefetched earlier); the StorageImpl may be null.
+  const void* s = t.unsafeGetTensorImpl()->unsafe_storage().unsafeGetStorageImpl();
+  if (s) __builtin_prefetch(s);
+}
+
+}  // namespace
+
+bool Plan::matches(at::TensorList ema, at::TensorList model, int64_t chunk,
+                   bool check_layout) const {
+  if (chunk != chunk_size || static_cast<int64_t>(ema.size()) != num_tensors ||
+      model.size() != ema.size()) {
     return false;
   }
   if (num_tensors > 0 && ema[0].device() != device) return false;
-  for (int64_t i = 0; i < num_tensors; ++i) {
-    const at::Tensor& e = ema[i];
-    const at::Tensor& m = model[i];
-    // const_data_ptr: no copy-on-write materialisation check on this path.
-    if (reinterpret_cast<uintptr_t>(e.const_data_ptr()) != ema_ptrs[i] ||
-        reinterpret_cast<uintptr_t>(m.const_data_ptr()) != model_ptrs[i] ||
-        e.numel() != numels[i] ||
-        dtype_code(e.scalar_type()) != ema_dtypes[i] ||
-        dtype_code(m.scalar_type()) != model_dtypes[i]) {
-      return false;
+  auto range_matches = [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+      if (i + kPrefetchImpl < hi) {
+        prefetch_impl(ema[i + kPrefetchImpl]);
+        prefetch_impl(model[i + kPrefetchImpl]);
+      }
+      if (i + kPrefetchStorage < hi) {
+        prefetch_storage(ema[i + kPrefetchStorage]);
+        prefetch_storage(model[i + kPrefetchStorage]);
+      }
+      const at::Tensor& e = ema[i];
+      const at::Tensor& m = model[i];
+      // const_data_ptr: no copy-on-write materialisation check on this path.
+      if (reinterpret_cast<uintptr_t>(e.const_data_ptr()) != ema_ptrs[i] ||
+          reinterpret_cast<uintptr_t>(m.const_data_ptr()) != model_ptrs[i] ||
+          e.numel() != numels[i] ||
+          dtype_code(e.scalar_type()) != ema_dtypes[i] ||
+          dtype_code(m.scalar_type()) != model_dtypes[i] ||
+          (check_layout && !same_layout(e, m))) {
+        return false;
+      }
     }
+    return true;
+  };
+  if (num_tensors < kParallelCheckPairs || at::get_num_threads() == 1 ||
+      at::in_parallel_region()) {
+    return range_matches(0, num_tensors);
   }
-  return true;
+  std::atomic<bool> ok{true};
+  at::parallel_for(0, num_tensors, kParallelCheckPairs / 2, [&](int64_t b, int64_t e) {
+    if (ok.load(std::memory_order_relaxed) && !range_matches(b, e)) ok = false;
+  });
+  return ok.load();
 }
 
 const TensorEntry* Plan::tensors() const {

@@ -31,6 +31,11 @@ constexpr int kCudaBlocksPerSM = 2;
 // Checks that can change from call to call: list lengths, dtypes, devices,
 // shapes, layouts, autograd.  O(number of tensors); never touches data.
 void check_lists(const char* op, at::TensorList ema, at::TensorList model);
+// The layout rule of one pair: same strides, or both contiguous (strides of
+// size-1 dimensions do not matter then).
+inline bool same_layout(const at::Tensor& e, const at::Tensor& m) {
+  return e.strides() == m.strides() || (e.is_contiguous() && m.is_contiguous());
+}
 void check_decay(const char* op, double decay);
 void check_decay_tensor(const char* op, const at::Tensor& decay,
                         at::TensorList ema);
@@ -61,7 +66,12 @@ struct Plan {
   mutable std::mutex streams_mu;
   mutable std::vector<int64_t> streams_used;
 
-  bool matches(at::TensorList ema, at::TensorList model, int64_t chunk) const;
+  // True when `ema`/`model` are the lists this plan was built from: same
+  // count, chunk size, device, and per pair the same addresses, numel and
+  // dtypes; with `check_layout` also a pair layout `check_lists` accepts
+  // (callers that skip `check_lists` need it).  Reads no tensor data.
+  bool matches(at::TensorList ema, at::TensorList model, int64_t chunk,
+               bool check_layout = false) const;
   const TensorEntry* tensors() const;
   const ChunkEntry* chunks() const;
 };

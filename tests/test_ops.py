@@ -392,6 +392,57 @@ def test_fused_updater_notices_a_layout_change_at_the_same_address():
     assert_bit_identical(ema, before)
 
 
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_fused_updater_checks_every_pair_of_a_long_list(where):
+    # 5,000 pairs: the compiled signature check splits the list across
+    # threads and prefetches ahead; a change at any position must be seen.
+    n = 5_000
+    index = {"first": 0, "middle": n // 2 + 1, "last": n - 1}[where]
+    ema, model = make_pairs([8] * n)
+    updater = ops.FusedUpdater(ema, model)
+    updater.update(0.5)
+    model[index].data = torch.randn(8)   # replaced storage: read it, not the old one
+    ref = reference(ema, model, 0.25)
+    updater.update(0.25)
+    check(ema, ref)
+    model[index].data = torch.randn(9)   # now mismatched: an error, nothing written
+    before = snapshot(ema)
+    with pytest.raises(RuntimeError, match=rf"ema\[{index}\] has shape \[8\] but model\[{index}\] has shape \[9\]"):
+        updater.update(0.5)
+    assert_bit_identical(ema, before)
+
+
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_fused_updater_notices_a_layout_change_in_a_long_list(where):
+    n = 3_000
+    index = 0 if where == "first" else n - 1
+    ema = [torch.randn(3, 3) for _ in range(n)]
+    model = [torch.randn(3, 3) for _ in range(n)]
+    updater = ops.FusedUpdater(ema, model)
+    updater.update(0.5)
+    model[index].data = model[index].data.t()
+    before = snapshot(ema)
+    with pytest.raises(RuntimeError, match=rf"model\[{index}\] has strides \[1, 3\]"):
+        updater.update(0.5)
+    assert_bit_identical(ema, before)
+
+
+@requires_compiled
+def test_fused_updater_keeps_its_plan_for_contiguous_pairs_with_different_strides():
+    # Strides of size-1 dimensions differ, both tensors are contiguous: the
+    # pair is valid, so steady-state updates must not re-validate every call.
+    ema = [torch.randn(1, 5)]                  # strides (5, 1)
+    model = [torch.randn(5, 1).t()]            # shape (1, 5), strides (1, 1)
+    assert ema[0].stride() != model[0].stride() and model[0].is_contiguous()
+    updater = ops.FusedUpdater(ema, model)
+    ref = [e.double() for e in ema]
+    for _ in range(3):
+        updater.update(0.5)
+        ref = [r * 0.5 + m.double() * 0.5 for r, m in zip(ref, model)]
+    check(ema, ref)
+    assert updater._impl.rebuilds == 0
+
+
 def test_fused_updater_rejects_bad_decay():
     ema, model = make_pairs([10])
     updater = ops.FusedUpdater(ema, model)
