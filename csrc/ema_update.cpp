@@ -437,43 +437,51 @@ void cpu_chunk(const TensorEntry& t, int64_t start, int64_t len, double decay) {
   }
 }
 
-// Two chunks of small tensors side by side, element for element the same
-// arithmetic as one after the other: the streams of two separately allocated
-// tensors then start, and wait for their pages, together.
-template <typename E, typename M>
-void cpu_chunk_pair(const TensorEntry& ta, int64_t sa, int64_t na,
-                    const TensorEntry& tb, int64_t sb, int64_t nb, double decay) {
+// W chunks of small tensors side by side, element for element the same
+// arithmetic as one after the other: the streams of W separately allocated
+// tensors then start, and wait for their pages, together.  `rows` points at
+// W consecutive chunk rows, each processed whole.
+template <typename E, typename M, int W>
+void cpu_chunk_group(const TensorEntry* tensors, const ChunkEntry* rows,
+                     double decay) {
   int64_t i = 0;
   if constexpr (std::is_same_v<typename AccType<E, M>::type, float>) {
-    E* ea = static_cast<E*>(ta.ema) + sa;
-    E* eb = static_cast<E*>(tb.ema) + sb;
-    const M* ma = static_cast<const M*>(ta.model) + sa;
-    const M* mb = static_cast<const M*>(tb.model) + sb;
+    E* e[W];
+    const M* m[W];
+    int64_t n = rows[0].len;
+    for (int j = 0; j < W; ++j) {
+      const TensorEntry& t = tensors[rows[j].tensor];
+      e[j] = static_cast<E*>(t.ema) + rows[j].start;
+      m[j] = static_cast<const M*>(t.model) + rows[j].start;
+      n = std::min<int64_t>(n, rows[j].len);
+    }
     const FVec vd(static_cast<float>(decay)), vw(static_cast<float>(1.0 - decay));
-    const int64_t n = std::min(na, nb);
     for (; i + 2 * kF <= n; i += 2 * kF) {
-      lerp_step<E, M>(ea + i, ma + i, vd, vw);
-      lerp_step<E, M>(eb + i, mb + i, vd, vw);
+      for (int j = 0; j < W; ++j) lerp_step<E, M>(e[j] + i, m[j] + i, vd, vw);
     }
   }
-  cpu_chunk<E, M>(ta, sa + i, na - i, decay);
-  cpu_chunk<E, M>(tb, sb + i, nb - i, decay);
+  for (int j = 0; j < W; ++j) {
+    const ChunkEntry& c = rows[j];
+    cpu_chunk<E, M>(tensors[c.tensor], c.start + i, c.len - i, decay);
+  }
 }
 
-// Chunks up to this length are paired; longer ones are streams long enough
-// for the hardware prefetcher.
-constexpr int64_t kPairMaxLen = 1 << 14;
+// Up to kGroup chunks of at most kGroupMaxLen elements are grouped; longer
+// ones are streams long enough for the hardware prefetcher.
+constexpr int kGroup = 4;
+constexpr int64_t kGroupMaxLen = 1 << 14;
 
 // Each separately allocated tensor starts a new stream in new pages, and the
 // first touch of each page waits for its translation and its first lines.
 // Prefetching the first and last byte of the chunk kTouchAhead rows ahead
 // (both ends: a small tensor usually spans two pages) starts that work early.
 // Measured on a 2-core EPYC, 10,000 separately allocated 1,000-element
-// tensors, kernel only: 2.83 ms without, 2.64 / 2.54 / 2.43 / 2.43 / 2.45 ms
-// 2 / 4 / 8 / 16 / 32 rows ahead; with chunk pairs on top, 8 rows ahead went
-// from 3.54 to 3.25 ms in a slower run (3.93 without either).  Prefetching
-// inside the loop (512 B to 4 KiB ahead, or the next tensor line by line)
-// was slower than nothing.
+// tensors, kernel only, 2 threads: 2.83 ms without, 2.64 / 2.54 / 2.43 /
+// 2.43 / 2.45 ms 2 / 4 / 8 / 16 / 32 rows ahead.  In another (slower) run:
+// 3.26 ms with neither this nor groups, 2.93 with this, 2.86 with this and
+// groups of 2, 2.64 with this and groups of 4.  Prefetching inside the loop
+// (512 B to 4 KiB ahead, or the next tensor line by line) was slower than
+// nothing.
 constexpr int64_t kTouchAhead = 8;
 
 inline void touch_chunk(const TensorEntry* tensors, const ChunkEntry* chunks,
@@ -491,26 +499,29 @@ inline void touch_chunk(const TensorEntry* tensors, const ChunkEntry* chunks,
 }
 
 using ChunkFn = void (*)(const TensorEntry&, int64_t, int64_t, double);
-using PairFn = void (*)(const TensorEntry&, int64_t, int64_t,
-                        const TensorEntry&, int64_t, int64_t, double);
+using GroupFn = void (*)(const TensorEntry*, const ChunkEntry*, double);
 
 template <typename E>
 constexpr std::array<ChunkFn, kNumDTypes> row_for() {
   return {&cpu_chunk<E, float>, &cpu_chunk<E, double>,
           &cpu_chunk<E, c10::BFloat16>, &cpu_chunk<E, c10::Half>};
 }
-template <typename E>
-constexpr std::array<PairFn, kNumDTypes> pair_row_for() {
-  return {&cpu_chunk_pair<E, float>, &cpu_chunk_pair<E, double>,
-          &cpu_chunk_pair<E, c10::BFloat16>, &cpu_chunk_pair<E, c10::Half>};
+template <typename E, int W>
+constexpr std::array<GroupFn, kNumDTypes> group_row_for() {
+  return {&cpu_chunk_group<E, float, W>, &cpu_chunk_group<E, double, W>,
+          &cpu_chunk_group<E, c10::BFloat16, W>, &cpu_chunk_group<E, c10::Half, W>};
+}
+template <int W>
+constexpr std::array<std::array<GroupFn, kNumDTypes>, kNumDTypes> group_table() {
+  return {group_row_for<float, W>(), group_row_for<double, W>(),
+          group_row_for<c10::BFloat16, W>(), group_row_for<c10::Half, W>()};
 }
 // Indexed by [ema dtype code][model dtype code].
 constexpr std::array<std::array<ChunkFn, kNumDTypes>, kNumDTypes> kCpuChunkFns = {
     row_for<float>(), row_for<double>(), row_for<c10::BFloat16>(),
     row_for<c10::Half>()};
-constexpr std::array<std::array<PairFn, kNumDTypes>, kNumDTypes> kCpuPairFns = {
-    pair_row_for<float>(), pair_row_for<double>(), pair_row_for<c10::BFloat16>(),
-    pair_row_for<c10::Half>()};
+constexpr auto kCpuGroup2Fns = group_table<2>();
+constexpr auto kCpuGroup4Fns = group_table<kGroup>();
 
 }  // namespace
 
@@ -529,19 +540,25 @@ void cpu_update(const Plan& plan, double decay) {
       touch_chunk(tensors, chunks, k + kTouchAhead, plan.num_chunks);
       const ChunkEntry& c = chunks[k];
       const TensorEntry& t = tensors[c.tensor];
-      // Chunks k and k + 1 both small, both whole in [lo, hi), same dtypes.
-      if (begin >= lo && c.len <= kPairMaxLen && k + 1 < plan.num_chunks &&
-          ends[k + 1] <= hi) {
-        const ChunkEntry& c2 = chunks[k + 1];
-        const TensorEntry& t2 = tensors[c2.tensor];
-        if (c2.len <= kPairMaxLen && t2.ema_dtype == t.ema_dtype &&
-            t2.model_dtype == t.model_dtype) {
-          touch_chunk(tensors, chunks, k + 1 + kTouchAhead, plan.num_chunks);
-          kCpuPairFns[t.ema_dtype][t.model_dtype](t, c.start, c.len, t2,
-                                                  c2.start, c2.len, decay);
-          ++k;
-          continue;
+      // How many rows from k on are small, whole in [lo, hi), of t's dtypes.
+      int g = 0;
+      if (begin >= lo) {
+        while (g < kGroup && k + g < plan.num_chunks && ends[k + g] <= hi &&
+               chunks[k + g].len <= kGroupMaxLen) {
+          const TensorEntry& u = tensors[chunks[k + g].tensor];
+          if (u.ema_dtype != t.ema_dtype || u.model_dtype != t.model_dtype) break;
+          ++g;
         }
+      }
+      if (g >= 2) {
+        const int w = g == kGroup ? kGroup : 2;
+        for (int j = 1; j < w; ++j) {
+          touch_chunk(tensors, chunks, k + j + kTouchAhead, plan.num_chunks);
+        }
+        (w == kGroup ? kCpuGroup4Fns : kCpuGroup2Fns)[t.ema_dtype][t.model_dtype](
+            tensors, chunks + k, decay);
+        k += w - 1;
+        continue;
       }
       const int64_t s = std::max(lo, begin) - begin;
       const int64_t n = std::min(hi, ends[k]) - begin - s;

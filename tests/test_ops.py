@@ -186,13 +186,14 @@ def test_cpu_threads_split_by_elements_mid_tensor(threads):
 @requires_compiled
 @pytest.mark.parametrize("threads", [1, 2])
 def test_cpu_list_update_is_bit_identical_to_one_tensor_at_a_time(threads):
-    # The CPU kernel works on two small chunks side by side where it can
-    # (same dtypes, both whole in one thread's range, up to 16K elements) and
+    # The CPU kernel works on 4 or 2 small chunks side by side where it can
+    # (same dtypes, all whole in one thread's range, up to 16K elements) and
     # one at a time elsewhere; the arithmetic must not depend on which.
-    sizes = [1000, 1000, 33, 7, 16_384, 16_385, 16, 1, 0, 5000, 4999, 70_000, 31, 64] * 3
-    dtypes = [(torch.float32, torch.float32)] * 20 + [(torch.float32, torch.bfloat16)] * 6 + [
+    sizes = [1000, 1003, 2048, 999, 33, 7, 16_384, 16_385, 16, 1, 0, 5000, 4999, 70_000, 31, 64] * 3
+    dtypes = [(torch.float32, torch.float32)] * 24 + [(torch.float32, torch.bfloat16)] * 8 + [
         (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32), (torch.float64, torch.float32),
         (torch.float32, torch.float16)] * 4
+    assert len(dtypes) == len(sizes)
     ema = [torch.randn(s).to(dtypes[i][0]) for i, s in enumerate(sizes)]
     model = [torch.randn(s).to(dtypes[i][1]) for i, s in enumerate(sizes)]
     start = snapshot(ema)
