@@ -186,7 +186,7 @@ def test_cpu_threads_split_by_elements_mid_tensor(threads):
 @requires_compiled
 @pytest.mark.parametrize("threads", [1, 2])
 def test_cpu_list_update_is_bit_identical_to_one_tensor_at_a_time(threads):
-    # The CPU kernel works on 4 or 2 small chunks side by side where it can
+    # The CPU kernel works on 8, 4 or 2 small chunks side by side where it can
     # (same dtypes, all whole in one thread's range, up to 16K elements) and
     # one at a time elsewhere; the arithmetic must not depend on which.
     sizes = [1000, 1003, 2048, 999, 33, 7, 16_384, 16_385, 16, 1, 0, 5000, 4999, 70_000, 31, 64] * 3
