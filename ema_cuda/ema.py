@@ -709,7 +709,11 @@ class ModelEMA:
         with torch.no_grad():
             decay = self.decay_function.tensor_value(self.decay, new_step, total)
             self.step_tensor.copy_(new_step)
-            self.decay_tensor.copy_(decay)
+            # Item assignment, not copy_: torch.compile of torch 2.11 and 2.13
+            # (not 2.14) drops a copy_ into a 0-dim float64 CPU tensor when
+            # it restarts its analysis (tensorify_python_scalars): the decay
+            # tensor then stayed 0 and the EMA copied the model.
+            self.decay_tensor[()] = decay
             if plan.updater is not None:
                 if compiling:
                     # The list op is what torch.compile can trace; the
