@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -65,11 +66,25 @@ def register(name: Optional[Union[str, ModelFactory]] = None, factory: Optional[
     return _add
 
 
+# Why an optional package is unavailable, for error messages: not installed,
+# or installed but failing to import (e.g. built for another torch).
+_UNAVAILABLE: Dict[str, str] = {}
+
+
 def _optional_module(name: str):
+    """The module, or None when it is not installed or cannot be imported (the latter with a warning)."""
     try:
-        return importlib.import_module(name)
+        module = importlib.import_module(name)
     except ImportError:
+        _UNAVAILABLE[name] = f"{name} is not installed"
         return None
+    except Exception as exc:  # a broken install must not break the registry's own names
+        _UNAVAILABLE[name] = f"{name} is installed but failed to import ({type(exc).__name__}: {exc})"
+        warnings.warn(f"ema_cuda.models: {_UNAVAILABLE[name]}; its models are not available", RuntimeWarning,
+                      stacklevel=3)
+        return None
+    _UNAVAILABLE.pop(name, None)
+    return module
 
 
 def _torchvision_names(tv) -> List[str]:
@@ -111,14 +126,14 @@ def _resolve(name: str) -> ModelFactory:
             # weights=None: never download; a checkpoint is loaded separately.
             return lambda **kw: tv.models.get_model(bare, **{"weights": None, **kw})
         if source == "torchvision":
-            why = "torchvision is not installed" if tv is None else f"torchvision has no model {bare!r}"
+            why = _UNAVAILABLE["torchvision"] if tv is None else f"torchvision has no model {bare!r}"
             raise ValueError(f"models.get: {name!r}: {why}")
     if source in ("", "timm"):
         timm = _optional_module("timm")
         if timm is not None and bare in _timm_names(timm):
             return lambda **kw: timm.create_model(bare, **{"pretrained": False, **kw})
         if source == "timm":
-            why = "timm is not installed" if timm is None else f"timm has no model {bare!r}"
+            why = _UNAVAILABLE["timm"] if timm is None else f"timm has no model {bare!r}"
             raise ValueError(f"models.get: {name!r}: {why}")
     external = [m for m, mod in (("torchvision", "torchvision"), ("timm", "timm")) if _optional_module(mod)]
     extra = f"; torchvision/timm names are also accepted ({', '.join(external)} installed)" if external else (

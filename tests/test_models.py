@@ -1,6 +1,7 @@
 """models.get / models.register: building by name and choosing ema_net vs net from a checkpoint."""
 import sys
 import types
+import warnings
 
 import pytest
 import torch
@@ -70,6 +71,30 @@ def test_unknown_name_lists_registered():
         models.get("no_such_net")
     with pytest.raises(ValueError, match="unknown model source"):
         models.get("keras:foo")
+
+
+def test_a_broken_external_package_warns_and_leaves_the_registry_usable(monkeypatch):
+    # E.g. a torchvision built for another torch raises RuntimeError on import.
+    real_import = models.importlib.import_module
+
+    def import_module(name, *args):
+        if name in ("torchvision", "timm"):
+            raise RuntimeError(f"{name} was built for another torch")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(models.importlib, "import_module", import_module)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(ValueError, match=r"unknown model name 'no_such_net'.*digits_cnn"):
+            models.get("no_such_net")
+        with pytest.raises(ValueError, match=r"timm is installed but failed to import \(RuntimeError: timm was"):
+            models.get("timm:resnet18")
+        assert models.list_models(include_external=True) == models.list_models()
+    messages = {str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)}
+    for name in ("torchvision", "timm"):
+        assert f"ema_cuda.models: {name} is installed but failed to import (RuntimeError: {name} was built for " \
+               "another torch); its models are not available" in messages
+    assert isinstance(models.get("mlp"), nn.Module)
 
 
 def test_register_and_factory(tmp_path):
