@@ -2,6 +2,9 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.14.1
+# What the benchmark also compares against: timm's ModelEmaV3 (timm needs the
+# torchvision release made for TORCH_SPEC).
+BENCH_EXTRAS ?= timm torchvision==0.29.1
 # One architecture keeps CI compiles short; set TORCH_CUDA_ARCH_LIST for yours.
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
@@ -11,7 +14,7 @@ HAVE_NVCC := $(shell command -v nvcc >/dev/null 2>&1 && echo 1 || echo 0)
 export FORCE_CUDA ?= $(HAVE_NVCC)
 PYTEST_ARGS ?= -q
 
-.PHONY: all deps build test test-compiled test-fallback bench demo clean
+.PHONY: all deps bench-deps build test test-compiled test-fallback bench demo clean
 
 all: build
 
@@ -34,7 +37,12 @@ test-compiled:
 test-fallback:
 	EMA_CUDA_BACKEND=fallback $(PYTHON) -m pytest $(PYTEST_ARGS) tests
 
-bench: build
+# The peers are optional: when they cannot be installed the benchmark still
+# runs, says so here, and reports their rows as skipped.
+bench-deps: deps
+	$(PIP) install -q $(BENCH_EXTRAS) || echo "warning: could not install $(BENCH_EXTRAS); the benchmark skips timm ModelEmaV3"
+
+bench: build bench-deps
 	$(PYTHON) -m benchmarks.bench_ema
 
 demo: build
