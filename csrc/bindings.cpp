@@ -69,6 +69,37 @@ class ListUpdater {
   int64_t rebuilds_ = -1;  // the constructor's build is not a rebuild
 };
 
+// ModelEMA's per-step check that its cached plan still describes both module
+// trees (ema_cuda/ema.py, `_unchanged`, which falls back to the same test in
+// Python): owners[i].get(keys[i]) is objects[i] for every i, and
+// len(registries[j]) == sizes[j] for every j.  Owners and registries must be
+// dicts (module._parameters, ._buffers, ._modules).  Runs with the GIL held:
+// it only reads Python objects, a few ns per entry.
+bool watched_entries_unchanged(const pybind11::tuple& owners, const pybind11::tuple& keys,
+                               const pybind11::tuple& objects, const pybind11::tuple& registries,
+                               const pybind11::tuple& sizes) {
+  const Py_ssize_t n = PyTuple_GET_SIZE(objects.ptr());
+  if (PyTuple_GET_SIZE(owners.ptr()) != n || PyTuple_GET_SIZE(keys.ptr()) != n ||
+      PyTuple_GET_SIZE(registries.ptr()) != PyTuple_GET_SIZE(sizes.ptr())) {
+    throw pybind11::value_error("watched_entries_unchanged: tuples of different lengths");
+  }
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* owner = PyTuple_GET_ITEM(owners.ptr(), i);
+    if (!PyDict_Check(owner)) throw pybind11::type_error("watched_entries_unchanged: an owner is not a dict");
+    PyObject* value = PyDict_GetItemWithError(owner, PyTuple_GET_ITEM(keys.ptr(), i));  // borrowed
+    if (value == nullptr && PyErr_Occurred()) throw pybind11::error_already_set();
+    if (value != PyTuple_GET_ITEM(objects.ptr(), i)) return false;
+  }
+  for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(registries.ptr()); ++j) {
+    PyObject* registry = PyTuple_GET_ITEM(registries.ptr(), j);
+    if (!PyDict_Check(registry)) throw pybind11::type_error("watched_entries_unchanged: a registry is not a dict");
+    const Py_ssize_t size = PyLong_AsSsize_t(PyTuple_GET_ITEM(sizes.ptr(), j));
+    if (size == -1 && PyErr_Occurred()) throw pybind11::error_already_set();
+    if (PyDict_GET_SIZE(registry) != size) return false;
+  }
+  return true;
+}
+
 }  // namespace
 }  // namespace ema_cuda
 
@@ -77,6 +108,10 @@ PYBIND11_MODULE(_C, m) {
   m.doc() = "Compiled kernels of ema_cuda (ops are under torch.ops.ema_cuda).";
   m.def("cuda_compiled", &ema_cuda::cuda_compiled,
         "True when this build contains the CUDA kernel.");
+  m.def("watched_entries_unchanged", &ema_cuda::watched_entries_unchanged, pybind11::arg("owners"),
+        pybind11::arg("keys"), pybind11::arg("objects"), pybind11::arg("registries"), pybind11::arg("sizes"),
+        "ModelEMA's per-step plan check: owners[i].get(keys[i]) is objects[i] for all i and "
+        "len(registries[j]) == sizes[j] for all j.");
   pybind11::class_<ListUpdater>(m, "ListUpdater")
       .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>>(),
            pybind11::arg("ema"), pybind11::arg("model"))

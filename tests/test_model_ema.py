@@ -813,6 +813,40 @@ def test_replaced_parameters_are_noticed():
     torch.testing.assert_close(ema.ema.head.weight, 0.5 * start + 0.5 * model.head.weight)
 
 
+_TREE_CHANGES = {
+    "nothing": lambda m: None,
+    "values in place": lambda m: m.head.weight.data.add_(1.0),
+    "a parameter object": lambda m: setattr(m.head, "bias", nn.Parameter(m.head.bias.detach().clone())),
+    "a buffer object": lambda m: setattr(m.bn, "running_mean", m.bn.running_mean.clone()),
+    "a child module": lambda m: setattr(m, "head", nn.Linear(6, 5)),
+    "a new buffer": lambda m: m.head.register_buffer("extra", torch.zeros(2), persistent=False),
+    "a new child": lambda m: m.add_module("extra", nn.Identity()),
+}
+
+
+@pytest.mark.parametrize("change", list(_TREE_CHANGES))
+def test_cached_plan_is_rebuilt_exactly_when_the_module_trees_change(change):
+    # The per-step check (in C++ with the compiled backend, in Python with the
+    # fallback) must see every replaced or added entry, and nothing else.
+    model = Net()
+    ema = ModelEMA(model, 0.5, ConstantDecay())
+    ema.update(model, 1, 10)
+    plan = ema._plan
+    _TREE_CHANGES[change](model)
+    ema.update(model, 2, 10)
+    assert (ema._plan is plan) == (change in ("nothing", "values in place"))
+
+
+def test_a_deleted_entry_is_noticed():
+    model = Net()
+    ema = ModelEMA(model, 0.5, ConstantDecay())
+    ema.update(model, 1, 10)
+    del model.head.bias
+    model.head.register_parameter("bias", None)
+    with pytest.raises(Exception, match="head.bias"):
+        ema.update(model, 2, 10)
+
+
 def test_model_switched_to_channels_last():
     gen = torch.Generator().manual_seed(16)
     model = Net()
