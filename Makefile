@@ -14,7 +14,7 @@ HAVE_NVCC := $(shell command -v nvcc >/dev/null 2>&1 && echo 1 || echo 0)
 export FORCE_CUDA ?= $(HAVE_NVCC)
 PYTEST_ARGS ?= -q
 
-.PHONY: all deps bench-deps build test test-compiled test-fallback bench demo clean
+.PHONY: all deps bench-deps build test test-compiled test-fallback test-torch bench demo clean
 
 all: build
 
@@ -36,6 +36,11 @@ test-compiled:
 
 test-fallback:
 	EMA_CUDA_BACKEND=fallback $(PYTHON) -m pytest $(PYTEST_ARGS) tests
+
+# Both suites against another torch release (e.g. a GPU machine's), in an
+# environment of its own: make test-torch TORCH_VERSION=2.11.0
+test-torch:
+	bash tools/test_torch_version.sh $(TORCH_VERSION)
 
 # The peers are optional: when they cannot be installed the benchmark still
 # runs, says so here, and reports their rows as skipped.
