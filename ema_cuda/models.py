@@ -135,7 +135,8 @@ def _resolve(name: str) -> ModelFactory:
         if source == "timm":
             why = _UNAVAILABLE["timm"] if timm is None else f"timm has no model {bare!r}"
             raise ValueError(f"models.get: {name!r}: {why}")
-    external = [m for m, mod in (("torchvision", "torchvision"), ("timm", "timm")) if _optional_module(mod)]
+    # Only a bare name gets here, and both packages were looked up above.
+    external = [n for n, mod in (("torchvision", tv), ("timm", timm)) if mod is not None]
     extra = f"; torchvision/timm names are also accepted ({', '.join(external)} installed)" if external else (
         "; install torchvision or timm for their architectures")
     raise ValueError(f"models.get: unknown model name {name!r}; registered names: {sorted(_REGISTRY)}{extra}")
