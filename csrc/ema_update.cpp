@@ -88,6 +88,19 @@ inline void prefetch_pairs_ahead(at::TensorList ema, at::TensorList model,
   }
 }
 
+// The address `t.const_data_ptr()` returns (nullptr for an empty tensor),
+// read without its out-of-line `has_storage()` call and dtype check, or 0
+// when the tensor has no storage.  For the per-call signature check only:
+// the plan was built from tensors whose `data_ptr()` worked, and a 0 where
+// the plan holds an address sends the caller to the full validation.
+inline uintptr_t raw_data_address(const at::Tensor& t) {
+  const c10::TensorImpl* impl = t.unsafeGetTensorImpl();
+  const c10::StorageImpl* s = impl->unsafe_storage().unsafeGetStorageImpl();
+  if (s == nullptr || impl->is_empty()) return 0;
+  return reinterpret_cast<uintptr_t>(s->data()) +
+         static_cast<uintptr_t>(impl->storage_offset()) * impl->dtype().itemsize();
+}
+
 void check_one(const char* op, const char* side, size_t i, const at::Tensor& t,
                const at::Device& device) {
   TORCH_CHECK(t.defined(), op, ": ", side, "[", i, "] is an undefined tensor");
@@ -173,9 +186,8 @@ bool Plan::matches(at::TensorList ema, at::TensorList model, int64_t chunk,
       prefetch_pairs_ahead(ema, model, i, hi);
       const at::Tensor& e = ema[i];
       const at::Tensor& m = model[i];
-      // const_data_ptr: no copy-on-write materialisation check on this path.
-      if (reinterpret_cast<uintptr_t>(e.const_data_ptr()) != ema_ptrs[i] ||
-          reinterpret_cast<uintptr_t>(m.const_data_ptr()) != model_ptrs[i] ||
+      // The const address: no copy-on-write materialisation on this path.
+      if (raw_data_address(e) != ema_ptrs[i] || raw_data_address(m) != model_ptrs[i] ||
           e.numel() != numels[i] ||
           dtype_code(e.scalar_type()) != ema_dtypes[i] ||
           dtype_code(m.scalar_type()) != model_dtypes[i] ||

@@ -34,7 +34,8 @@ void check_lists(const char* op, at::TensorList ema, at::TensorList model);
 // The layout rule of one pair: same strides, or both contiguous (strides of
 // size-1 dimensions do not matter then).
 inline bool same_layout(const at::Tensor& e, const at::Tensor& m) {
-  return e.strides() == m.strides() || (e.is_contiguous() && m.is_contiguous());
+  // Contiguity first: two flag reads, where comparing strides is a call.
+  return (e.is_contiguous() && m.is_contiguous()) || e.strides() == m.strides();
 }
 void check_decay(const char* op, double decay);
 void check_decay_tensor(const char* op, const at::Tensor& decay,

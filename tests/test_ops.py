@@ -454,6 +454,50 @@ def test_fused_updater_notices_a_layout_change_in_a_long_list(where):
     assert_bit_identical(ema, before)
 
 
+@pytest.mark.parametrize("side", ["ema", "model"])
+@pytest.mark.parametrize("change", ["offset", "resize", "other_storage", "emptied"])
+def test_fused_updater_sees_in_place_changes_of_a_tensors_memory(side, change):
+    # The same tensor object, its memory moved in place: a new offset into the
+    # same storage (now misaligned), a storage reallocated by resize_, another
+    # storage through set_, or no elements at all.  The per-call signature
+    # check reads the address from the storage itself; it must see each one.
+    n = 1000
+    storage = torch.randn(n + 1)
+    moving = torch.empty(0).set_(storage.untyped_storage(), 0, (n,))
+    other = torch.randn(n)
+    if side == "ema":
+        ema, model = [moving, torch.randn(n)], [torch.randn(n), torch.randn(n)]
+    else:
+        ema, model = [torch.randn(n), torch.randn(n)], [moving, torch.randn(n)]
+    updater = ops.FusedUpdater(ema, model)
+    updater.update(0.5)
+    if change == "offset":
+        moving.set_(storage.untyped_storage(), 1, (n,))
+    elif change == "resize":
+        address = moving.data_ptr()
+        moving.resize_(1 << 20)
+        moving.resize_(n)
+        assert moving.data_ptr() != address
+    elif change == "other_storage":
+        moving.set_(other)
+    else:
+        moving.resize_(0)
+    pair = ema if side == "ema" else model
+    if change == "emptied":
+        before = snapshot(ema)
+        with pytest.raises(RuntimeError, match=rf"{side}\[0\] has shape \[0\]"):
+            updater.update(0.5)
+        assert_bit_identical(ema, before)
+        return
+    assert pair[0] is moving
+    first = storage[0].clone()
+    ref = reference(ema, model, 0.25)
+    updater.update(0.25)
+    check(ema, ref)
+    if change == "offset" and side == "ema":
+        assert torch.equal(storage[0], first)   # the element before the new view is not written
+
+
 @requires_compiled
 def test_fused_updater_keeps_its_plan_for_contiguous_pairs_with_different_strides():
     # Strides of size-1 dimensions differ, both tensors are contiguous: the
