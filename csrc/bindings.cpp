@@ -13,8 +13,14 @@ constexpr const char* kUpdaterName = "ema_cuda.ListUpdater.update";
 
 class ListUpdater {
  public:
-  ListUpdater(std::vector<at::Tensor> ema, std::vector<at::Tensor> model)
-      : ema_(std::move(ema)), model_(std::move(model)) {
+  // Averages model[i] into ema[i] and copies copy_model[j] into copy_ema[j],
+  // all in one launch.
+  ListUpdater(std::vector<at::Tensor> ema, std::vector<at::Tensor> model,
+              std::vector<at::Tensor> copy_ema, std::vector<at::Tensor> copy_model)
+      : ema_(std::move(ema)),
+        model_(std::move(model)),
+        copy_ema_(std::move(copy_ema)),
+        copy_model_(std::move(copy_model)) {
     refresh();
   }
 
@@ -25,7 +31,7 @@ class ListUpdater {
   }
 
   void update_tensor(const at::Tensor& decay) {
-    check_decay_tensor(kUpdaterName, decay, ema_);
+    check_decay_tensor(kUpdaterName, decay, ema_.empty() ? copy_ema_ : ema_);
     double value = 0.0;
     if (!decay.is_cuda()) {
       value = decay.item<double>();
@@ -36,6 +42,7 @@ class ListUpdater {
   }
 
   int64_t num_tensors() const { return static_cast<int64_t>(ema_.size()); }
+  int64_t num_copies() const { return static_cast<int64_t>(copy_ema_.size()); }
   int64_t num_elements() const { return plan_->num_elements; }
   int64_t num_chunks() const { return plan_->num_chunks; }
   int64_t rebuilds() const { return rebuilds_; }
@@ -47,15 +54,18 @@ class ListUpdater {
   // numel, dtype) and each pair's strides with the live tensors is
   // O(tensors) and catches every such change; a change means a full
   // re-validation before anything is written.
+  UpdateLists lists() const { return {ema_, model_, copy_ema_, copy_model_}; }
+
   void ensure_plan() {
-    const int64_t chunk = ema_.empty() ? kCpuChunk : chunk_size_for(ema_[0].device());
-    if (!plan_->matches(ema_, model_, chunk, /*check_layout=*/true)) refresh();
+    const UpdateLists l = lists();
+    if (!plan_->matches(l, chunk_size_for(l.device()), /*check_layout=*/true)) refresh();
   }
 
   void refresh() {
+    const UpdateLists l = lists();
     check_lists(kUpdaterName, ema_, model_);
-    const int64_t chunk = ema_.empty() ? kCpuChunk : chunk_size_for(ema_[0].device());
-    plan_ = get_plan(kUpdaterName, ema_, model_, chunk);
+    check_copy_lists(kUpdaterName, l);
+    plan_ = get_plan(kUpdaterName, l, chunk_size_for(l.device()));
     ++rebuilds_;
   }
 
@@ -64,7 +74,7 @@ class ListUpdater {
     run_update(*plan_, decay_tensor, decay);
   }
 
-  std::vector<at::Tensor> ema_, model_;
+  std::vector<at::Tensor> ema_, model_, copy_ema_, copy_model_;
   PlanPtr plan_;
   int64_t rebuilds_ = -1;  // the constructor's build is not a rebuild
 };
@@ -113,11 +123,14 @@ PYBIND11_MODULE(_C, m) {
         "ModelEMA's per-step plan check: owners[i].get(keys[i]) is objects[i] for all i and "
         "len(registries[j]) == sizes[j] for all j.");
   pybind11::class_<ListUpdater>(m, "ListUpdater")
-      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>>(),
-           pybind11::arg("ema"), pybind11::arg("model"))
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                          std::vector<at::Tensor>>(),
+           pybind11::arg("ema"), pybind11::arg("model"), pybind11::arg("copy_ema") = std::vector<at::Tensor>{},
+           pybind11::arg("copy_model") = std::vector<at::Tensor>{})
       .def("update", &ListUpdater::update, pybind11::arg("decay"))
       .def("update_tensor", &ListUpdater::update_tensor, pybind11::arg("decay"))
       .def_property_readonly("num_tensors", &ListUpdater::num_tensors)
+      .def_property_readonly("num_copies", &ListUpdater::num_copies)
       .def_property_readonly("num_elements", &ListUpdater::num_elements)
       .def_property_readonly("num_chunks", &ListUpdater::num_chunks)
       .def_property_readonly("rebuilds", &ListUpdater::rebuilds);

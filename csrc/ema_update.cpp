@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <list>
 #include <mutex>
 #include <sstream>
@@ -75,16 +76,15 @@ inline void prefetch_storage(const at::Tensor& t) {
   if (s) __builtin_prefetch(s);
 }
 
-// Call before looking at pair i of a loop that ends at `end`.
-inline void prefetch_pairs_ahead(at::TensorList ema, at::TensorList model,
-                                 int64_t i, int64_t end) {
+// Call before looking at row i of a loop that ends at `end`.
+inline void prefetch_pairs_ahead(const UpdateLists& l, int64_t i, int64_t end) {
   if (i + kPrefetchImpl < end) {
-    prefetch_impl(ema[i + kPrefetchImpl]);
-    prefetch_impl(model[i + kPrefetchImpl]);
+    prefetch_impl(l.ema_at(i + kPrefetchImpl));
+    prefetch_impl(l.model_at(i + kPrefetchImpl));
   }
   if (i + kPrefetchStorage < end) {
-    prefetch_storage(ema[i + kPrefetchStorage]);
-    prefetch_storage(model[i + kPrefetchStorage]);
+    prefetch_storage(l.ema_at(i + kPrefetchStorage));
+    prefetch_storage(l.model_at(i + kPrefetchStorage));
   }
 }
 
@@ -101,17 +101,20 @@ inline uintptr_t raw_data_address(const at::Tensor& t) {
          static_cast<uintptr_t>(impl->storage_offset()) * impl->dtype().itemsize();
 }
 
+// `averaged`: the tensor must have a floating dtype the kernel averages;
+// `device_ref` names the tensor whose device all must share.
 void check_one(const char* op, const char* side, size_t i, const at::Tensor& t,
-               const at::Device& device) {
+               const at::Device& device, const char* device_ref = "ema[0]",
+               bool averaged = true) {
   TORCH_CHECK(t.defined(), op, ": ", side, "[", i, "] is an undefined tensor");
   TORCH_CHECK(t.layout() == at::kStrided, op, ": ", side, "[", i,
               "] has layout ", t.layout(), "; only strided tensors are supported");
-  TORCH_CHECK(dtype_code(t.scalar_type()) >= 0, op, ": ", side, "[", i,
+  TORCH_CHECK(!averaged || dtype_code(t.scalar_type()) >= 0, op, ": ", side, "[", i,
               "] has dtype ", py_dtype(t.scalar_type()),
               "; expected one of torch.float32, torch.float64, torch.bfloat16, "
               "torch.float16");
   TORCH_CHECK(t.device() == device, op, ": ", side, "[", i, "] is on ",
-              t.device(), " but ema[0] is on ", device,
+              t.device(), " but ", device_ref, " is on ", device,
               "; all tensors must be on one device");
   TORCH_CHECK(t.is_non_overlapping_and_dense(), op, ": ", side, "[", i,
               "] with shape ", t.sizes(), " and strides ", t.strides(),
@@ -119,6 +122,12 @@ void check_one(const char* op, const char* side, size_t i, const at::Tensor& t,
 }
 
 }  // namespace
+
+c10::Device UpdateLists::device() const {
+  if (!ema.empty()) return ema[0].device();
+  if (!copy_ema.empty()) return copy_ema[0].device();
+  return c10::Device(c10::kCPU);
+}
 
 void check_lists(const char* op, at::TensorList ema, at::TensorList model) {
   TORCH_CHECK(ema.size() == model.size(), op, ": got ", ema.size(),
@@ -129,8 +138,9 @@ void check_lists(const char* op, at::TensorList ema, at::TensorList model) {
   const at::Device device = ema[0].device();
   const bool grad = c10::GradMode::is_enabled();
   const int64_t n = static_cast<int64_t>(ema.size());
+  const UpdateLists lists{ema, model};
   for (int64_t i = 0; i < n; ++i) {
-    prefetch_pairs_ahead(ema, model, i, n);
+    prefetch_pairs_ahead(lists, i, n);
     const at::Tensor& e = ema[i];
     const at::Tensor& m = model[i];
     check_one(op, "ema", i, e, device);
@@ -141,6 +151,36 @@ void check_lists(const char* op, at::TensorList ema, at::TensorList model) {
                 i, "] has strides ", m.strides(),
                 "; both tensors of a pair must share one memory layout");
     TORCH_CHECK(!(grad && e.requires_grad()), op, ": ema[", i,
+                "] requires grad; EMA tensors are updated in place and must "
+                "not require grad (or call under torch.no_grad())");
+  }
+}
+
+void check_copy_lists(const char* op, const UpdateLists& l) {
+  TORCH_CHECK(l.copy_ema.size() == l.copy_model.size(), op, ": got ",
+              l.copy_ema.size(), " copy_ema tensors but ", l.copy_model.size(),
+              " copy_model tensors");
+  TORCH_CHECK(l.num_rows() < static_cast<int64_t>(INT32_MAX), op,
+              ": too many tensors (", l.num_rows(), ")");
+  if (l.copy_ema.empty()) return;
+  const at::Device device = l.device();
+  const char* ref = l.ema.empty() ? "copy_ema[0]" : "ema[0]";
+  const bool grad = c10::GradMode::is_enabled();
+  for (size_t j = 0; j < l.copy_ema.size(); ++j) {
+    const at::Tensor& e = l.copy_ema[j];
+    const at::Tensor& m = l.copy_model[j];
+    check_one(op, "copy_ema", j, e, device, ref, /*averaged=*/false);
+    check_one(op, "copy_model", j, m, device, ref, /*averaged=*/false);
+    TORCH_CHECK(e.scalar_type() == m.scalar_type(), op, ": copy_ema[", j,
+                "] has dtype ", py_dtype(e.scalar_type()), " but copy_model[", j,
+                "] has dtype ", py_dtype(m.scalar_type()),
+                "; a copied pair must share one dtype");
+    TORCH_CHECK(e.sizes() == m.sizes(), op, ": copy_ema[", j, "] has shape ",
+                e.sizes(), " but copy_model[", j, "] has shape ", m.sizes());
+    TORCH_CHECK(same_layout(e, m), op, ": copy_ema[", j, "] has strides ", e.strides(),
+                " but copy_model[", j, "] has strides ", m.strides(),
+                "; both tensors of a pair must share one memory layout");
+    TORCH_CHECK(!(grad && e.requires_grad()), op, ": copy_ema[", j,
                 "] requires grad; EMA tensors are updated in place and must "
                 "not require grad (or call under torch.no_grad())");
   }
@@ -172,37 +212,45 @@ void check_decay_tensor(const char* op, const at::Tensor& decay,
 namespace {
 // Below this many pairs a second thread costs more than it saves.
 constexpr int64_t kParallelCheckPairs = 2048;
+
+// The dtype a plan's signature records: the DTypeCode of an averaged
+// tensor, the ScalarType of a copied one (any dtype may be copied).
+inline int8_t signature_dtype(const at::Tensor& t, bool copy) {
+  return copy ? static_cast<int8_t>(t.scalar_type()) : dtype_code(t.scalar_type());
+}
 }  // namespace
 
-bool Plan::matches(at::TensorList ema, at::TensorList model, int64_t chunk,
-                   bool check_layout) const {
-  if (chunk != chunk_size || static_cast<int64_t>(ema.size()) != num_tensors ||
-      model.size() != ema.size()) {
+bool Plan::matches(const UpdateLists& l, int64_t chunk, bool check_layout) const {
+  if (chunk != chunk_size || l.num_averaged() != num_tensors ||
+      static_cast<int64_t>(l.copy_ema.size()) != num_copies ||
+      l.model.size() != l.ema.size() || l.copy_model.size() != l.copy_ema.size()) {
     return false;
   }
-  if (num_tensors > 0 && ema[0].device() != device) return false;
+  const int64_t rows = num_tensors + num_copies;
+  if (rows > 0 && l.device() != device) return false;
   auto range_matches = [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
-      prefetch_pairs_ahead(ema, model, i, hi);
-      const at::Tensor& e = ema[i];
-      const at::Tensor& m = model[i];
+      prefetch_pairs_ahead(l, i, hi);
+      const at::Tensor& e = l.ema_at(i);
+      const at::Tensor& m = l.model_at(i);
+      const bool copy = l.is_copy(i);
       // The const address: no copy-on-write materialisation on this path.
       if (raw_data_address(e) != ema_ptrs[i] || raw_data_address(m) != model_ptrs[i] ||
           e.numel() != numels[i] ||
-          dtype_code(e.scalar_type()) != ema_dtypes[i] ||
-          dtype_code(m.scalar_type()) != model_dtypes[i] ||
+          signature_dtype(e, copy) != ema_dtypes[i] ||
+          signature_dtype(m, copy) != model_dtypes[i] ||
           (check_layout && !same_layout(e, m))) {
         return false;
       }
     }
     return true;
   };
-  if (num_tensors < kParallelCheckPairs || at::get_num_threads() == 1 ||
+  if (rows < kParallelCheckPairs || at::get_num_threads() == 1 ||
       at::in_parallel_region()) {
-    return range_matches(0, num_tensors);
+    return range_matches(0, rows);
   }
   std::atomic<bool> ok{true};
-  at::parallel_for(0, num_tensors, kParallelCheckPairs / 2, [&](int64_t b, int64_t e) {
+  at::parallel_for(0, rows, kParallelCheckPairs / 2, [&](int64_t b, int64_t e) {
     if (ok.load(std::memory_order_relaxed) && !range_matches(b, e)) ok = false;
   });
   return ok.load();
@@ -233,33 +281,47 @@ PlanCache& cache() {
   return *c;
 }
 
-void check_no_overlap(const char* op, at::TensorList ema,
-                      at::TensorList model) {
+// "ema[3]" or "copy_ema[0]": how errors name row `row` of the table.
+std::string row_name(const UpdateLists& l, bool ema_side, int64_t row) {
+  std::ostringstream out;
+  if (l.is_copy(row)) {
+    out << (ema_side ? "copy_ema[" : "copy_model[") << row - l.num_averaged() << "]";
+  } else {
+    out << (ema_side ? "ema[" : "model[") << row << "]";
+  }
+  return out.str();
+}
+
+void check_no_overlap(const char* op, const UpdateLists& l) {
   struct Span {
     uintptr_t lo, hi;
-    size_t index;
+    int64_t row;
   };
+  const int64_t rows = l.num_rows();
   std::vector<Span> spans;
-  spans.reserve(ema.size());
-  for (size_t i = 0; i < ema.size(); ++i) {
-    if (ema[i].numel() == 0) continue;
-    const uintptr_t lo = reinterpret_cast<uintptr_t>(ema[i].data_ptr());
-    spans.push_back({lo, lo + ema[i].nbytes(), i});
+  spans.reserve(rows);
+  for (int64_t i = 0; i < rows; ++i) {
+    const at::Tensor& e = l.ema_at(i);
+    if (e.numel() == 0) continue;
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(e.data_ptr());
+    spans.push_back({lo, lo + e.nbytes(), i});
   }
   std::sort(spans.begin(), spans.end(),
             [](const Span& a, const Span& b) { return a.lo < b.lo; });
   for (size_t k = 1; k < spans.size(); ++k) {
-    TORCH_CHECK(spans[k].lo >= spans[k - 1].hi, op, ": ema[",
-                spans[k - 1].index, "] and ema[", spans[k].index,
-                "] overlap in memory (tied or aliased tensors); pass each "
+    TORCH_CHECK(spans[k].lo >= spans[k - 1].hi, op, ": ",
+                row_name(l, true, spans[k - 1].row), " and ",
+                row_name(l, true, spans[k].row),
+                " overlap in memory (tied or aliased tensors); pass each "
                 "storage once");
   }
   // A model tensor may be read by its own pair in place (same range), but
   // must not overlap any other EMA tensor: that would be a write/read race.
-  for (size_t j = 0; j < model.size(); ++j) {
-    if (model[j].numel() == 0) continue;
-    const uintptr_t lo = reinterpret_cast<uintptr_t>(model[j].data_ptr());
-    const uintptr_t hi = lo + model[j].nbytes();
+  for (int64_t j = 0; j < rows; ++j) {
+    const at::Tensor& m = l.model_at(j);
+    if (m.numel() == 0) continue;
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(m.data_ptr());
+    const uintptr_t hi = lo + m.nbytes();
     auto it = std::upper_bound(
         spans.begin(), spans.end(), hi,
         [](uintptr_t v, const Span& s) { return v <= s.lo; });
@@ -267,20 +329,21 @@ void check_no_overlap(const char* op, at::TensorList ema,
     while (it != spans.begin()) {
       --it;
       if (it->hi <= lo) break;
-      const bool same_pair = it->index == j && it->lo == lo && it->hi == hi;
-      TORCH_CHECK(same_pair, op, ": model[", j, "] overlaps ema[", it->index,
-                  "] in memory; the EMA must not alias the model");
+      const bool same_pair = it->row == j && it->lo == lo && it->hi == hi;
+      TORCH_CHECK(same_pair, op, ": ", row_name(l, false, j), " overlaps ",
+                  row_name(l, true, it->row),
+                  " in memory; the EMA must not alias the model");
     }
   }
 }
 
 }  // namespace
 
-PlanPtr find_plan(at::TensorList ema, at::TensorList model, int64_t chunk) {
+PlanPtr find_plan(const UpdateLists& lists, int64_t chunk) {
   PlanCache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
   for (auto it = c.plans.begin(); it != c.plans.end(); ++it) {
-    if ((*it)->matches(ema, model, chunk)) {
+    if ((*it)->matches(lists, chunk)) {
       PlanPtr p = *it;
       c.plans.erase(it);
       c.plans.push_front(p);
@@ -291,26 +354,28 @@ PlanPtr find_plan(at::TensorList ema, at::TensorList model, int64_t chunk) {
   return nullptr;
 }
 
-PlanPtr build_plan(const char* op, at::TensorList ema, at::TensorList model,
-                   int64_t chunk) {
-  check_no_overlap(op, ema, model);
+PlanPtr build_plan(const char* op, const UpdateLists& lists, int64_t chunk) {
+  check_no_overlap(op, lists);
   auto plan = std::make_shared<Plan>();
-  const int64_t n = static_cast<int64_t>(ema.size());
-  plan->device = n > 0 ? ema[0].device() : c10::Device(c10::kCPU);
+  const int64_t n = lists.num_rows();
+  plan->device = lists.device();
   plan->chunk_size = chunk;
-  plan->num_tensors = n;
+  plan->num_tensors = lists.num_averaged();
+  plan->num_copies = n - plan->num_tensors;
   std::vector<TensorEntry> rows(n);
   std::vector<ChunkEntry> chunks;
   for (int64_t i = 0; i < n; ++i) {
-    const at::Tensor& e = ema[i];
-    const at::Tensor& m = model[i];
+    const at::Tensor& e = lists.ema_at(i);
+    const at::Tensor& m = lists.model_at(i);
+    const bool copy = lists.is_copy(i);
     TensorEntry& r = rows[i];
     r = TensorEntry{};
     r.ema = e.data_ptr();
     r.model = m.data_ptr();
-    r.numel = e.numel();
-    r.ema_dtype = dtype_code(e.scalar_type());
-    r.model_dtype = dtype_code(m.scalar_type());
+    // A copied pair is a row of bytes.
+    r.numel = copy ? static_cast<int64_t>(e.nbytes()) : e.numel();
+    r.ema_dtype = copy ? kBytes : dtype_code(e.scalar_type());
+    r.model_dtype = copy ? kBytes : dtype_code(m.scalar_type());
     r.head = vector_head(reinterpret_cast<uintptr_t>(r.ema),
                          reinterpret_cast<uintptr_t>(r.model),
                          dtype_size(r.ema_dtype), dtype_size(r.model_dtype),
@@ -318,10 +383,11 @@ PlanPtr build_plan(const char* op, at::TensorList ema, at::TensorList model,
     append_chunks(r.numel, static_cast<int32_t>(i), chunk, chunks);
     plan->ema_ptrs.push_back(reinterpret_cast<uintptr_t>(r.ema));
     plan->model_ptrs.push_back(reinterpret_cast<uintptr_t>(r.model));
-    plan->numels.push_back(r.numel);
-    plan->ema_dtypes.push_back(r.ema_dtype);
-    plan->model_dtypes.push_back(r.model_dtype);
-    plan->num_elements += r.numel;
+    plan->numels.push_back(e.numel());
+    plan->ema_dtypes.push_back(signature_dtype(e, copy));
+    plan->model_dtypes.push_back(signature_dtype(m, copy));
+    plan->num_elements += e.numel();
+    plan->num_units += r.numel;
   }
   plan->num_chunks = static_cast<int64_t>(chunks.size());
   if (plan->device.is_cpu()) {
@@ -359,17 +425,17 @@ PlanPtr build_plan(const char* op, at::TensorList ema, at::TensorList model,
   return plan;
 }
 
-PlanPtr get_plan(const char* op, at::TensorList ema, at::TensorList model,
-                 int64_t chunk) {
-  PlanPtr p = find_plan(ema, model, chunk);
+PlanPtr get_plan(const char* op, const UpdateLists& lists, int64_t chunk) {
+  PlanPtr p = find_plan(lists, chunk);
   if (p) return p;
   // Building a plan copies the table host-to-device, which a CUDA stream
   // capture cannot record.
-  TORCH_CHECK(ema.empty() || !ema[0].is_cuda() || !cuda_capturing(ema[0].device()),
+  const c10::Device device = lists.device();
+  TORCH_CHECK(!device.is_cuda() || !cuda_capturing(device),
               op, ": no cached plan for these tensors while a CUDA graph is "
               "being captured; run the update once before capture (during "
               "warm-up) so that its plan is built");
-  return build_plan(op, ema, model, chunk);
+  return build_plan(op, lists, chunk);
 }
 
 int64_t chunk_size_for(const c10::Device& device) {
@@ -545,11 +611,11 @@ constexpr auto kCpuGroup8Fns = group_table<kGroup>();
 }  // namespace
 
 void cpu_update(const Plan& plan, double decay) {
-  if (plan.num_elements == 0) return;
+  if (plan.num_units == 0) return;
   const TensorEntry* tensors = plan.tensors();
   const ChunkEntry* chunks = plan.chunks();
   const int64_t* ends = plan.chunk_ends.data();
-  const int64_t total = plan.num_elements;
+  const int64_t total = plan.num_units;
   // Elements [lo, hi) of the concatenation of all chunks.
   auto run_range = [&](int64_t lo, int64_t hi) {
     int64_t k = std::upper_bound(ends, ends + plan.num_chunks, lo) - ends;
@@ -559,6 +625,14 @@ void cpu_update(const Plan& plan, double decay) {
       touch_chunk(tensors, chunks, k + kTouchAhead, plan.num_chunks);
       const ChunkEntry& c = chunks[k];
       const TensorEntry& t = tensors[c.tensor];
+      const int64_t s = std::max(lo, begin) - begin;
+      const int64_t n = std::min(hi, ends[k]) - begin - s;
+      if (t.ema_dtype == kBytes) {
+        // memmove: a pair may copy a tensor onto itself (the same bytes).
+        std::memmove(static_cast<char*>(t.ema) + c.start + s,
+                     static_cast<const char*>(t.model) + c.start + s, n);
+        continue;
+      }
       // How many rows from k on are small, whole in [lo, hi), of t's dtypes.
       int g = 0;
       if (begin >= lo) {
@@ -579,14 +653,13 @@ void cpu_update(const Plan& plan, double decay) {
         k += w - 1;
         continue;
       }
-      const int64_t s = std::max(lo, begin) - begin;
-      const int64_t n = std::min(hi, ends[k]) - begin - s;
       kCpuChunkFns[t.ema_dtype][t.model_dtype](t, c.start + s, n, decay);
     }
   };
   // One parallel region over all chunks of all tensors, split by element
-  // count (not chunk count: many small tensors would unbalance the threads).
-  // Below 64K elements in total the threading overhead outweighs the work.
+  // count (not chunk count: many small tensors would unbalance the threads;
+  // a copied pair counts its bytes).  Below 64K elements in total the
+  // threading overhead outweighs the work.
   const int64_t parts = total < (1 << 16) ? 1 : at::get_num_threads();
   if (parts == 1) {
     run_range(0, total);
@@ -610,7 +683,7 @@ double read_cpu_decay(const at::Tensor& decay) {
 void ema_update_cpu(at::TensorList ema, at::TensorList model, double decay) {
   check_lists(kOpName, ema, model);
   check_decay(kOpName, decay);
-  cpu_update(*get_plan(kOpName, ema, model, kCpuChunk), decay);
+  cpu_update(*get_plan(kOpName, {ema, model}, kCpuChunk), decay);
 }
 
 void ema_update_tensor_cpu(at::TensorList ema, at::TensorList model,
@@ -619,23 +692,27 @@ void ema_update_tensor_cpu(at::TensorList ema, at::TensorList model,
   check_decay_tensor(kOpName, decay, ema);
   // On the CPU the value is read on the host anyway: check its range too.
   const double d = read_cpu_decay(decay);
-  cpu_update(*get_plan(kOpName, ema, model, kCpuChunk), d);
+  cpu_update(*get_plan(kOpName, {ema, model}, kCpuChunk), d);
 }
 
 // Runs the CUDA path's table and chunk body on the CPU, looping over blocks
-// and threads the way the kernel's grid-stride loop does.  Test-only.
+// and threads the way the kernel's grid-stride loop does; the copied pairs
+// are those a ListUpdater would put in the same table.  Test-only.
 void emulate_cuda_update(at::TensorList ema, at::TensorList model,
+                         at::TensorList copy_ema, at::TensorList copy_model,
                          double decay, int64_t chunk_size, int64_t threads,
                          int64_t blocks) {
   const char* op = "ema_cuda::_emulate_cuda_update_";
+  const UpdateLists lists{ema, model, copy_ema, copy_model};
   check_lists(op, ema, model);
+  check_copy_lists(op, lists);
   check_decay(op, decay);
   TORCH_CHECK(chunk_size > 0 && chunk_size <= INT32_MAX, op,
               ": chunk_size must be in [1, 2^31), got ", chunk_size);
   TORCH_CHECK(threads > 0 && blocks > 0, op,
               ": threads and blocks must be positive, got ", threads, " and ",
               blocks);
-  PlanPtr plan = get_plan(op, ema, model, chunk_size);
+  PlanPtr plan = get_plan(op, lists, chunk_size);
   const TensorEntry* tensors = plan->tensors();
   const ChunkEntry* chunks = plan->chunks();
   for (int64_t block = 0; block < blocks; ++block) {
@@ -702,7 +779,8 @@ TORCH_LIBRARY(ema_cuda, m) {
   m.def(
       "ema_update_.Tensor(Tensor(a!)[] ema, Tensor[] model, Tensor decay) -> ()");
   m.def(
-      "_emulate_cuda_update_(Tensor(a!)[] ema, Tensor[] model, float decay, "
+      "_emulate_cuda_update_(Tensor(a!)[] ema, Tensor[] model, "
+      "Tensor(b!)[] copy_ema, Tensor[] copy_model, float decay, "
       "int chunk_size=65536, int threads=512, int blocks=1) -> ()");
   m.def("_plan_chunks(int[] numels, int chunk_size) -> Tensor",
         &plan_chunks);

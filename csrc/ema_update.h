@@ -28,9 +28,32 @@ constexpr int kCudaThreads = 512;
 // so that every block is resident at once.
 constexpr int kCudaBlocksPerSM = 2;
 
+// The tensors of one update: pairs averaged (ema[i] from model[i]) and pairs
+// copied verbatim (copy_ema[j] := copy_model[j], e.g. integer buffers), all
+// in one launch.  The table holds the averaged pairs first, then the copies.
+struct UpdateLists {
+  at::TensorList ema, model;
+  at::TensorList copy_ema = {}, copy_model = {};
+
+  int64_t num_averaged() const { return static_cast<int64_t>(ema.size()); }
+  int64_t num_rows() const { return static_cast<int64_t>(ema.size() + copy_ema.size()); }
+  bool is_copy(int64_t row) const { return row >= num_averaged(); }
+  const at::Tensor& ema_at(int64_t row) const {
+    return row < num_averaged() ? ema[row] : copy_ema[row - num_averaged()];
+  }
+  const at::Tensor& model_at(int64_t row) const {
+    return row < num_averaged() ? model[row] : copy_model[row - num_averaged()];
+  }
+  // The device of the first tensor (CPU when there is none).
+  c10::Device device() const;
+};
+
 // Checks that can change from call to call: list lengths, dtypes, devices,
 // shapes, layouts, autograd.  O(number of tensors); never touches data.
 void check_lists(const char* op, at::TensorList ema, at::TensorList model);
+// The same for the copied pairs: any dtype, one dtype per pair, on
+// `lists.device()`.
+void check_copy_lists(const char* op, const UpdateLists& lists);
 // The layout rule of one pair: same strides, or both contiguous (strides of
 // size-1 dimensions do not matter then).
 inline bool same_layout(const at::Tensor& e, const at::Tensor& m) {
@@ -45,11 +68,14 @@ void check_decay_tensor(const char* op, const at::Tensor& decay,
 struct Plan {
   c10::Device device = c10::Device(c10::kCPU);
   int64_t chunk_size = 0;
-  int64_t num_tensors = 0;
+  int64_t num_tensors = 0;  // averaged pairs
+  int64_t num_copies = 0;   // copied pairs, rows num_tensors.. of the table
   int64_t num_chunks = 0;
-  int64_t num_elements = 0;
+  int64_t num_elements = 0;  // of all pairs
+  int64_t num_units = 0;     // sum of the chunks' lengths (a copy counts bytes)
   // Signature: what the rows below were built from.  A plan is reused only
   // when every live tensor still matches, so its raw pointers are never stale.
+  // Dtypes: the DTypeCode of an averaged pair, the ScalarType of a copied one.
   std::vector<uintptr_t> ema_ptrs, model_ptrs;
   std::vector<int64_t> numels;
   std::vector<int8_t> ema_dtypes, model_dtypes;
@@ -67,11 +93,11 @@ struct Plan {
   mutable std::mutex streams_mu;
   mutable std::vector<int64_t> streams_used;
 
-  // True when `ema`/`model` are the lists this plan was built from: same
-  // count, chunk size, device, and per pair the same addresses, numel and
-  // dtypes; with `check_layout` also a pair layout `check_lists` accepts
-  // (callers that skip `check_lists` need it).  Reads no tensor data.
-  bool matches(at::TensorList ema, at::TensorList model, int64_t chunk,
+  // True when `lists` are the lists this plan was built from: same counts,
+  // chunk size, device, and per pair the same addresses, numel and dtypes;
+  // with `check_layout` also a pair layout `check_lists` accepts (callers
+  // that skip `check_lists` need it).  Reads no tensor data.
+  bool matches(const UpdateLists& lists, int64_t chunk,
                bool check_layout = false) const;
   const TensorEntry* tensors() const;
   const ChunkEntry* chunks() const;
@@ -80,13 +106,11 @@ struct Plan {
 using PlanPtr = std::shared_ptr<const Plan>;
 
 // Cached plan for these lists, or nullptr.
-PlanPtr find_plan(at::TensorList ema, at::TensorList model, int64_t chunk);
+PlanPtr find_plan(const UpdateLists& lists, int64_t chunk);
 // Builds (after the overlap check, which only a new signature needs), caches
-// and returns a plan.  `check_lists` must have passed.
-PlanPtr build_plan(const char* op, at::TensorList ema, at::TensorList model,
-                   int64_t chunk);
-PlanPtr get_plan(const char* op, at::TensorList ema, at::TensorList model,
-                 int64_t chunk);
+// and returns a plan.  `check_lists` (and `check_copy_lists`) must have passed.
+PlanPtr build_plan(const char* op, const UpdateLists& lists, int64_t chunk);
+PlanPtr get_plan(const char* op, const UpdateLists& lists, int64_t chunk);
 
 // Kernels.  All assume validated inputs.  `decay_tensor`, when given,
 // replaces `decay` (on the CPU its value must already be checked).

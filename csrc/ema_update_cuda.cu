@@ -74,7 +74,7 @@ void ema_update_cuda(at::TensorList ema, at::TensorList model, double decay) {
   check_decay(kOpName, decay);
   if (ema.empty()) return;
   const c10::cuda::CUDAGuard guard(ema[0].device());
-  cuda_launch(*get_plan(kOpName, ema, model, kCudaChunk), nullptr, decay);
+  cuda_launch(*get_plan(kOpName, {ema, model}, kCudaChunk), nullptr, decay);
 }
 
 void ema_update_tensor_cuda(at::TensorList ema, at::TensorList model,
@@ -83,7 +83,7 @@ void ema_update_tensor_cuda(at::TensorList ema, at::TensorList model,
   check_decay_tensor(kOpName, decay, ema);
   if (ema.empty()) return;
   const c10::cuda::CUDAGuard guard(ema[0].device());
-  cuda_launch(*get_plan(kOpName, ema, model, kCudaChunk), &decay, 0.0);
+  cuda_launch(*get_plan(kOpName, {ema, model}, kCudaChunk), &decay, 0.0);
 }
 
 }  // namespace

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include <c10/macros/Macros.h>
@@ -17,12 +18,15 @@
 
 namespace ema_cuda {
 
-// dtype codes stored in the table (one byte each).
-enum DTypeCode : int8_t { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3 };
+// dtype codes stored in the table (one byte each).  The first kNumDTypes
+// are the averaged floating dtypes; kBytes marks a pair that is copied
+// verbatim (ema := model, both of one dtype, e.g. an integer buffer), whose
+// `numel` then counts bytes.
+enum DTypeCode : int8_t { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3, kBytes = 4 };
 constexpr int kNumDTypes = 4;
 
 inline int dtype_size(int code) {
-  return code == kF64 ? 8 : (code == kF32 ? 4 : 2);
+  return code == kF64 ? 8 : (code == kF32 ? 4 : (code == kBytes ? 1 : 2));
 }
 
 // One row per (ema, model) pair.  32 bytes.
@@ -103,19 +107,33 @@ inline void append_chunks(int64_t numel, int32_t tensor, int64_t chunk_size,
   }
 }
 
+// The element type of kBytes rows: never an averaged dtype, so a pair of
+// uint8_t pointers means "copy".
+using Byte = uint8_t;
+template <typename E, typename M>
+constexpr bool kIsCopy = std::is_same<E, Byte>::value && std::is_same<M, Byte>::value;
+
 template <typename E, typename M, typename Acc>
 C10_HOST_DEVICE inline void update_one(E* e, const M* m, int64_t i, Acc d, Acc w) {
-  const Acc ev = static_cast<Acc>(e[i]);
-  const Acc mv = static_cast<Acc>(m[i]);
-  // ema * d + model * (1 - d): exact at d == 0 (ema := model) and d == 1.
-  e[i] = static_cast<E>(ev * d + mv * w);
+  if constexpr (kIsCopy<E, M>) {
+    e[i] = m[i];
+  } else {
+    const Acc ev = static_cast<Acc>(e[i]);
+    const Acc mv = static_cast<Acc>(m[i]);
+    // ema * d + model * (1 - d): exact at d == 0 (ema := model) and d == 1.
+    e[i] = static_cast<E>(ev * d + mv * w);
+  }
 }
 
 template <typename E, typename M, int N, typename Acc>
 C10_HOST_DEVICE inline void lerp_pack(Pack<E, N>& ev, const Pack<M, N>& mv, Acc d, Acc w) {
+  if constexpr (kIsCopy<E, M>) {
+    ev = mv;
+  } else {
 #pragma unroll
-  for (int k = 0; k < N; ++k) {
-    ev.v[k] = static_cast<E>(static_cast<Acc>(ev.v[k]) * d + static_cast<Acc>(mv.v[k]) * w);
+    for (int k = 0; k < N; ++k) {
+      ev.v[k] = static_cast<E>(static_cast<Acc>(ev.v[k]) * d + static_cast<Acc>(mv.v[k]) * w);
+    }
   }
 }
 
@@ -159,7 +177,8 @@ C10_HOST_DEVICE inline void chunk_body(const TensorEntry& t, int64_t start,
     update_one<E, M, Acc>(e, m, i, d, w);
   }
   const int64_t nvec = (vend - vbeg) / N;
-  // kUnroll vector steps per iteration, all loads issued before any store:
+  // kUnroll vector steps per iteration, all loads issued before any store
+  // (a copied row loads only the model side):
   // more bytes in flight per thread (the compiler cannot reorder loads past
   // the stores itself, as far as it knows the EMA may alias the model).
   int64_t v = tid;
@@ -169,7 +188,7 @@ C10_HOST_DEVICE inline void chunk_body(const TensorEntry& t, int64_t start,
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = vbeg + (v + u * nthreads) * N;
-      ev[u] = *reinterpret_cast<const Pack<E, N>*>(e + i);
+      if constexpr (!kIsCopy<E, M>) ev[u] = *reinterpret_cast<const Pack<E, N>*>(e + i);
       mv[u] = *reinterpret_cast<const Pack<M, N>*>(m + i);
     }
 #pragma unroll
@@ -181,7 +200,8 @@ C10_HOST_DEVICE inline void chunk_body(const TensorEntry& t, int64_t start,
   }
   for (; v < nvec; v += nthreads) {
     const int64_t i = vbeg + v * N;
-    Pack<E, N> ev = *reinterpret_cast<const Pack<E, N>*>(e + i);
+    Pack<E, N> ev;
+    if constexpr (!kIsCopy<E, M>) ev = *reinterpret_cast<const Pack<E, N>*>(e + i);
     const Pack<M, N> mv = *reinterpret_cast<const Pack<M, N>*>(m + i);
     lerp_pack<E, M, N, Acc>(ev, mv, d, w);
     *reinterpret_cast<Pack<E, N>*>(e + i) = ev;
@@ -192,9 +212,14 @@ C10_HOST_DEVICE inline void chunk_body(const TensorEntry& t, int64_t start,
 }
 
 // Maps a dtype code to its C++ type and calls f(E{}, M{}) -- shared by the
-// CUDA kernel and the host emulation so both dispatch identically.
+// CUDA kernel and the host emulation so both dispatch identically.  A kBytes
+// row (both codes kBytes) calls f(Byte{}, Byte{}).
 template <typename F>
 C10_HOST_DEVICE inline void dispatch_pair(int ema_dtype, int model_dtype, F&& f) {
+  if (ema_dtype == kBytes) {
+    f(Byte{}, Byte{});
+    return;
+  }
 #define EMA_CUDA_MODEL_CASES(E)                                   \
   switch (model_dtype) {                                          \
     case kF32: f(E{}, float{}); break;                            \

@@ -157,6 +157,8 @@ class _Plan:
         "updater",
         "copy_ema",
         "copy_model",
+        "cast_copy_ema",
+        "cast_copy_model",
         "pairs",
         "finite_check",
         "local_watch",
@@ -599,9 +601,11 @@ class ModelEMA:
 
         ``d = decay_function(decay, step, total_steps)``; call it once per
         optimizer step, after ``optimizer.step()``, with SuperGradients'
-        1-based step.  Floating parameters and buffers are averaged in one
-        fused call (floating buffers copied instead with ``buffers="copy"``),
-        integer buffers copied.
+        1-based step.  Floating parameters and buffers are averaged and
+        integer buffers copied in one fused call (one kernel launch on CUDA,
+        two with ``async_update``); with ``buffers="copy"`` floating buffers
+        are copied too, in the same call unless the EMA keeps them in another
+        dtype (``ema_dtype``), which takes a separate cast.
 
         Raises before writing anything (the EMA stays bit-identical) when the
         schedule returns a value outside [0, 1] or a non-finite one, or when
@@ -654,8 +658,8 @@ class ModelEMA:
                 if plan.updater is None and plan.side_updater is None:
                     raise
                 self._apply(plan, d, done)
-            if plan.copy_ema:
-                torch._foreach_copy_(plan.copy_ema, plan.copy_model)
+            if plan.cast_copy_ema:
+                torch._foreach_copy_(plan.cast_copy_ema, plan.cast_copy_model)
         self.num_updates += 1
 
     def _apply(self, plan: _Plan, decay: float, done: set) -> None:
@@ -719,11 +723,14 @@ class ModelEMA:
                 if compiling:
                     # The list op is what torch.compile can trace; the
                     # updater object is opaque to it.
-                    ema_update_(plan.updater.ema, plan.updater.model, self.decay_tensor)
+                    if plan.updater.ema:
+                        ema_update_(plan.updater.ema, plan.updater.model, self.decay_tensor)
+                    if plan.updater.copy_ema:
+                        torch._foreach_copy_(plan.updater.copy_ema, plan.updater.copy_model)
                 else:
                     plan.updater.update(self.decay_tensor)
-            if plan.copy_ema:
-                torch._foreach_copy_(plan.copy_ema, plan.copy_model)
+            if plan.cast_copy_ema:
+                torch._foreach_copy_(plan.cast_copy_ema, plan.cast_copy_model)
             self._num_updates_t.add_(1)
 
     def decay_at(self, step: int, total_steps: int) -> float:
@@ -855,7 +862,21 @@ class ModelEMA:
                 for t in plan.side_updater.ema + plan.side_updater.model:
                     ops.record_stream(t, self._side_stream)
             avg_ema, avg_model = [avg_ema[i] for i in main], [avg_model[i] for i in main]
-        plan.updater = FusedUpdater(avg_ema, avg_model) if avg_ema else None
+        # Copies of one dtype and layout (integer buffers; floating buffers
+        # with buffers="copy") ride in the fused launch; the others, which
+        # cast or change layout, are a separate foreach copy.
+        fused = [
+            e.dtype == m.dtype
+            and _is_dense(e)
+            and _is_dense(m)
+            and (e.stride() == m.stride() or (e.is_contiguous() and m.is_contiguous()))
+            for e, m in zip(copy_ema, copy_model)
+        ]
+        fused_ema = [e for e, f in zip(copy_ema, fused) if f]
+        fused_model = [m for m, f in zip(copy_model, fused) if f]
+        plan.cast_copy_ema = [e for e, f in zip(copy_ema, fused) if not f]
+        plan.cast_copy_model = [m for m, f in zip(copy_model, fused) if not f]
+        plan.updater = FusedUpdater(avg_ema, avg_model, fused_ema, fused_model) if avg_ema or fused_ema else None
         plan.copy_ema, plan.copy_model, plan.pairs = copy_ema, copy_model, pairs
         plan.finite_check = [m for m, e in pairs if m.is_floating_point() and m.numel() > 0]
         dtensors = [t for _, _, _, t, _ in m_entries if _is_dtensor(t)]

@@ -94,37 +94,76 @@ _DTYPE_LIST = "torch.float32, torch.float64, torch.bfloat16, torch.float16"
 def _check_lists(op: str, ema: Sequence[torch.Tensor], model: Sequence[torch.Tensor]) -> None:
     if len(ema) != len(model):
         raise RuntimeError(f"{op}: got {len(ema)} ema tensors but {len(model)} model tensors")
-    if not ema:
+    if ema:
+        _check_pairs(op, "ema", "model", ema, model, ema[0].device, "ema[0]", averaged=True)
+
+
+def _check_copy_lists(
+    op: str, ema: Sequence[torch.Tensor], copy_ema: Sequence[torch.Tensor], copy_model: Sequence[torch.Tensor]
+) -> None:
+    """The copied pairs: any dtype, one per pair, on the device of ``ema[0]`` (else ``copy_ema[0]``)."""
+    if len(copy_ema) != len(copy_model):
+        raise RuntimeError(f"{op}: got {len(copy_ema)} copy_ema tensors but {len(copy_model)} copy_model tensors")
+    if not copy_ema:
         return
-    device = ema[0].device
+    if ema:
+        device, ref = ema[0].device, "ema[0]"
+    else:
+        device, ref = _tensor_or_raise(op, "copy_ema", 0, copy_ema[0]).device, "copy_ema[0]"
+    _check_pairs(op, "copy_ema", "copy_model", copy_ema, copy_model, device, ref, averaged=False)
+
+
+def _tensor_or_raise(op: str, side: str, i: int, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {side}[{i}] is a {type(t).__name__}, not a tensor")
+    return t
+
+
+def _check_pairs(
+    op: str,
+    ema_side: str,
+    model_side: str,
+    ema: Sequence[torch.Tensor],
+    model: Sequence[torch.Tensor],
+    device: torch.device,
+    device_ref: str,
+    averaged: bool,
+) -> None:
     grad = torch.is_grad_enabled()
     for i, (e, m) in enumerate(zip(ema, model)):
-        for side, t in (("ema", e), ("model", m)):
-            if not isinstance(t, torch.Tensor):
-                raise TypeError(f"{op}: {side}[{i}] is a {type(t).__name__}, not a tensor")
+        for side, t in ((ema_side, e), (model_side, m)):
+            _tensor_or_raise(op, side, i, t)
             if t.layout != torch.strided:
                 raise RuntimeError(f"{op}: {side}[{i}] has layout {t.layout}; only strided tensors are supported")
-            if t.dtype not in SUPPORTED_DTYPES:
+            if averaged and t.dtype not in SUPPORTED_DTYPES:
                 raise RuntimeError(f"{op}: {side}[{i}] has dtype {t.dtype}; expected one of {_DTYPE_LIST}")
             if t.device != device:
                 raise RuntimeError(
-                    f"{op}: {side}[{i}] is on {t.device} but ema[0] is on {device}; all tensors must be on one device"
+                    f"{op}: {side}[{i}] is on {t.device} but {device_ref} is on {device}; all tensors must be on one "
+                    "device"
                 )
             if not is_dense(t):
                 raise RuntimeError(
                     f"{op}: {side}[{i}] with shape {list(t.shape)} and strides {list(t.stride())} is not dense "
                     "or overlaps itself; pass a contiguous tensor"
                 )
+        if not averaged and e.dtype != m.dtype:
+            raise RuntimeError(
+                f"{op}: {ema_side}[{i}] has dtype {e.dtype} but {model_side}[{i}] has dtype {m.dtype}; a copied pair "
+                "must share one dtype"
+            )
         if e.shape != m.shape:
-            raise RuntimeError(f"{op}: ema[{i}] has shape {list(e.shape)} but model[{i}] has shape {list(m.shape)}")
+            raise RuntimeError(
+                f"{op}: {ema_side}[{i}] has shape {list(e.shape)} but {model_side}[{i}] has shape {list(m.shape)}"
+            )
         if e.stride() != m.stride() and not (e.is_contiguous() and m.is_contiguous()):
             raise RuntimeError(
-                f"{op}: ema[{i}] has strides {list(e.stride())} but model[{i}] has strides {list(m.stride())}; "
-                "both tensors of a pair must share one memory layout"
+                f"{op}: {ema_side}[{i}] has strides {list(e.stride())} but {model_side}[{i}] has strides "
+                f"{list(m.stride())}; both tensors of a pair must share one memory layout"
             )
         if grad and e.requires_grad:
             raise RuntimeError(
-                f"{op}: ema[{i}] requires grad; EMA tensors are updated in place and must not require grad "
+                f"{op}: {ema_side}[{i}] requires grad; EMA tensors are updated in place and must not require grad "
                 "(or call under torch.no_grad())"
             )
 
@@ -144,22 +183,37 @@ def is_dense(t: torch.Tensor) -> bool:
     return True
 
 
-def _check_no_overlap(op: str, ema: Sequence[torch.Tensor], model: Sequence[torch.Tensor]) -> None:
+def _check_no_overlap(
+    op: str,
+    ema: Sequence[torch.Tensor],
+    model: Sequence[torch.Tensor],
+    copy_ema: Sequence[torch.Tensor] = (),
+    copy_model: Sequence[torch.Tensor] = (),
+) -> None:
+    n = len(ema)
+
+    def name(side: str, row: int) -> str:
+        return f"{side}[{row}]" if row < n else f"copy_{side}[{row - n}]"
+
+    all_ema, all_model = list(ema) + list(copy_ema), list(model) + list(copy_model)
     spans = sorted(
-        (e.data_ptr(), e.data_ptr() + e.numel() * e.element_size(), i) for i, e in enumerate(ema) if e.numel()
+        (e.data_ptr(), e.data_ptr() + e.numel() * e.element_size(), i) for i, e in enumerate(all_ema) if e.numel()
     )
     for (lo0, hi0, i0), (lo1, _, i1) in zip(spans, spans[1:]):
         if lo1 < hi0:
             raise RuntimeError(
-                f"{op}: ema[{i0}] and ema[{i1}] overlap in memory (tied or aliased tensors); pass each storage once"
+                f"{op}: {name('ema', i0)} and {name('ema', i1)} overlap in memory (tied or aliased tensors); pass "
+                "each storage once"
             )
-    for j, m in enumerate(model):
+    for j, m in enumerate(all_model):
         if not m.numel():
             continue
         lo, hi = m.data_ptr(), m.data_ptr() + m.numel() * m.element_size()
         for elo, ehi, i in spans:
             if elo < hi and lo < ehi and not (i == j and elo == lo and ehi == hi):
-                raise RuntimeError(f"{op}: model[{j}] overlaps ema[{i}] in memory; the EMA must not alias the model")
+                raise RuntimeError(
+                    f"{op}: {name('model', j)} overlaps {name('ema', i)} in memory; the EMA must not alias the model"
+                )
 
 
 def _check_decay(op: str, decay: float) -> None:
@@ -313,23 +367,52 @@ class FusedUpdater:
     ``p.data = ...`` or ``module.to()``, triggers a full re-validation and a
     new table) and launches the kernel.  This is the hot path
     :class:`ema_cuda.ModelEMA` uses.  With the fallback backend it calls the
-    fallback op.
+    fallback op (and ``torch._foreach_copy_`` for the copies).
+
+    ``copy_ema[j] := copy_model[j]`` is done in the same launch: pairs that
+    follow the model instead of being averaged, such as BatchNorm's integer
+    ``num_batches_tracked``.  A copied pair may have any dtype, but one dtype
+    for both tensors (no casts), one shape and one memory layout; it is on
+    the device of the other tensors, and like an averaged EMA tensor must not
+    overlap another tensor.  Every check of every pair runs before any write.
     """
 
-    def __init__(self, ema: Sequence[torch.Tensor], model: Sequence[torch.Tensor]):
+    def __init__(
+        self,
+        ema: Sequence[torch.Tensor],
+        model: Sequence[torch.Tensor],
+        copy_ema: Sequence[torch.Tensor] = (),
+        copy_model: Sequence[torch.Tensor] = (),
+    ):
         self.ema = list(ema)
         self.model = list(model)
+        self.copy_ema = list(copy_ema)
+        self.copy_model = list(copy_model)
         if _C is not None:
-            self._impl = _C.ListUpdater(self.ema, self.model)
+            self._impl = _C.ListUpdater(self.ema, self.model, self.copy_ema, self.copy_model)
         else:
-            _check_lists("ema_cuda.FusedUpdater", self.ema, self.model)
-            _check_no_overlap("ema_cuda.FusedUpdater", self.ema, self.model)
+            self._check_fallback()
             self._impl = None
+
+    def _check_fallback(self) -> None:
+        op = "ema_cuda.FusedUpdater"
+        _check_lists(op, self.ema, self.model)
+        _check_copy_lists(op, self.ema, self.copy_ema, self.copy_model)
+        _check_no_overlap(op, self.ema, self.model, self.copy_ema, self.copy_model)
 
     def update(self, decay: Union[float, torch.Tensor]) -> None:
         """One EMA step with ``decay`` (a float, or a 0-dim tensor on the tensors' device)."""
         if self._impl is None:
+            if self.copy_ema:
+                # Checked again every call, like the op checks the averaged
+                # pairs, and before either writes.
+                self._check_fallback()
+                if isinstance(decay, torch.Tensor):
+                    _check_decay_tensor(OP_NAME, decay, self.ema or self.copy_ema)
             ema_update_(self.ema, self.model, decay)
+            if self.copy_ema:
+                with torch.no_grad():
+                    torch._foreach_copy_(self.copy_ema, self.copy_model)
         elif isinstance(decay, torch.Tensor):
             self._impl.update_tensor(decay)
         else:

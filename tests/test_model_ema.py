@@ -203,10 +203,55 @@ def test_one_fused_call_per_update_and_plan_reused(monkeypatch):
     gen = torch.Generator().manual_seed(4)
     model = Net()
     ema = ModelEMA(model, 0.9, ConstantDecay())
+    foreach_copies = []
+    foreach_copy = torch._foreach_copy_
+
+    def counting_copy(*a, **k):
+        foreach_copies.append(a)
+        return foreach_copy(*a, **k)
+
+    monkeypatch.setattr(torch, "_foreach_copy_", counting_copy)
     for step in range(1, 11):
         train_step(model, gen)
         ema.update(model, step, 10)
     assert calls == {"init": 1, "update": 10}
+    # num_batches_tracked is copied inside that call, not by a second op
+    # (the fallback's FusedUpdater makes it a foreach copy of its own).
+    assert len(foreach_copies) == (0 if ops.backend() == "compiled" else 10)
+    assert ema._plan.updater.copy_ema == [ema.ema.bn.num_batches_tracked]
+    assert torch.equal(ema.ema.bn.num_batches_tracked, model.bn.num_batches_tracked)
+
+
+def test_copied_buffers_that_change_dtype_are_cast():
+    # buffers="copy" with an fp32 EMA of a bf16 model: the floating buffers
+    # are copied with a cast (outside the fused call), the integer one inside.
+    gen = torch.Generator().manual_seed(41)
+    model = Net().to(torch.bfloat16)
+    ema = ModelEMA(model, 0.9, ConstantDecay(), buffers="copy", ema_dtype=torch.float32)
+    for step in range(1, 4):
+        train_step(model, gen, scale=0.01)
+        ema.update(model, step, 10)
+    plan = ema._plan
+    assert plan.updater.copy_ema == [ema.ema.bn.num_batches_tracked]
+    assert {id(t) for t in plan.cast_copy_ema} == {id(ema.ema.bn.running_mean), id(ema.ema.bn.running_var)}
+    assert ema.ema.bn.running_mean.dtype == torch.float32
+    assert torch.equal(ema.ema.bn.running_mean, model.bn.running_mean.float())
+    assert torch.equal(ema.ema.bn.running_var, model.bn.running_var.float())
+    assert torch.equal(ema.ema.bn.num_batches_tracked, model.bn.num_batches_tracked)
+
+
+def test_a_replaced_integer_buffer_is_followed():
+    gen = torch.Generator().manual_seed(42)
+    model = Net()
+    ema = ModelEMA(model, 0.9, ConstantDecay())
+    train_step(model, gen)
+    ema.update(model, 1, 10)
+    model.bn.num_batches_tracked = torch.tensor(40)       # a new tensor in the registry
+    ema.update(model, 2, 10)
+    assert ema.ema.bn.num_batches_tracked.item() == 40
+    model.bn.num_batches_tracked.data = torch.tensor(50)  # a new storage, same tensor object
+    ema.update(model, 3, 10)
+    assert ema.ema.bn.num_batches_tracked.item() == 50
 
 
 def test_ema_module_is_an_eval_copy_in_flat_buffers():

@@ -514,6 +514,108 @@ def test_fused_updater_keeps_its_plan_for_contiguous_pairs_with_different_stride
     assert updater._impl.rebuilds == 0
 
 
+COPY_DTYPES = [torch.int64, torch.int32, torch.int8, torch.bool, torch.bfloat16, torch.float64, torch.complex64]
+
+
+def make_copies(sizes, dtype, device="cpu"):
+    def draw(n):
+        if dtype == torch.bool:
+            return torch.rand(n, device=device) > 0.5
+        if dtype.is_floating_point or dtype.is_complex:
+            return torch.randn(n, device=device, dtype=dtype)
+        return torch.randint(-100, 100, (n,), device=device).to(dtype)
+    return [draw(n) for n in sizes], [draw(n) for n in sizes]
+
+
+@pytest.mark.parametrize("dtype", COPY_DTYPES)
+def test_fused_updater_copies_pairs_in_the_same_call(device, dtype):
+    ema, model = make_pairs([10, 3000, 70_001], torch.float32, torch.bfloat16, device)
+    copy_ema, copy_model = make_copies([1, 0, 17, 4099, 70_003], dtype, device)
+    updater = ops.FusedUpdater(ema, model, copy_ema, copy_model)
+    for d in (0.9, torch.tensor(0.7, device=device)):
+        for c in copy_model:
+            c.copy_(make_copies([c.numel()], dtype, device)[0][0].view(c.shape))
+        ref = reference(ema, model, float(d))
+        updater.update(d)
+        check(ema, ref)
+        assert_bit_identical(copy_ema, copy_model)
+
+
+def test_fused_updater_with_copies_only(device):
+    copy_ema, copy_model = make_copies([1, 5, 100_000], torch.int64, device)
+    updater = ops.FusedUpdater([], [], copy_ema, copy_model)
+    updater.update(0.5)
+    assert_bit_identical(copy_ema, copy_model)
+    copy_model[2].add_(1)
+    updater.update(torch.tensor(0.5, device=device))
+    assert_bit_identical(copy_ema, copy_model)
+
+
+def test_fused_updater_copy_follows_a_replaced_storage():
+    ema, model = make_pairs([10])
+    copy_ema, copy_model = make_copies([4], torch.int64)
+    updater = ops.FusedUpdater(ema, model, copy_ema, copy_model)
+    updater.update(0.5)
+    copy_model[0].data = torch.tensor([7, 8, 9, 10])     # a new storage: copy from it
+    updater.update(0.5)
+    assert copy_ema[0].tolist() == [7, 8, 9, 10]
+    copy_model[0].data = copy_model[0].data.int()         # a new dtype: an error, nothing written
+    before = snapshot(ema) + snapshot(copy_ema)
+    with pytest.raises(RuntimeError, match=r"copy_ema\[0\] has dtype torch.int64 but copy_model\[0\] has dtype "
+                       r"torch.int32; a copied pair must share one dtype"):
+        updater.update(0.5)
+    assert_bit_identical(ema + copy_ema, before)
+
+
+def _bad_copies():
+    base = torch.zeros(8, dtype=torch.int64)
+    return {
+        "count": ([torch.zeros(2)], [], r"got 1 copy_ema tensors but 0 copy_model tensors"),
+        "dtype": ([torch.zeros(2, dtype=torch.int64)], [torch.zeros(2, dtype=torch.int32)],
+                  r"copy_ema\[0\] has dtype torch.int64 but copy_model\[0\] has dtype torch.int32"),
+        "shape": ([torch.zeros(2, dtype=torch.int64)], [torch.zeros(3, dtype=torch.int64)],
+                  r"copy_ema\[0\] has shape \[2\] but copy_model\[0\] has shape \[3\]"),
+        "layout": ([torch.zeros(4, 3)], [torch.zeros(3, 4).t()],
+                   r"copy_ema\[0\] has strides \[3, 1\] but copy_model\[0\] has strides \[1, 4\]"),
+        "dense": ([torch.zeros(3)], [torch.zeros(6)[::2]], r"copy_model\[0\] with shape \[3\] and strides \[2\] is not dense"),
+        "device": ([torch.zeros(2, device="meta")], [torch.zeros(2, device="meta")],
+                   r"copy_ema\[0\] is on meta but ema\[0\] is on cpu"),
+        "grad": ([torch.zeros(2, requires_grad=True)], [torch.zeros(2)], r"copy_ema\[0\] requires grad"),
+        "overlap": ([base[:4], base[2:6]], [torch.zeros(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64)],
+                    r"copy_ema\[0\] and copy_ema\[1\] overlap in memory"),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_copies()))
+def test_fused_updater_rejects_bad_copies_naming_them(case):
+    copy_ema, copy_model, message = _bad_copies()[case]
+    ema, model = make_pairs([10])
+    with pytest.raises(RuntimeError, match=message):
+        ops.FusedUpdater(ema, model, copy_ema, copy_model)
+
+
+def test_fused_updater_copies_must_not_alias_the_averaged_tensors():
+    ema, model = make_pairs([10])
+    with pytest.raises(RuntimeError, match=r"ema\[0\] and copy_ema\[0\] overlap in memory"):
+        ops.FusedUpdater(ema, model, [ema[0][2:4]], [torch.zeros(2)])
+    with pytest.raises(RuntimeError, match=r"copy_model\[0\] overlaps ema\[0\] in memory"):
+        ops.FusedUpdater(ema, model, [torch.zeros(2)], [ema[0][2:4]])
+    with pytest.raises(RuntimeError, match=r"model\[0\] overlaps copy_ema\[0\] in memory"):
+        buf = torch.zeros(20)
+        ops.FusedUpdater([torch.zeros(10)], [buf[:10]], [buf[5:7]], [torch.zeros(2)])
+
+
+def test_fused_updater_bad_decay_writes_no_copy():
+    ema, model = make_pairs([10])
+    copy_ema, copy_model = make_copies([3], torch.int64)
+    updater = ops.FusedUpdater(ema, model, copy_ema, copy_model)
+    before = snapshot(ema) + snapshot(copy_ema)
+    for bad in (1.5, float("nan"), torch.tensor(-1.0)):
+        with pytest.raises(RuntimeError):
+            updater.update(bad)
+    assert_bit_identical(ema + copy_ema, before)
+
+
 def test_fused_updater_rejects_bad_decay():
     ema, model = make_pairs([10])
     updater = ops.FusedUpdater(ema, model)
@@ -589,8 +691,29 @@ def test_emulated_cuda_path_every_dtype_pair(chunk, threads, blocks, ema_dtype, 
     sizes = [0, 1, 7, chunk - 1, chunk, chunk + 1, 2 * chunk + 3, 1001]
     ema, model = make_pairs(sizes, ema_dtype, model_dtype)
     ref = reference(ema, model, 0.75)
-    torch.ops.ema_cuda._emulate_cuda_update_(ema, model, 0.75, chunk, threads, blocks)
+    torch.ops.ema_cuda._emulate_cuda_update_(ema, model, [], [], 0.75, chunk, threads, blocks)
     check(ema, ref)
+
+
+@requires_compiled
+@pytest.mark.parametrize("chunk,threads,blocks", [(64, 32, 1), (64, 7, 3), (1000, 3, 2), (4096, 16, 2), (1 << 16, 512, 4)])
+@pytest.mark.parametrize("eoff,moff", [(0, 0), (1, 1), (3, 11), (0, 5)])
+def test_emulated_cuda_path_copies_bytes(chunk, threads, blocks, eoff, moff):
+    # Copied rows count bytes: sizes around the chunk and the 16-byte vector,
+    # at offsets that align both sides, or never the two together.
+    sizes = [1, 15, 16, 17, chunk - 1, chunk, chunk + 1, 3 * chunk + 5]
+    ebufs = [torch.randint(0, 255, (n + 16,), dtype=torch.uint8) for n in sizes]
+    mbufs = [torch.randint(0, 255, (n + 16,), dtype=torch.uint8) for n in sizes]
+    copy_ema = [b[eoff:eoff + n] for b, n in zip(ebufs, sizes)]
+    copy_model = [b[moff:moff + n] for b, n in zip(mbufs, sizes)]
+    outside = [torch.cat([b[:eoff], b[eoff + n:]]).clone() for b, n in zip(ebufs, sizes)]
+    ema, model = make_pairs([chunk + 3, 5])
+    ref = reference(ema, model, 0.4)
+    torch.ops.ema_cuda._emulate_cuda_update_(ema, model, copy_ema, copy_model, 0.4, chunk, threads, blocks)
+    check(ema, ref)
+    assert_bit_identical(copy_ema, copy_model)
+    for b, n, o in zip(ebufs, sizes, outside):
+        assert torch.equal(torch.cat([b[:eoff], b[eoff + n:]]), o)
 
 
 @requires_compiled
@@ -606,7 +729,7 @@ def test_emulated_cuda_path_misaligned(eoff, moff, model_dtype):
     head, width = torch.ops.ema_cuda._vector_head(e.data_ptr(), m.data_ptr(), e.dtype, m.dtype)
     if head >= 0:
         assert (e.data_ptr() + head * 4) % 16 == 0 and (m.data_ptr() + head * m.element_size()) % 16 == 0
-    torch.ops.ema_cuda._emulate_cuda_update_([e], [m], 0.3, 256, 32, 3)
+    torch.ops.ema_cuda._emulate_cuda_update_([e], [m], [], [], 0.3, 256, 32, 3)
     check([e], ref)
     # Neighbours outside the view are untouched.
     assert torch.equal(torch.cat([ebuf[:eoff], ebuf[eoff + n:]]), outside)

@@ -42,6 +42,28 @@ def test_one_kernel_launch_for_ten_thousand_tensors():
 
 
 @requires_compiled
+def test_model_ema_update_of_a_batchnorm_model_is_one_launch():
+    # Parameters and running statistics averaged, num_batches_tracked copied:
+    # all in the one fused kernel.
+    from ema_cuda import ModelEMA
+    from ema_cuda.ema_decay_schedules import ConstantDecay
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.Flatten(),
+                                torch.nn.Linear(8 * 6 * 6, 4)).cuda()
+    ema = ModelEMA(model, 0.9, ConstantDecay())
+    model(torch.randn(2, 3, 8, 8, device="cuda"))
+    ema.update(model, 1, 10)  # builds the plan
+    model(torch.randn(2, 3, 8, 8, device="cuda"))
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        ema.update(model, 2, 10)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == 1, {e.name for e in kernels}
+    assert ema.ema[1].num_batches_tracked.item() == model[1].num_batches_tracked.item() == 2
+
+
+@requires_compiled
 def test_no_host_to_device_copy_once_the_plan_is_cached():
     ema, model = _pairs()
     ops.ema_update_(ema, model, 0.9)
