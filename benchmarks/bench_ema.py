@@ -749,8 +749,15 @@ def run_end_to_end(
         step = statistics.median(step_times)
         ema_t = statistics.median(ema_times)
         rec = {"label": label, "status": "ok", "step_s": step, "ema_s": ema_t, "ema_share": ema_t / step}
+        extra = ""
+        if device.type == "cuda" and update is not None:
+            # With BatchNorm's integer buffers in the model: the SG loop
+            # launches per tensor, the fused update once.
+            rec.update(count_cuda_launches(update, device))
+            extra = f", {rec['launches']:g} launches"
         out["variants"][key] = rec
-        log(f"  {label:<16} step {_fmt_time(step):>10}, EMA {_fmt_time(ema_t):>10} ({100 * ema_t / step:4.1f}% of the step)")
+        log(f"  {label:<16} step {_fmt_time(step):>10}, EMA {_fmt_time(ema_t):>10} ({100 * ema_t / step:4.1f}% of "
+            f"the step){extra}")
     n_params = sum(p.numel() for p in model_fn().state_dict().values() if p.dtype.is_floating_point)
     out["ema_elements"] = n_params
     return out
@@ -918,16 +925,19 @@ def e2e_table(e2e: Dict[str, Any]) -> str:
         f"{e2e['model']} ({e2e['ema_elements'] / 1e6:.2f}M EMA elements incl. BN buffers), batch {e2e['batch']}, "
         f"SGD with momentum, median of {e2e['steps']} steps",
         "",
-        "| EMA | step (train + EMA) | EMA update | EMA share of step |",
-        "|---|---:|---:|---:|",
     ]
+    # Launches per EMA update: counted on CUDA only.
+    launches = any(v.get("launches") is not None for v in e2e["variants"].values())
+    head, rule = "| EMA | step (train + EMA) | EMA update | EMA share of step |", "|---|---:|---:|---:|"
+    lines += [head + (" launches / EMA update |" if launches else ""), rule + ("---:|" if launches else "")]
     for v in e2e["variants"].values():
         if v["status"] != "ok":
-            lines.append(f"| {v['label']} | {v['status']} | - | {v.get('detail', '')} |")
+            row = f"| {v['label']} | {v['status']} | - | {v.get('detail', '')} |" + (" - |" if launches else "")
         else:
-            lines.append(
-                f"| {v['label']} | {_fmt_time(v['step_s'])} | {_fmt_time(v['ema_s'])} | {100 * v['ema_share']:.1f}% |"
-            )
+            row = f"| {v['label']} | {_fmt_time(v['step_s'])} | {_fmt_time(v['ema_s'])} | {100 * v['ema_share']:.1f}% |"
+            if launches:
+                row += f" {'-' if v.get('launches') is None else format(v['launches'], 'g')} |"
+        lines.append(row)
     return "\n".join(lines)
 
 

@@ -106,6 +106,18 @@ def test_end_to_end_runs():
         assert 0 <= out["variants"][key]["ema_share"] < 1
 
 
+    table = bench_ema.e2e_table(out)
+    assert "launches" not in table   # counted on CUDA only
+    # A CUDA run's record carries launches per EMA update: the table shows them.
+    out["variants"]["fused"]["launches"] = 1.0
+    out["variants"]["sg_loop"]["launches"] = 12.0
+    rows = {line.split("|")[1].strip(): line for line in bench_ema.e2e_table(out).splitlines() if line.startswith("| ")}
+    assert rows["EMA"].rstrip().endswith("launches / EMA update |")
+    assert rows["FusedUpdater"].rstrip().endswith("| 1 |")
+    assert rows["SG loop"].rstrip().endswith("| 12 |")
+    assert rows["no EMA"].rstrip().endswith("| - |")
+
+
 def test_help_lists_the_options(capsys):
     with pytest.raises(SystemExit):
         bench_ema.parse_args(["--help"])
