@@ -60,8 +60,8 @@ int8_t dtype_code(at::ScalarType t) {
 // StorageImpls kPrefetchStorage pairs ahead: on one thread that took the
 // update from 3.69 to 3.23 ms with plain tensors, but did nothing measurable
 // with nn.Parameter-wrapped ones, whose StorageImpls each sit in their own
-// page (then page walks bound the check); `Plan::matches` also splits long
-// lists across threads, which helped both.
+// page (then page walks bound the check); `Plan::matches` also splits the
+// long lists of CPU plans across threads, which helped both.
 constexpr int64_t kPrefetchImpl = 16;
 constexpr int64_t kPrefetchStorage = 8;
 
@@ -210,7 +210,13 @@ void check_decay_tensor(const char* op, const at::Tensor& decay,
 // ---------------------------------------------------------------- plan cache
 
 namespace {
-// Below this many pairs a second thread costs more than it saves.
+// Below this many pairs a second thread costs more than it saves.  Only CPU
+// plans split the check: their kernel runs on all threads anyway, while in a
+// GPU training step the CPU threads sit idle between updates, and waking
+// them costs more than the whole check (on the 2-core KVM guest of
+// benchmarks/RESULTS.md, after 20 ms idle, an update of 10,000 pairs took
+// 7.4 ms on 2 threads against 0.9 ms on one; a 1M-element add_ 5.4 ms
+// against 0.34 ms).
 constexpr int64_t kParallelCheckPairs = 2048;
 
 // The dtype a plan's signature records: the DTypeCode of an averaged
@@ -245,7 +251,7 @@ bool Plan::matches(const UpdateLists& l, int64_t chunk, bool check_layout) const
     }
     return true;
   };
-  if (rows < kParallelCheckPairs || at::get_num_threads() == 1 ||
+  if (rows < kParallelCheckPairs || !device.is_cpu() || at::get_num_threads() == 1 ||
       at::in_parallel_region()) {
     return range_matches(0, rows);
   }
