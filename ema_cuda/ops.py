@@ -394,9 +394,10 @@ class FusedUpdater:
             self._check_fallback()
             self._impl = None
 
-    def _check_fallback(self) -> None:
+    def _check_fallback(self, averaged: bool = True) -> None:
         op = "ema_cuda.FusedUpdater"
-        _check_lists(op, self.ema, self.model)
+        if averaged:
+            _check_lists(op, self.ema, self.model)
         _check_copy_lists(op, self.ema, self.copy_ema, self.copy_model)
         _check_no_overlap(op, self.ema, self.model, self.copy_ema, self.copy_model)
 
@@ -404,9 +405,9 @@ class FusedUpdater:
         """One EMA step with ``decay`` (a float, or a 0-dim tensor on the tensors' device)."""
         if self._impl is None:
             if self.copy_ema:
-                # Checked again every call, like the op checks the averaged
-                # pairs, and before either writes.
-                self._check_fallback()
+                # Checked again every call, before either writes (the op
+                # checks the averaged pairs itself).
+                self._check_fallback(averaged=False)
                 if isinstance(decay, torch.Tensor):
                     _check_decay_tensor(OP_NAME, decay, self.ema or self.copy_ema)
             ema_update_(self.ema, self.model, decay)
