@@ -41,6 +41,7 @@ from ema_cuda.ema_decay_schedules import EMA_DECAY_FUNCTIONS, IDecayFunction, de
 from ema_cuda import ops as _ops
 from ema_cuda.ops import SUPPORTED_DTYPES, FusedUpdater, ema_update_
 from ema_cuda.ops import is_dense as _is_dense
+from ema_cuda.ops import same_layout as _same_layout
 
 __all__ = ["ModelEMA", "KDModelEMA", "unwrap_model"]
 
@@ -157,8 +158,8 @@ class _Plan:
         "updater",
         "copy_ema",
         "copy_model",
-        "cast_copy_ema",
-        "cast_copy_model",
+        "foreach_copy_ema",
+        "foreach_copy_model",
         "pairs",
         "finite_check",
         "local_watch",
@@ -658,8 +659,8 @@ class ModelEMA:
                 if plan.updater is None and plan.side_updater is None:
                     raise
                 self._apply(plan, d, done)
-            if plan.cast_copy_ema:
-                torch._foreach_copy_(plan.cast_copy_ema, plan.cast_copy_model)
+            if plan.foreach_copy_ema:
+                torch._foreach_copy_(plan.foreach_copy_ema, plan.foreach_copy_model)
         self.num_updates += 1
 
     def _apply(self, plan: _Plan, decay: float, done: set) -> None:
@@ -729,8 +730,8 @@ class ModelEMA:
                         torch._foreach_copy_(plan.updater.copy_ema, plan.updater.copy_model)
                 else:
                     plan.updater.update(self.decay_tensor)
-            if plan.cast_copy_ema:
-                torch._foreach_copy_(plan.cast_copy_ema, plan.cast_copy_model)
+            if plan.foreach_copy_ema:
+                torch._foreach_copy_(plan.foreach_copy_ema, plan.foreach_copy_model)
             self._num_updates_t.add_(1)
 
     def decay_at(self, step: int, total_steps: int) -> float:
@@ -839,7 +840,7 @@ class ModelEMA:
                 seen_model.add(id(m))
                 pairs.append((m, e))
 
-        if any(e.stride() != m.stride() and not (e.is_contiguous() and m.is_contiguous()) for e, m in zip(avg_ema, avg_model)):
+        if not all(map(_same_layout, avg_ema, avg_model)):
             self._relayout(avg_ema, avg_model)
 
         plan = _Plan()
@@ -866,16 +867,13 @@ class ModelEMA:
         # with buffers="copy") ride in the fused launch; the others, which
         # cast or change layout, are a separate foreach copy.
         fused = [
-            e.dtype == m.dtype
-            and _is_dense(e)
-            and _is_dense(m)
-            and (e.stride() == m.stride() or (e.is_contiguous() and m.is_contiguous()))
+            e.dtype == m.dtype and _is_dense(e) and _is_dense(m) and _same_layout(e, m)
             for e, m in zip(copy_ema, copy_model)
         ]
         fused_ema = [e for e, f in zip(copy_ema, fused) if f]
         fused_model = [m for m, f in zip(copy_model, fused) if f]
-        plan.cast_copy_ema = [e for e, f in zip(copy_ema, fused) if not f]
-        plan.cast_copy_model = [m for m, f in zip(copy_model, fused) if not f]
+        plan.foreach_copy_ema = [e for e, f in zip(copy_ema, fused) if not f]
+        plan.foreach_copy_model = [m for m, f in zip(copy_model, fused) if not f]
         plan.updater = FusedUpdater(avg_ema, avg_model, fused_ema, fused_model) if avg_ema or fused_ema else None
         plan.copy_ema, plan.copy_model, plan.pairs = copy_ema, copy_model, pairs
         plan.finite_check = [m for m, e in pairs if m.is_floating_point() and m.numel() > 0]

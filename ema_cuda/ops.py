@@ -156,7 +156,7 @@ def _check_pairs(
             raise RuntimeError(
                 f"{op}: {ema_side}[{i}] has shape {list(e.shape)} but {model_side}[{i}] has shape {list(m.shape)}"
             )
-        if e.stride() != m.stride() and not (e.is_contiguous() and m.is_contiguous()):
+        if not same_layout(e, m):
             raise RuntimeError(
                 f"{op}: {ema_side}[{i}] has strides {list(e.stride())} but {model_side}[{i}] has strides "
                 f"{list(m.stride())}; both tensors of a pair must share one memory layout"
@@ -166,6 +166,13 @@ def _check_pairs(
                 f"{op}: {ema_side}[{i}] requires grad; EMA tensors are updated in place and must not require grad "
                 "(or call under torch.no_grad())"
             )
+
+
+def same_layout(e: torch.Tensor, m: torch.Tensor) -> bool:
+    """The layout rule of one pair: same strides, or both contiguous (strides
+    of size-1 dimensions do not matter then).  Mirrors ``same_layout`` in
+    csrc/ema_update.h."""
+    return (e.is_contiguous() and m.is_contiguous()) or e.stride() == m.stride()
 
 
 def is_dense(t: torch.Tensor) -> bool:

@@ -233,7 +233,7 @@ def test_copied_buffers_that_change_dtype_are_cast():
         ema.update(model, step, 10)
     plan = ema._plan
     assert plan.updater.copy_ema == [ema.ema.bn.num_batches_tracked]
-    assert {id(t) for t in plan.cast_copy_ema} == {id(ema.ema.bn.running_mean), id(ema.ema.bn.running_var)}
+    assert {id(t) for t in plan.foreach_copy_ema} == {id(ema.ema.bn.running_mean), id(ema.ema.bn.running_var)}
     assert ema.ema.bn.running_mean.dtype == torch.float32
     assert torch.equal(ema.ema.bn.running_mean, model.bn.running_mean.float())
     assert torch.equal(ema.ema.bn.running_var, model.bn.running_var.float())
