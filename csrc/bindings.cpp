@@ -26,8 +26,7 @@ class ListUpdater {
 
   void update(double decay) {
     check_decay(kUpdaterName, decay);
-    ensure_plan();
-    release_gil_and_run(nullptr, decay);
+    release_gil_and_run(ensure_plan(), nullptr, decay);
   }
 
   void update_tensor(const at::Tensor& decay) {
@@ -37,8 +36,7 @@ class ListUpdater {
       value = decay.item<double>();
       check_decay(kUpdaterName, value);
     }
-    ensure_plan();
-    release_gil_and_run(decay.is_cuda() ? &decay : nullptr, value);
+    release_gil_and_run(ensure_plan(), decay.is_cuda() ? &decay : nullptr, value);
   }
 
   int64_t num_tensors() const { return static_cast<int64_t>(ema_.size()); }
@@ -56,9 +54,14 @@ class ListUpdater {
   // re-validation before anything is written.
   UpdateLists lists() const { return {ema_, model_, copy_ema_, copy_model_}; }
 
-  void ensure_plan() {
+  // The plan to run: the held one while it is valid (NOTE [plan validity]),
+  // else a fully re-validated one.  Returned by value: another Python thread
+  // may replace plan_ while this one runs without the GIL, and the copy keeps
+  // the running plan's table alive.
+  PlanPtr ensure_plan() {
     const UpdateLists l = lists();
-    if (!plan_->matches(l, chunk_size_for(l.device()), /*check_layout=*/true)) refresh();
+    if (!plan_->matches(l, chunk_size_for(l.device()))) refresh();
+    return plan_;
   }
 
   void refresh() {
@@ -69,9 +72,9 @@ class ListUpdater {
     ++rebuilds_;
   }
 
-  void release_gil_and_run(const at::Tensor* decay_tensor, double decay) {
+  void release_gil_and_run(PlanPtr plan, const at::Tensor* decay_tensor, double decay) {
     pybind11::gil_scoped_release no_gil;
-    run_update(*plan_, decay_tensor, decay);
+    run_update(plan, decay_tensor, decay);
   }
 
   std::vector<at::Tensor> ema_, model_, copy_ema_, copy_model_;

@@ -1,6 +1,7 @@
 // Schema, validation, plan cache, CPU kernel and host emulation of the fused
 // EMA op.  The CUDA kernel lives in ema_update_cuda.cu.
 #include "ema_update.h"
+#include "work_pool.h"
 
 #include <algorithm>
 #include <atomic>
@@ -196,9 +197,14 @@ void check_decay_tensor(const char* op, const at::Tensor& decay,
   TORCH_CHECK(decay.defined(), op, ": decay is an undefined tensor");
   TORCH_CHECK(decay.dim() == 0, op,
               ": a decay tensor must be 0-dim, got shape ", decay.sizes());
-  TORCH_CHECK(dtype_code(decay.scalar_type()) >= 0, op,
-              ": a decay tensor must be floating point, got dtype ",
-              py_dtype(decay.scalar_type()));
+  const at::ScalarType t = decay.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble, op,
+              ": a decay tensor must be torch.float32 or torch.float64, got dtype ",
+              py_dtype(t),
+              (t == at::kBFloat16 || t == at::kHalf
+                   ? "; decays near 1 are not representable in 16 bits (0.9999 "
+                     "rounds to 1.0 in bfloat16, which would freeze the EMA)"
+                   : ""));
   if (!ema.empty()) {
     TORCH_CHECK(decay.device() == ema[0].device(), op,
                 ": the decay tensor is on ", decay.device(),
@@ -226,7 +232,7 @@ inline int8_t signature_dtype(const at::Tensor& t, bool copy) {
 }
 }  // namespace
 
-bool Plan::matches(const UpdateLists& l, int64_t chunk, bool check_layout) const {
+bool Plan::matches(const UpdateLists& l, int64_t chunk) const {
   if (chunk != chunk_size || l.num_averaged() != num_tensors ||
       static_cast<int64_t>(l.copy_ema.size()) != num_copies ||
       l.model.size() != l.ema.size() || l.copy_model.size() != l.copy_ema.size()) {
@@ -234,30 +240,39 @@ bool Plan::matches(const UpdateLists& l, int64_t chunk, bool check_layout) const
   }
   const int64_t rows = num_tensors + num_copies;
   if (rows > 0 && l.device() != device) return false;
+  const bool grad = c10::GradMode::is_enabled();
   auto range_matches = [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
       prefetch_pairs_ahead(l, i, hi);
       const at::Tensor& e = l.ema_at(i);
       const at::Tensor& m = l.model_at(i);
       const bool copy = l.is_copy(i);
-      // The const address: no copy-on-write materialisation on this path.
+      // Cheapest and most likely to differ first.  The const address: no
+      // copy-on-write materialisation on this path.  Equal shapes and the
+      // EMA's count imply the model's count.
       if (raw_data_address(e) != ema_ptrs[i] || raw_data_address(m) != model_ptrs[i] ||
           e.numel() != numels[i] ||
           signature_dtype(e, copy) != ema_dtypes[i] ||
           signature_dtype(m, copy) != model_dtypes[i] ||
-          (check_layout && !same_layout(e, m))) {
+          !same_shape_dense_layout(e, m) ||
+          e.device() != device || m.device() != device ||
+          (grad && e.requires_grad())) {
         return false;
       }
     }
     return true;
   };
-  if (rows < kParallelCheckPairs || !device.is_cpu() || at::get_num_threads() == 1 ||
-      at::in_parallel_region()) {
+  if (rows < kParallelCheckPairs || !device.is_cpu() || at::get_num_threads() == 1) {
     return range_matches(0, rows);
   }
+  // NOTE [busy CPU]: claimed in pieces, so a late thread never holds it up.
+  constexpr int64_t kPiece = kParallelCheckPairs / 2;
   std::atomic<bool> ok{true};
-  at::parallel_for(0, rows, kParallelCheckPairs / 2, [&](int64_t b, int64_t e) {
-    if (ok.load(std::memory_order_relaxed) && !range_matches(b, e)) ok = false;
+  WorkPool::run((rows + kPiece - 1) / kPiece, at::get_num_threads() - 1, [&](int64_t p) {
+    if (ok.load(std::memory_order_relaxed) &&
+        !range_matches(p * kPiece, std::min(rows, (p + 1) * kPiece))) {
+      ok = false;
+    }
   });
   return ok.load();
 }
@@ -271,11 +286,18 @@ const ChunkEntry* Plan::chunks() const {
 
 namespace {
 
-constexpr size_t kMaxCachedPlans = 8;
+// Plans of distinct lists kept for the op called with lists.  A training
+// step may update several EMAs or parameter groups, each its own lists: 64
+// keeps a steady loop of up to 64 of them from ever rebuilding (a rebuild is
+// an O(tensors) validation and, on CUDA, a table upload).  A lookup stops at
+// the first pair that differs, usually the first, so a longer list costs
+// little.
+constexpr size_t kMaxCachedPlans = 64;
 
 struct PlanCache {
   std::mutex mu;
   std::list<PlanPtr> plans;  // most recently used first
+  std::vector<PlanPtr> captured;  // NOTE [captured plans]
   int64_t builds = 0;
   int64_t hits = 0;
 };
@@ -387,8 +409,8 @@ PlanPtr build_plan(const char* op, const UpdateLists& lists, int64_t chunk) {
                          dtype_size(r.ema_dtype), dtype_size(r.model_dtype),
                          vec_width_for(r.ema_dtype, r.model_dtype));
     append_chunks(r.numel, static_cast<int32_t>(i), chunk, chunks);
-    plan->ema_ptrs.push_back(reinterpret_cast<uintptr_t>(r.ema));
-    plan->model_ptrs.push_back(reinterpret_cast<uintptr_t>(r.model));
+    plan->ema_ptrs.push_back(raw_data_address(e));
+    plan->model_ptrs.push_back(raw_data_address(m));
     plan->numels.push_back(e.numel());
     plan->ema_dtypes.push_back(signature_dtype(e, copy));
     plan->model_dtypes.push_back(signature_dtype(m, copy));
@@ -419,21 +441,40 @@ PlanPtr build_plan(const char* op, const UpdateLists& lists, int64_t chunk) {
   std::lock_guard<std::mutex> lock(c.mu);
   ++c.builds;
   c.plans.push_front(plan);
-  // Evict least recently used plans, never one baked into a CUDA graph.
-  size_t unpinned = 0;
-  for (auto it = c.plans.begin(); it != c.plans.end();) {
-    if (!(*it)->pinned && ++unpinned > kMaxCachedPlans) {
-      it = c.plans.erase(it);
-    } else {
-      ++it;
-    }
-  }
+  // Evict the least recently used plan; a captured one stays alive through
+  // `captured` (NOTE [captured plans]).
+  while (c.plans.size() > kMaxCachedPlans) c.plans.pop_back();
   return plan;
+}
+
+void pin_captured_plan(const char* op, const PlanPtr& plan) {
+  if (plan->pinned.load()) return;
+  PlanCache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  if (plan->pinned.load()) return;
+  TORCH_CHECK(c.captured.size() < kMaxCapturedPlans, op, ": ", c.captured.size(),
+              " plans are already held for captured CUDA graphs (the limit); "
+              "destroy graphs that are no longer replayed and call "
+              "ema_cuda.ops.release_captured_plans(), or capture fewer "
+              "distinct tensor lists");
+  c.captured.push_back(plan);
+  plan->pinned.store(true);
+}
+
+int64_t release_captured_plans() {
+  PlanCache& c = cache();
+  std::lock_guard<std::mutex> lock(c.mu);
+  const int64_t n = static_cast<int64_t>(c.captured.size());
+  for (const PlanPtr& p : c.captured) p->pinned.store(false);
+  c.captured.clear();
+  return n;
 }
 
 PlanPtr get_plan(const char* op, const UpdateLists& lists, int64_t chunk) {
   PlanPtr p = find_plan(lists, chunk);
   if (p) return p;
+  check_lists(op, lists.ema, lists.model);
+  check_copy_lists(op, lists);
   // Building a plan copies the table host-to-device, which a CUDA stream
   // capture cannot record.
   const c10::Device device = lists.device();
@@ -448,24 +489,25 @@ int64_t chunk_size_for(const c10::Device& device) {
   return device.is_cuda() ? kCudaChunk : kCpuChunk;
 }
 
-void run_update(const Plan& plan, const at::Tensor* decay_tensor, double decay) {
-  if (plan.device.is_cuda()) {
+void run_update(const PlanPtr& plan, const at::Tensor* decay_tensor, double decay) {
+  if (plan->device.is_cuda()) {
     cuda_launch(plan, decay_tensor, decay);
   } else {
-    cpu_update(plan, decay);
+    cpu_update(*plan, decay);
   }
 }
 
 std::vector<int64_t> plan_cache_stats() {
   PlanCache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
-  return {c.builds, c.hits, static_cast<int64_t>(c.plans.size())};
+  return {c.builds, c.hits, static_cast<int64_t>(c.plans.size()),
+          static_cast<int64_t>(c.captured.size())};
 }
 
 void clear_plan_cache() {
   PlanCache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
-  c.plans.remove_if([](const PlanPtr& p) { return !p->pinned; });
+  c.plans.clear();  // captured plans stay owned by `captured`
   c.builds = 0;
   c.hits = 0;
 }
@@ -498,6 +540,15 @@ inline void store2<float>(float* p, const FVec& a, const FVec& b) {
   b.store(p + kF);
 }
 
+// at::vec's fmadd is a real fused multiply-add only in the AVX2 build; the
+// generic one may round the product first.  Elsewhere the scalar loop with
+// std::fma runs instead, so every build computes NOTE [update arithmetic].
+#if defined(CPU_CAPABILITY_AVX2)
+constexpr bool kVectorFma = true;
+#else
+constexpr bool kVectorFma = false;
+#endif
+
 // One vector step (2 * kF elements) of the fp32-math update.
 template <typename E, typename M>
 inline void lerp_step(E* e, const M* m, const FVec& vd, const FVec& vw) {
@@ -515,13 +566,15 @@ void cpu_chunk(const TensorEntry& t, int64_t start, int64_t len, double decay) {
   const Acc d = static_cast<Acc>(decay);
   const Acc w = static_cast<Acc>(1.0 - decay);
   int64_t i = 0;
-  if constexpr (std::is_same_v<Acc, float>) {
+  if constexpr (kVectorFma && std::is_same_v<Acc, float>) {
     const FVec vd(d), vw(w);
     for (; i + 2 * kF <= len; i += 2 * kF) lerp_step<E, M>(e + i, m + i, vd, vw);
   }
   // fp64 pairs and the tail: scalar (the compiler vectorizes the former).
+  // The same expression as the vector steps and the CUDA kernel (NOTE
+  // [update arithmetic]).
   for (; i < len; ++i) {
-    e[i] = static_cast<E>(static_cast<Acc>(e[i]) * d + static_cast<Acc>(m[i]) * w);
+    e[i] = static_cast<E>(ema_fma<Acc>(static_cast<Acc>(e[i]), d, static_cast<Acc>(m[i]), w));
   }
 }
 
@@ -533,7 +586,7 @@ template <typename E, typename M, int W>
 void cpu_chunk_group(const TensorEntry* tensors, const ChunkEntry* rows,
                      double decay) {
   int64_t i = 0;
-  if constexpr (std::is_same_v<typename AccType<E, M>::type, float>) {
+  if constexpr (kVectorFma && std::is_same_v<typename AccType<E, M>::type, float>) {
     E* e[W];
     const M* m[W];
     int64_t n = rows[0].len;
@@ -614,66 +667,80 @@ constexpr auto kCpuGroup2Fns = group_table<2>();
 constexpr auto kCpuGroup4Fns = group_table<4>();
 constexpr auto kCpuGroup8Fns = group_table<kGroup>();
 
-}  // namespace
-
-void cpu_update(const Plan& plan, double decay) {
-  if (plan.num_units == 0) return;
+// Units [lo, hi) of the concatenation of all chunks of `plan` (a unit is an
+// element, or a byte of a copied pair), on the calling thread.
+void cpu_run_range(const Plan& plan, double decay, int64_t lo, int64_t hi) {
   const TensorEntry* tensors = plan.tensors();
   const ChunkEntry* chunks = plan.chunks();
   const int64_t* ends = plan.chunk_ends.data();
-  const int64_t total = plan.num_units;
-  // Elements [lo, hi) of the concatenation of all chunks.
-  auto run_range = [&](int64_t lo, int64_t hi) {
-    int64_t k = std::upper_bound(ends, ends + plan.num_chunks, lo) - ends;
-    for (; k < plan.num_chunks; ++k) {
-      const int64_t begin = ends[k] - chunks[k].len;
-      if (begin >= hi) break;
-      touch_chunk(tensors, chunks, k + kTouchAhead, plan.num_chunks);
-      const ChunkEntry& c = chunks[k];
-      const TensorEntry& t = tensors[c.tensor];
-      const int64_t s = std::max(lo, begin) - begin;
-      const int64_t n = std::min(hi, ends[k]) - begin - s;
-      if (t.ema_dtype == kBytes) {
-        // memmove: a pair may copy a tensor onto itself (the same bytes).
-        std::memmove(static_cast<char*>(t.ema) + c.start + s,
-                     static_cast<const char*>(t.model) + c.start + s, n);
-        continue;
-      }
-      // How many rows from k on are small, whole in [lo, hi), of t's dtypes.
-      int g = 0;
-      if (begin >= lo) {
-        while (g < kGroup && k + g < plan.num_chunks && ends[k + g] <= hi &&
-               chunks[k + g].len <= kGroupMaxLen) {
-          const TensorEntry& u = tensors[chunks[k + g].tensor];
-          if (u.ema_dtype != t.ema_dtype || u.model_dtype != t.model_dtype) break;
-          ++g;
-        }
-      }
-      if (g >= 2) {
-        const int w = g == kGroup ? kGroup : (g >= 4 ? 4 : 2);
-        for (int j = 1; j < w; ++j) {
-          touch_chunk(tensors, chunks, k + j + kTouchAhead, plan.num_chunks);
-        }
-        const auto& fns = w == kGroup ? kCpuGroup8Fns : (w == 4 ? kCpuGroup4Fns : kCpuGroup2Fns);
-        fns[t.ema_dtype][t.model_dtype](tensors, chunks + k, decay);
-        k += w - 1;
-        continue;
-      }
-      kCpuChunkFns[t.ema_dtype][t.model_dtype](t, c.start + s, n, decay);
+  int64_t k = std::upper_bound(ends, ends + plan.num_chunks, lo) - ends;
+  for (; k < plan.num_chunks; ++k) {
+    const int64_t begin = ends[k] - chunks[k].len;
+    if (begin >= hi) break;
+    touch_chunk(tensors, chunks, k + kTouchAhead, plan.num_chunks);
+    const ChunkEntry& c = chunks[k];
+    const TensorEntry& t = tensors[c.tensor];
+    const int64_t s = std::max(lo, begin) - begin;
+    const int64_t n = std::min(hi, ends[k]) - begin - s;
+    if (t.ema_dtype == kBytes) {
+      // memmove: a pair may copy a tensor onto itself (the same bytes).
+      std::memmove(static_cast<char*>(t.ema) + c.start + s,
+                   static_cast<const char*>(t.model) + c.start + s, n);
+      continue;
     }
-  };
-  // One parallel region over all chunks of all tensors, split by element
-  // count (not chunk count: many small tensors would unbalance the threads;
-  // a copied pair counts its bytes).  Below 64K elements in total the
-  // threading overhead outweighs the work.
-  const int64_t parts = total < (1 << 16) ? 1 : at::get_num_threads();
-  if (parts == 1) {
-    run_range(0, total);
-    return;
+    // How many rows from k on are small, whole in [lo, hi), of t's dtypes.
+    int g = 0;
+    if (begin >= lo) {
+      while (g < kGroup && k + g < plan.num_chunks && ends[k + g] <= hi &&
+             chunks[k + g].len <= kGroupMaxLen) {
+        const TensorEntry& u = tensors[chunks[k + g].tensor];
+        if (u.ema_dtype != t.ema_dtype || u.model_dtype != t.model_dtype) break;
+        ++g;
+      }
+    }
+    if (g >= 2) {
+      const int w = g == kGroup ? kGroup : (g >= 4 ? 4 : 2);
+      for (int j = 1; j < w; ++j) {
+        touch_chunk(tensors, chunks, k + j + kTouchAhead, plan.num_chunks);
+      }
+      const auto& fns = w == kGroup ? kCpuGroup8Fns : (w == 4 ? kCpuGroup4Fns : kCpuGroup2Fns);
+      fns[t.ema_dtype][t.model_dtype](tensors, chunks + k, decay);
+      k += w - 1;
+      continue;
+    }
+    kCpuChunkFns[t.ema_dtype][t.model_dtype](t, c.start + s, n, decay);
   }
-  at::parallel_for(0, parts, 1, [&](int64_t b, int64_t e) {
-    for (int64_t p = b; p < e; ++p) run_range(total * p / parts, total * (p + 1) / parts);
+}
+
+}  // namespace
+
+// Work units of the CPU kernel: 64K elements (256 KiB of an fp32 EMA), small
+// enough that a helper descheduled in the middle of one delays the call by
+// little, large enough that claiming one (an atomic add) costs nothing.
+constexpr int64_t kCpuWorkUnit = 1 << 16;
+
+void cpu_update(const Plan& plan, double decay) {
+  const int64_t total = plan.num_units;
+  if (total == 0) return;
+  // Split by element count (a copied pair counts its bytes), not by chunk:
+  // many small tensors would unbalance the threads otherwise.
+  const int64_t units = (total + kCpuWorkUnit - 1) / kCpuWorkUnit;
+  WorkPool::run(units, at::get_num_threads() - 1, [&](int64_t u) {
+    cpu_run_range(plan, decay, u * kCpuWorkUnit, std::min(total, (u + 1) * kCpuWorkUnit));
   });
+}
+
+// Test-only: units [lo, hi) of the plan of these lists, on this thread.
+// Lets a test run the CPU kernel on the last chunks of a tensor above 2^31
+// elements whose pages are never touched elsewhere.
+void cpu_update_range(at::TensorList ema, at::TensorList model, double decay,
+                      int64_t lo, int64_t hi) {
+  const char* op = "ema_cuda::_cpu_update_range_";
+  check_decay(op, decay);
+  PlanPtr plan = get_plan(op, {ema, model}, kCpuChunk);
+  TORCH_CHECK(0 <= lo && lo <= hi && hi <= plan->num_units, op, ": range [", lo, ", ", hi,
+              ") is outside [0, ", plan->num_units, ")");
+  cpu_run_range(*plan, decay, lo, hi);
 }
 
 // ------------------------------------------------------------- op kernels
@@ -686,47 +753,66 @@ double read_cpu_decay(const at::Tensor& decay) {
   return d;
 }
 
+// The lists are checked by `get_plan` unless a valid plan is cached for them
+// (NOTE [plan validity]); nothing is written before every check has passed.
 void ema_update_cpu(at::TensorList ema, at::TensorList model, double decay) {
-  check_lists(kOpName, ema, model);
   check_decay(kOpName, decay);
   cpu_update(*get_plan(kOpName, {ema, model}, kCpuChunk), decay);
 }
 
 void ema_update_tensor_cpu(at::TensorList ema, at::TensorList model,
                            const at::Tensor& decay) {
-  check_lists(kOpName, ema, model);
   check_decay_tensor(kOpName, decay, ema);
   // On the CPU the value is read on the host anyway: check its range too.
   const double d = read_cpu_decay(decay);
   cpu_update(*get_plan(kOpName, {ema, model}, kCpuChunk), d);
 }
 
-// Runs the CUDA path's table and chunk body on the CPU, looping over blocks
-// and threads the way the kernel's grid-stride loop does; the copied pairs
-// are those a ListUpdater would put in the same table.  Test-only.
+// Runs the CUDA launch on the CPU: the plan's table, the grid the launch
+// would use on a GPU with `sm_count` SMs, and for every block and thread the
+// kernel's own body (`kernel_block`: decay read, grid-stride loop, chunk
+// body), with every 16-byte vector access checked for alignment.  The decay
+// is read through a pointer like the kernel's when `decay_tensor` is given.
+// Rows [first_chunk, end_chunk) of the table only when given (a test of a
+// tensor above 2^31 elements runs its last rows, whose pages alone are
+// touched).  The copied pairs are those a ListUpdater would put in the same
+// table.  Test-only.
 void emulate_cuda_update(at::TensorList ema, at::TensorList model,
                          at::TensorList copy_ema, at::TensorList copy_model,
                          double decay, int64_t chunk_size, int64_t threads,
-                         int64_t blocks) {
+                         int64_t sm_count, const std::optional<at::Tensor>& decay_tensor,
+                         int64_t first_chunk, int64_t end_chunk) {
   const char* op = "ema_cuda::_emulate_cuda_update_";
   const UpdateLists lists{ema, model, copy_ema, copy_model};
-  check_lists(op, ema, model);
-  check_copy_lists(op, lists);
   check_decay(op, decay);
+  DecayArg arg{decay, nullptr, kF32};
+  if (decay_tensor.has_value()) {
+    check_decay_tensor(op, *decay_tensor, ema.empty() ? copy_ema : ema);
+    check_decay(op, decay_tensor->item<double>());
+    arg.ptr = decay_tensor->const_data_ptr();
+    arg.dtype = decay_tensor->scalar_type() == at::kDouble ? kF64 : kF32;
+  }
   TORCH_CHECK(chunk_size > 0 && chunk_size <= INT32_MAX, op,
               ": chunk_size must be in [1, 2^31), got ", chunk_size);
-  TORCH_CHECK(threads > 0 && blocks > 0, op,
-              ": threads and blocks must be positive, got ", threads, " and ",
-              blocks);
+  TORCH_CHECK(threads > 0 && sm_count > 0, op,
+              ": threads and sm_count must be positive, got ", threads, " and ",
+              sm_count);
   PlanPtr plan = get_plan(op, lists, chunk_size);
-  const TensorEntry* tensors = plan->tensors();
-  const ChunkEntry* chunks = plan->chunks();
-  for (int64_t block = 0; block < blocks; ++block) {
-    for (int64_t c = block; c < plan->num_chunks; c += blocks) {
+  if (end_chunk < 0) end_chunk = plan->num_chunks;
+  TORCH_CHECK(0 <= first_chunk && first_chunk <= end_chunk && end_chunk <= plan->num_chunks,
+              op, ": chunk rows [", first_chunk, ", ", end_chunk, ") are outside [0, ",
+              plan->num_chunks, ")");
+  const int64_t rows = end_chunk - first_chunk;
+  const int64_t grid = grid_blocks(rows, sm_count, kCudaBlocksPerSM);
+  const ChunkEntry* chunks = plan->chunks() + first_chunk;
+  try {
+    for (int64_t block = 0; block < grid; ++block) {
       for (int64_t tid = 0; tid < threads; ++tid) {
-        run_chunk(tensors, chunks[c], tid, threads, decay);
+        kernel_block(plan->tensors(), chunks, rows, block, grid, tid, threads, arg);
       }
     }
+  } catch (const std::runtime_error& e) {
+    TORCH_CHECK(false, op, ": ", e.what());
   }
 }
 
@@ -775,19 +861,28 @@ bool cuda_compiled_op() { return cuda_compiled(); }
 #ifndef EMA_CUDA_WITH_CUDA
 bool cuda_compiled() { return false; }
 bool cuda_capturing(const c10::Device&) { return false; }
-void cuda_launch(const Plan&, const at::Tensor*, double) {
+void cuda_launch(const PlanPtr&, const at::Tensor*, double) {
   TORCH_CHECK(false, kOpName, ": this build of ema_cuda has no CUDA kernel");
 }
 #endif
 
 TORCH_LIBRARY(ema_cuda, m) {
-  m.def("ema_update_(Tensor(a!)[] ema, Tensor[] model, float decay) -> ()");
+  // The Tensor overload first: `torch.ops.ema_cuda.ema_update_(E, M, d)`
+  // tries the overloads in this order, and a 0-dim tensor would also convert
+  // to the float overload's `float`, skipping the decay tensor's checks (and
+  // syncing the host on CUDA).
   m.def(
       "ema_update_.Tensor(Tensor(a!)[] ema, Tensor[] model, Tensor decay) -> ()");
+  m.def("ema_update_(Tensor(a!)[] ema, Tensor[] model, float decay) -> ()");
   m.def(
       "_emulate_cuda_update_(Tensor(a!)[] ema, Tensor[] model, "
       "Tensor(b!)[] copy_ema, Tensor[] copy_model, float decay, "
-      "int chunk_size=65536, int threads=512, int blocks=1) -> ()");
+      "int chunk_size=65536, int threads=512, int sm_count=132, "
+      "Tensor? decay_tensor=None, int first_chunk=0, int end_chunk=-1) -> ()");
+  m.def(
+      "_cpu_update_range_(Tensor(a!)[] ema, Tensor[] model, float decay, "
+      "int lo, int hi) -> ()");
+  m.def("_release_captured_plans() -> int", &release_captured_plans);
   m.def("_plan_chunks(int[] numels, int chunk_size) -> Tensor",
         &plan_chunks);
   m.def("_vector_head(int ema_addr, int model_addr, ScalarType ema_dtype, "
@@ -802,6 +897,7 @@ TORCH_LIBRARY_IMPL(ema_cuda, CPU, m) {
   m.impl("ema_update_", &ema_update_cpu);
   m.impl("ema_update_.Tensor", &ema_update_tensor_cpu);
   m.impl("_emulate_cuda_update_", &emulate_cuda_update);
+  m.impl("_cpu_update_range_", &cpu_update_range);
 }
 
 // The op mutates tensors that never take part in autograd (the kernels
@@ -810,6 +906,7 @@ TORCH_LIBRARY_IMPL(ema_cuda, Autograd, m) {
   m.impl("ema_update_", torch::CppFunction::makeFallthrough());
   m.impl("ema_update_.Tensor", torch::CppFunction::makeFallthrough());
   m.impl("_emulate_cuda_update_", torch::CppFunction::makeFallthrough());
+  m.impl("_cpu_update_range_", torch::CppFunction::makeFallthrough());
 }
 
 }  // namespace ema_cuda

@@ -2,6 +2,7 @@
 // kernel and the Python bindings: validation, the cached plan, the kernels.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -60,6 +61,15 @@ inline bool same_layout(const at::Tensor& e, const at::Tensor& m) {
   // Contiguity first: two flag reads, where comparing strides is a call.
   return (e.is_contiguous() && m.is_contiguous()) || e.strides() == m.strides();
 }
+// What `check_lists` requires of a pair's shape and layout, as the per-call
+// plan check tests it (NOTE [plan validity]): one shape, one dense layout.
+// Flag reads and two short array compares; no allocation.
+inline bool same_shape_dense_layout(const at::Tensor& e, const at::Tensor& m) {
+  if (e.sizes() != m.sizes()) return false;
+  if (e.is_contiguous() && m.is_contiguous()) return true;
+  return e.strides() == m.strides() && e.is_non_overlapping_and_dense() &&
+         m.is_non_overlapping_and_dense();
+}
 void check_decay(const char* op, double decay);
 void check_decay_tensor(const char* op, const at::Tensor& decay,
                         at::TensorList ema);
@@ -85,45 +95,67 @@ struct Plan {
   // CPU kernel can hand every thread the same number of elements.
   std::vector<int64_t> chunk_ends;
   // Set once the plan's device table has been baked into a captured CUDA
-  // graph: such a plan is never evicted from the cache.
-  mutable bool pinned = false;
+  // graph: the cache then owns the plan for good (NOTE [captured plans]).
+  mutable std::atomic<bool> pinned{false};
   // CUDA streams the tables have been used on, each recorded with the caching
   // allocator once, so that evicting the plan while a kernel on a side
   // stream still reads its table cannot hand the memory to another tensor.
   mutable std::mutex streams_mu;
   mutable std::vector<int64_t> streams_used;
 
-  // True when `lists` are the lists this plan was built from: same counts,
-  // chunk size, device, and per pair the same addresses, numel and dtypes;
-  // with `check_layout` also a pair layout `check_lists` accepts (callers
-  // that skip `check_lists` need it).  Reads no tensor data.
-  bool matches(const UpdateLists& lists, int64_t chunk,
-               bool check_layout = false) const;
+  // NOTE [plan validity]: the one rule for reusing a plan, wherever it is
+  // cached (the op's cache, a ListUpdater, hence FusedUpdater and ModelEMA).
+  // A plan holds raw pointers and element counts, so it is used only while
+  // `lists` are exactly what it was built from: same counts, chunk size and
+  // device, and for every pair, on both sides, the same address, element
+  // count, dtype and device, one shape, and a dense layout shared by the pair
+  // (everything `check_lists`/`check_copy_lists` accepted and the overlap
+  // check relied on), and no EMA tensor that requires grad under grad mode.
+  // `resize_` keeps the address but not the count; `as_strided_` keeps both
+  // but not the layout; `p.data = p.data[:k]` keeps the address: each is a
+  // mismatch, and the caller then validates the lists from scratch, so it
+  // either builds a new plan or raises an error naming the tensor.  O(pairs)
+  // compares, no allocation, no tensor data read.
+  bool matches(const UpdateLists& lists, int64_t chunk) const;
   const TensorEntry* tensors() const;
   const ChunkEntry* chunks() const;
 };
 
 using PlanPtr = std::shared_ptr<const Plan>;
 
-// Cached plan for these lists, or nullptr.
+// Cached plan valid for these lists (NOTE [plan validity]), or nullptr.
 PlanPtr find_plan(const UpdateLists& lists, int64_t chunk);
 // Builds (after the overlap check, which only a new signature needs), caches
 // and returns a plan.  `check_lists` (and `check_copy_lists`) must have passed.
 PlanPtr build_plan(const char* op, const UpdateLists& lists, int64_t chunk);
+// A valid cached plan, else every check of the lists (an error names the
+// offending tensor) and a new plan.  The one entry of every op.
 PlanPtr get_plan(const char* op, const UpdateLists& lists, int64_t chunk);
 
 // Kernels.  All assume validated inputs.  `decay_tensor`, when given,
 // replaces `decay` (on the CPU its value must already be checked).
 void cpu_update(const Plan& plan, double decay);
-void cuda_launch(const Plan& plan, const at::Tensor* decay_tensor, double decay);
-void run_update(const Plan& plan, const at::Tensor* decay_tensor, double decay);
+void cuda_launch(const PlanPtr& plan, const at::Tensor* decay_tensor, double decay);
+void run_update(const PlanPtr& plan, const at::Tensor* decay_tensor, double decay);
+// NOTE [captured plans]: a CUDA graph that captured a launch keeps the
+// addresses of its plan's device table for every replay, and nothing tells
+// us when the graph is destroyed.  So the process-wide cache takes shared
+// ownership of such a plan when the capture happens (whoever held it before,
+// a ListUpdater or the LRU, may drop it), and keeps it until
+// `release_captured_plans()` or the end of the process.  At most
+// kMaxCapturedPlans are kept: one more raises an error instead of growing.
+constexpr size_t kMaxCapturedPlans = 1024;
+void pin_captured_plan(const char* op, const PlanPtr& plan);
+// Drops the cache's ownership of captured plans (call after the graphs that
+// captured them are destroyed); returns how many were released.
+int64_t release_captured_plans();
 bool cuda_compiled();
 // True while the current stream of `device` (a CUDA device) is capturing.
 bool cuda_capturing(const c10::Device& device);
 // Chunk size used for tensors on `device`.
 int64_t chunk_size_for(const c10::Device& device);
 
-// Plan cache counters for tests: {builds, hits, cached}.
+// Plan cache counters for tests: {builds, hits, cached, captured}.
 std::vector<int64_t> plan_cache_stats();
 void clear_plan_cache();
 

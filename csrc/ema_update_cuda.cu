@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <mutex>
 
 #include <c10/cuda/CUDAException.h>
@@ -16,74 +17,61 @@ namespace ema_cuda {
 
 namespace {
 
-// The decay, either a value baked into the launch or a pointer to a 0-dim
-// device tensor read by every thread (no host sync, capturable in a graph).
-struct DecayArg {
-  double value;
-  const void* ptr;
-  int8_t dtype;
-};
-
-__device__ __forceinline__ double read_decay(const DecayArg& d) {
-  if (d.ptr == nullptr) return d.value;
-  switch (d.dtype) {
-    case kF32: return static_cast<double>(*static_cast<const float*>(d.ptr));
-    case kF64: return *static_cast<const double*>(d.ptr);
-    case kBF16:
-      return static_cast<double>(
-          static_cast<float>(*static_cast<const c10::BFloat16*>(d.ptr)));
-    default:
-      return static_cast<double>(
-          static_cast<float>(*static_cast<const c10::Half*>(d.ptr)));
-  }
-}
-
 __global__ void __launch_bounds__(kCudaThreads, kCudaBlocksPerSM)
     ema_update_kernel(const TensorEntry* __restrict__ tensors,
                       const ChunkEntry* __restrict__ chunks, int64_t num_chunks,
                       DecayArg decay_arg) {
-  const double decay = read_decay(decay_arg);
-  for (int64_t c = blockIdx.x; c < num_chunks; c += gridDim.x) {
-    const ChunkEntry chunk = chunks[c];
-    run_chunk(tensors, chunk, threadIdx.x, blockDim.x, decay);
-  }
+  kernel_block(tensors, chunks, num_chunks, blockIdx.x, gridDim.x, threadIdx.x,
+               blockDim.x, decay_arg);
 }
 
+// Cached per device; atomics, since several threads may launch at once
+// (a racing first query only asks the driver twice).
 int sm_count(int device) {
-  static int counts[64] = {0};
-  if (device < 0 || device >= 64) return 132;
-  if (counts[device] == 0) {
-    int n = 0;
+  static std::atomic<int> counts[64];
+  int n = (device >= 0 && device < 64) ? counts[device].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
-    counts[device] = n;
+    if (device >= 0 && device < 64) counts[device].store(n, std::memory_order_relaxed);
   }
-  return counts[device];
+  return n;
 }
 
-int8_t decay_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return kF32;
-    case at::kDouble: return kF64;
-    case at::kBFloat16: return kBF16;
-    default: return kF16;
+#ifndef EMA_CUDA_ARCH_LIST
+#define EMA_CUDA_ARCH_LIST "unknown (TORCH_CUDA_ARCH_LIST of the build)"
+#endif
+
+// A build without code for this GPU fails every launch with "no kernel
+// image": say which GPU, what the build holds and how to rebuild.
+void check_launch(int device) {
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction) {
+    int major = 0, minor = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+    TORCH_CHECK(false, kOpName, ": this build of ema_cuda has no kernel for cuda:", device,
+                " (compute capability ", major, ".", minor, "); it was compiled for ",
+                EMA_CUDA_ARCH_LIST, ". Rebuild for this GPU: TORCH_CUDA_ARCH_LIST=\"",
+                major, ".", minor, "\" pip install --no-build-isolation --force-reinstall "
+                "--no-deps ema_cuda (from its source directory: pip install "
+                "--no-build-isolation .)");
   }
+  C10_CUDA_CHECK(err);
 }
 
 void ema_update_cuda(at::TensorList ema, at::TensorList model, double decay) {
-  check_lists(kOpName, ema, model);
   check_decay(kOpName, decay);
-  if (ema.empty()) return;
-  const c10::cuda::CUDAGuard guard(ema[0].device());
-  cuda_launch(*get_plan(kOpName, {ema, model}, kCudaChunk), nullptr, decay);
+  if (ema.empty() && model.empty()) return;
+  const c10::cuda::CUDAGuard guard((ema.empty() ? model : ema)[0].device());
+  cuda_launch(get_plan(kOpName, {ema, model}, kCudaChunk), nullptr, decay);
 }
 
 void ema_update_tensor_cuda(at::TensorList ema, at::TensorList model,
                             const at::Tensor& decay) {
-  check_lists(kOpName, ema, model);
   check_decay_tensor(kOpName, decay, ema);
-  if (ema.empty()) return;
-  const c10::cuda::CUDAGuard guard(ema[0].device());
-  cuda_launch(*get_plan(kOpName, {ema, model}, kCudaChunk), &decay, 0.0);
+  if (ema.empty() && model.empty()) return;
+  const c10::cuda::CUDAGuard guard((ema.empty() ? model : ema)[0].device());
+  cuda_launch(get_plan(kOpName, {ema, model}, kCudaChunk), &decay, 0.0);
 }
 
 }  // namespace
@@ -98,15 +86,16 @@ bool cuda_capturing(const c10::Device& device) {
   return status != cudaStreamCaptureStatusNone;
 }
 
-void cuda_launch(const Plan& plan, const at::Tensor* decay_tensor,
+void cuda_launch(const PlanPtr& plan_ptr, const at::Tensor* decay_tensor,
                  double decay) {
+  const Plan& plan = *plan_ptr;
   if (plan.num_chunks == 0) return;
   const c10::cuda::CUDAGuard guard(plan.device);
   const c10::cuda::CUDAStream current = c10::cuda::getCurrentCUDAStream();
   const cudaStream_t stream = current.stream();
   if (cuda_capturing(plan.device)) {
-    // A captured graph keeps the table's address: never evict that plan.
-    plan.pinned = true;
+    // A captured graph keeps the table's address for every replay.
+    pin_captured_plan(kOpName, plan_ptr);
   } else {
     std::lock_guard<std::mutex> lock(plan.streams_mu);
     const int64_t id = static_cast<int64_t>(current.id());
@@ -120,15 +109,14 @@ void cuda_launch(const Plan& plan, const at::Tensor* decay_tensor,
 
   DecayArg arg{decay, nullptr, kF32};
   if (decay_tensor != nullptr) {
-    arg.ptr = decay_tensor->data_ptr();
-    arg.dtype = decay_code(decay_tensor->scalar_type());
+    arg.ptr = decay_tensor->const_data_ptr();
+    arg.dtype = decay_tensor->scalar_type() == at::kDouble ? kF64 : kF32;
   }
-  const int64_t max_blocks =
-      static_cast<int64_t>(sm_count(plan.device.index())) * kCudaBlocksPerSM;
-  const int64_t blocks = std::min<int64_t>(plan.num_chunks, max_blocks);
+  const int64_t blocks =
+      grid_blocks(plan.num_chunks, sm_count(plan.device.index()), kCudaBlocksPerSM);
   ema_update_kernel<<<static_cast<unsigned>(blocks), kCudaThreads, 0, stream>>>(
       plan.tensors(), plan.chunks(), plan.num_chunks, arg);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  check_launch(plan.device.index());
 }
 
 TORCH_LIBRARY_IMPL(ema_cuda, CUDA, m) {

@@ -8,7 +8,9 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
@@ -113,15 +115,35 @@ using Byte = uint8_t;
 template <typename E, typename M>
 constexpr bool kIsCopy = std::is_same<E, Byte>::value && std::is_same<M, Byte>::value;
 
+// NOTE [update arithmetic]: every kernel (CUDA, the CPU kernel, the host
+// emulation) computes, in Acc (fp32, or fp64 when either side is fp64),
+//     ema' = fma(ema, d, model * w),   d = Acc(decay),  w = Acc(1 - decay)
+// with 1 - decay computed in double, the product model * w rounded once and
+// the fused multiply-add rounded once, then one rounding to the EMA dtype.
+// Written as explicit fused multiply-adds so that no compiler contracts it
+// differently: a CUDA result is then bit-identical to the CPU kernel's for
+// every dtype pair.  Exact at d == 0 (ema := model) and d == 1; it cannot
+// overflow where ema and model are finite (|result| <= max(|ema|, |model|)
+// up to rounding), unlike ema + w * (model - ema).
+template <typename Acc>
+C10_HOST_DEVICE inline Acc ema_fma(Acc e, Acc d, Acc m, Acc w) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same<Acc, float>::value) {
+    return __fmaf_rn(e, d, __fmul_rn(m, w));
+  } else {
+    return __fma_rn(e, d, __dmul_rn(m, w));
+  }
+#else
+  return std::fma(e, d, m * w);
+#endif
+}
+
 template <typename E, typename M, typename Acc>
 C10_HOST_DEVICE inline void update_one(E* e, const M* m, int64_t i, Acc d, Acc w) {
   if constexpr (kIsCopy<E, M>) {
     e[i] = m[i];
   } else {
-    const Acc ev = static_cast<Acc>(e[i]);
-    const Acc mv = static_cast<Acc>(m[i]);
-    // ema * d + model * (1 - d): exact at d == 0 (ema := model) and d == 1.
-    e[i] = static_cast<E>(ev * d + mv * w);
+    e[i] = static_cast<E>(ema_fma<Acc>(static_cast<Acc>(e[i]), d, static_cast<Acc>(m[i]), w));
   }
 }
 
@@ -132,9 +154,23 @@ C10_HOST_DEVICE inline void lerp_pack(Pack<E, N>& ev, const Pack<M, N>& mv, Acc 
   } else {
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      ev.v[k] = static_cast<E>(static_cast<Acc>(ev.v[k]) * d + static_cast<Acc>(mv.v[k]) * w);
+      ev.v[k] = static_cast<E>(
+          ema_fma<Acc>(static_cast<Acc>(ev.v[k]), d, static_cast<Acc>(mv.v[k]), w));
     }
   }
+}
+
+// Host emulation only: a vector access of the CUDA path must be 16-byte
+// aligned (a misaligned one faults on the GPU).  The emulation turns it into
+// an error instead; the device build compiles it away.
+C10_HOST_DEVICE inline void check_vector_aligned(const void* p) {
+#if !defined(__CUDA_ARCH__)
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
+    throw std::runtime_error("ema_cuda: misaligned 16-byte vector access in the CUDA path's chunk body");
+  }
+#else
+  (void)p;
+#endif
 }
 
 // Vector steps per thread and loop iteration in `chunk_body`: up to 4, and
@@ -188,6 +224,8 @@ C10_HOST_DEVICE inline void chunk_body(const TensorEntry& t, int64_t start,
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = vbeg + (v + u * nthreads) * N;
+      check_vector_aligned(e + i);
+      check_vector_aligned(m + i);
       if constexpr (!kIsCopy<E, M>) ev[u] = *reinterpret_cast<const Pack<E, N>*>(e + i);
       mv[u] = *reinterpret_cast<const Pack<M, N>*>(m + i);
     }
@@ -200,6 +238,8 @@ C10_HOST_DEVICE inline void chunk_body(const TensorEntry& t, int64_t start,
   }
   for (; v < nvec; v += nthreads) {
     const int64_t i = vbeg + v * N;
+    check_vector_aligned(e + i);
+    check_vector_aligned(m + i);
     Pack<E, N> ev;
     if constexpr (!kIsCopy<E, M>) ev = *reinterpret_cast<const Pack<E, N>*>(e + i);
     const Pack<M, N> mv = *reinterpret_cast<const Pack<M, N>*>(m + i);
@@ -236,6 +276,21 @@ C10_HOST_DEVICE inline void dispatch_pair(int ema_dtype, int model_dtype, F&& f)
 #undef EMA_CUDA_MODEL_CASES
 }
 
+// The decay, either a value baked into the launch or a pointer to a 0-dim
+// fp32/fp64 tensor on the tensors' device, read by every thread (no host
+// sync; capturable in a CUDA graph).
+struct DecayArg {
+  double value;
+  const void* ptr;
+  int8_t dtype;  // kF32 or kF64 when ptr is set
+};
+
+C10_HOST_DEVICE inline double read_decay(const DecayArg& d) {
+  if (d.ptr == nullptr) return d.value;
+  if (d.dtype == kF64) return *static_cast<const double*>(d.ptr);
+  return static_cast<double>(*static_cast<const float*>(d.ptr));
+}
+
 // Runs one chunk row with the CUDA path's body (decay already read).
 C10_HOST_DEVICE inline void run_chunk(const TensorEntry* tensors,
                                       const ChunkEntry& c, int64_t tid,
@@ -249,6 +304,33 @@ C10_HOST_DEVICE inline void run_chunk(const TensorEntry* tensors,
     const Acc w = static_cast<Acc>(1.0 - decay);
     chunk_body<E, M>(t, c.start, c.len, tid, nthreads, d, w);
   });
+}
+
+}  // namespace ema_cuda
+
+namespace ema_cuda {
+
+// The whole of one block's work in the CUDA kernel: read the decay, then a
+// grid-stride loop over the chunk rows.  The kernel calls it with
+// (blockIdx.x, gridDim.x, threadIdx.x, blockDim.x); the host emulation calls
+// it for every block and thread of the grid the launch would use.
+C10_HOST_DEVICE inline void kernel_block(const TensorEntry* tensors,
+                                         const ChunkEntry* chunks,
+                                         int64_t num_chunks, int64_t block,
+                                         int64_t grid, int64_t tid,
+                                         int64_t nthreads,
+                                         const DecayArg& decay_arg) {
+  const double decay = read_decay(decay_arg);
+  for (int64_t c = block; c < num_chunks; c += grid) {
+    const ChunkEntry chunk = chunks[c];
+    run_chunk(tensors, chunk, tid, nthreads, decay);
+  }
+}
+
+// Blocks of a launch over `num_chunks` rows on a GPU with `sm_count` SMs:
+// every block resident at once, none without a chunk.
+inline int64_t grid_blocks(int64_t num_chunks, int64_t sm_count, int blocks_per_sm) {
+  return std::max<int64_t>(1, std::min<int64_t>(num_chunks, sm_count * blocks_per_sm));
 }
 
 }  // namespace ema_cuda

@@ -30,6 +30,7 @@ __all__ = [
     "cuda_kernel_available",
     "fallback_reason",
     "SUPPORTED_DTYPES",
+    "release_captured_plans",
 ]
 
 OP_NAME = "ema_cuda::ema_update_"
@@ -231,8 +232,14 @@ def _check_decay(op: str, decay: float) -> None:
 def _check_decay_tensor(op: str, decay: torch.Tensor, ema: Sequence[torch.Tensor]) -> None:
     if decay.dim() != 0:
         raise RuntimeError(f"{op}: a decay tensor must be 0-dim, got shape {list(decay.shape)}")
-    if decay.dtype not in SUPPORTED_DTYPES:
-        raise RuntimeError(f"{op}: a decay tensor must be floating point, got dtype {decay.dtype}")
+    if decay.dtype not in (torch.float32, torch.float64):
+        why = (
+            "; decays near 1 are not representable in 16 bits (0.9999 rounds to 1.0 in bfloat16, which would "
+            "freeze the EMA)"
+            if decay.dtype in (torch.bfloat16, torch.float16)
+            else ""
+        )
+        raise RuntimeError(f"{op}: a decay tensor must be torch.float32 or torch.float64, got dtype {decay.dtype}{why}")
     if ema and decay.device != ema[0].device:
         raise RuntimeError(
             f"{op}: the decay tensor is on {decay.device} but the tensors are on {ema[0].device}; "
@@ -247,23 +254,42 @@ def _acc_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
     return torch.float64 if torch.float64 in (a, b) else torch.float32
 
 
-def _fallback_apply(ema: List[torch.Tensor], model: List[torch.Tensor], weight: Union[float, torch.Tensor]) -> None:
-    """``ema += (model - ema) * weight`` with ``weight = 1 - decay``, grouped by (device, dtypes)."""
+def _fallback_apply(ema: List[torch.Tensor], model: List[torch.Tensor], decay: Union[float, torch.Tensor]) -> None:
+    """``ema = ema * d + model * w`` with ``w = 1 - decay``, grouped by (device, dtypes).
+
+    The compiled kernels compute ``fma(ema, d, model * w)`` in the accumulation
+    dtype (NOTE [update arithmetic] in csrc/multi_tensor.h); PyTorch has no
+    fused multiply-add, so here ``ema * d`` is rounded once more.  The two
+    backends therefore agree to within one rounding of ``ema * d``: in the
+    accumulation dtype with unit roundoff u (2**-24 for fp32 math, 2**-53 for
+    fp64), ``|fallback - compiled| <= 2 u (|ema| d + |model| w)``, plus one unit
+    in the last place of the EMA dtype where it is narrower (bf16, fp16).  The
+    same ``d`` and ``w`` are used: ``1 - decay`` in float64, then rounded to the
+    accumulation dtype.  Like the kernels (and unlike ``ema + w * (model -
+    ema)``) this cannot overflow where the operands are finite.
+    """
     groups: Dict[Tuple[torch.device, torch.dtype, torch.dtype], Tuple[list, list]] = defaultdict(lambda: ([], []))
     for e, m in zip(ema, model):
         if e.numel():
             g = groups[(e.device, e.dtype, m.dtype)]
             g[0].append(e)
             g[1].append(m)
+    if isinstance(decay, torch.Tensor):
+        decay64 = decay.detach().to(torch.float64)
+        weight64 = 1.0 - decay64
     with torch.no_grad():
         for (_, edt, mdt), (es, ms) in groups.items():
             acc = _acc_dtype(edt, mdt)
             e_acc = es if edt == acc else [e.to(acc) for e in es]
             m_acc = ms if mdt == acc else [m.to(acc) for m in ms]
-            if isinstance(weight, torch.Tensor):
-                torch._foreach_lerp_(e_acc, m_acc, [weight.to(acc)] * len(e_acc))
+            if isinstance(decay, torch.Tensor):
+                d, w = decay64.to(acc), weight64.to(acc)
             else:
-                torch._foreach_lerp_(e_acc, m_acc, weight)
+                d = torch.tensor(decay, dtype=acc).item()
+                w = torch.tensor(1.0 - decay, dtype=acc).item()
+            products = torch._foreach_mul(m_acc, w)
+            torch._foreach_mul_(e_acc, d)
+            torch._foreach_add_(e_acc, products)
             if edt != acc:
                 torch._foreach_copy_(es, e_acc)
 
@@ -272,7 +298,7 @@ def _fallback_update(ema: List[torch.Tensor], model: List[torch.Tensor], decay: 
     _check_lists(OP_NAME, ema, model)
     _check_decay(OP_NAME, decay)
     _check_no_overlap(OP_NAME, ema, model)
-    _fallback_apply(ema, model, 1.0 - decay)
+    _fallback_apply(ema, model, decay)
 
 
 def _fallback_update_tensor(ema: List[torch.Tensor], model: List[torch.Tensor], decay: torch.Tensor) -> None:
@@ -281,7 +307,7 @@ def _fallback_update_tensor(ema: List[torch.Tensor], model: List[torch.Tensor], 
     if decay.device.type == "cpu":
         _check_decay(OP_NAME, float(decay))
     _check_no_overlap(OP_NAME, ema, model)
-    _fallback_apply(ema, model, 1.0 - decay)
+    _fallback_apply(ema, model, decay)
 
 
 _fallback_lib = None
@@ -291,8 +317,10 @@ def _define_fallback_ops() -> None:
     """Registers the fallback under the same schemas as the compiled library."""
     global _fallback_lib
     lib = torch.library.Library("ema_cuda", "DEF")
-    lib.define("ema_update_(Tensor(a!)[] ema, Tensor[] model, float decay) -> ()")
+    # The Tensor overload first, as in the compiled library: calls through
+    # torch.ops try the overloads in this order.
     lib.define("ema_update_.Tensor(Tensor(a!)[] ema, Tensor[] model, Tensor decay) -> ()")
+    lib.define("ema_update_(Tensor(a!)[] ema, Tensor[] model, float decay) -> ()")
     lib.impl("ema_update_", _fallback_update, "CompositeExplicitAutograd")
     lib.impl("ema_update_.Tensor", _fallback_update_tensor, "CompositeExplicitAutograd")
     # Like the compiled library: autograd has nothing to record (EMA tensors
@@ -428,3 +456,21 @@ class FusedUpdater:
 
     def __len__(self) -> int:
         return len(self.ema)
+
+
+def release_captured_plans() -> int:
+    """Lets go of the chunk tables held for captured CUDA graphs; returns how many.
+
+    A CUDA graph that captured an update replays it with the addresses of that
+    update's chunk table, and nothing tells ema_cuda when the graph is
+    destroyed.  So the table is owned by the process-wide plan cache from the
+    moment of capture, whoever held it before (a :class:`FusedUpdater`, a
+    :class:`ema_cuda.ModelEMA`, the op's cache), and lives until this call or
+    the end of the process.  Call it only after every graph that captured an
+    update has been destroyed (replaying one afterwards would read freed
+    memory).  At most 1024 such tables are held: capturing more raises an
+    error that points here.  With the fallback backend there are none.
+    """
+    if _C is None:
+        return 0
+    return int(torch.ops.ema_cuda._release_captured_plans())

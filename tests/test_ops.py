@@ -212,13 +212,66 @@ def test_cpu_list_update_is_bit_identical_to_one_tensor_at_a_time(threads):
 
 def test_decay_tensor_matches_float(device):
     ema, model = make_pairs(SIZES, torch.float32, torch.bfloat16, device)
-    ema2 = snapshot(ema)
+    start = snapshot(ema)
     ops.ema_update_(ema, model, 0.8)
-    for dt in DTYPES:
-        e = snapshot(ema2)
-        ops.ema_update_(e, model, torch.tensor(0.8, dtype=dt, device=device))
-        d = float(torch.tensor(0.8, dtype=dt))
-        check(e, reference(ema2, model, d))
+    check(ema, reference(start, model, 0.8))     # the float overload itself is right
+    for dt in (torch.float32, torch.float64):
+        e = snapshot(start)
+        d = torch.tensor(0.8, dtype=dt, device=device)
+        ops.ema_update_(e, model, d)
+        check(e, reference(start, model, float(d)))
+        if dt == torch.float64:
+            # The same decay value, read from a tensor or passed as a float:
+            # the same bits.
+            assert_bit_identical(e, ema)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_decay_tensors_are_rejected_saying_why(device, dtype):
+    ema, model = make_pairs([10], device=device)
+    before = snapshot(ema)
+    with pytest.raises(RuntimeError, match=r"float32 or torch.float64, got dtype torch\.(bfloat16|float16); .*0\.9999 rounds to 1\.0"):
+        ops.ema_update_(ema, model, torch.tensor(0.9999, dtype=dtype, device=device))
+    assert_bit_identical(ema, before)
+
+
+@pytest.mark.parametrize(
+    "decay,match",
+    [
+        (lambda dev: torch.tensor([0.5], device=dev), r"must be 0-dim, got shape \[1\]"),
+        (lambda dev: torch.tensor(1, device=dev), r"got dtype torch\.int64"),
+        (lambda dev: torch.tensor(True, device=dev), r"got dtype torch\.bool"),
+        (lambda dev: torch.tensor(0.5, dtype=torch.bfloat16, device=dev), r"got dtype torch\.bfloat16"),
+    ],
+)
+def test_the_op_called_through_torch_ops_checks_a_decay_tensor(device, decay, match):
+    # Straight through torch.ops, without the Python wrapper: a tensor decay
+    # must reach the Tensor overload and its checks, never be converted to
+    # the float overload's float.
+    ema, model = make_pairs([10], device=device)
+    before = snapshot(ema)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.ema_cuda.ema_update_(ema, model, decay(device))
+    assert_bit_identical(ema, before)
+
+
+def test_the_op_through_torch_ops_takes_a_good_decay_tensor_and_a_float(device):
+    ema, model = make_pairs([10, 70_000], device=device)
+    start = snapshot(ema)
+    torch.ops.ema_cuda.ema_update_(ema, model, torch.tensor(0.25, dtype=torch.float64, device=device))
+    check(ema, reference(start, model, 0.25))
+    torch.ops.ema_cuda.ema_update_(ema, model, 0.5)
+    check(ema, reference([r.to(torch.float32) for r in reference(start, model, 0.25)], model, 0.5))
+
+
+def test_a_decay_tensor_on_another_device_is_rejected():
+    # A meta decay tensor with CPU lists: the device check must fire (on a
+    # GPU machine a CPU decay with CUDA lists is the same case).
+    ema, model = make_pairs([10])
+    before = snapshot(ema)
+    with pytest.raises(RuntimeError, match=r"the decay tensor is on meta but the tensors are on cpu"):
+        ops.ema_update_(ema, model, torch.tensor(0.5, device="meta"))
+    assert_bit_identical(ema, before)
 
 
 def test_repeated_updates_converge_like_reference(device):
@@ -271,7 +324,7 @@ def bad_inputs(device):
         ("above one", e, m, 1.5, r"got 1.5"),
         ("negative", e, m, -0.1, r"got -0.1"),
         ("decay 1-dim", e, m, torch.tensor([0.5], device=device), r"decay tensor must be 0-dim, got shape \[1\]"),
-        ("decay int", e, m, torch.tensor(1, device=device), r"decay tensor must be floating point, got dtype torch.int64"),
+        ("decay int", e, m, torch.tensor(1, device=device), r"decay tensor must be torch.float32 or torch.float64, got dtype torch.int64"),
         ("ema aliasing", e + [shared[:60], shared[50:]], m + [torch.randn(60, device=device), torch.randn(50, device=device)], 0.5, r"ema\[3\] and ema\[4\] overlap"),
         ("model aliasing ema", e + [shared[:60]], m + [shared[10:70]], 0.5, r"model\[3\] overlaps ema\[3\]"),
         ("model is other ema", e, [m[0], e[2].view(-1)[:20], m[2]], 0.5, r"model\[1\] overlaps ema\[2\]"),
@@ -335,23 +388,38 @@ def test_plan_is_cached_then_rebuilt_when_a_tensor_changes():
     ema, model = make_pairs([100, 200])
     ops.ema_update_(ema, model, 0.5)
     ops.ema_update_(ema, model, 0.5)
-    builds, hits, _ = torch.ops.ema_cuda._plan_cache_stats()
+    builds, hits, *_ = torch.ops.ema_cuda._plan_cache_stats()
     assert (builds, hits) == (1, 1)
     model[1] = torch.randn(200)          # a replaced tensor: new signature
     ref = reference(ema, model, 0.5)
     ops.ema_update_(ema, model, 0.5)
     check(ema, ref)
-    builds, hits, _ = torch.ops.ema_cuda._plan_cache_stats()
+    builds, hits, *_ = torch.ops.ema_cuda._plan_cache_stats()
     assert (builds, hits) == (2, 1)
 
 
 @requires_compiled
 def test_plan_cache_is_bounded():
     torch.ops.ema_cuda._clear_plan_cache()
-    for _ in range(20):
+    keep = []      # alive, so no address is reused by a later pair
+    for _ in range(100):
         ema, model = make_pairs([10])
+        keep.append((ema, model))
         ops.ema_update_(ema, model, 0.5)
-    assert torch.ops.ema_cuda._plan_cache_stats()[2] <= 8
+    assert torch.ops.ema_cuda._plan_cache_stats()[2] == 64
+
+
+@requires_compiled
+def test_a_steady_loop_over_many_lists_never_rebuilds():
+    # Several EMAs / parameter groups per step, each its own lists: after the
+    # first step every call finds its plan.
+    torch.ops.ema_cuda._clear_plan_cache()
+    lists = [make_pairs([10, 20]) for _ in range(40)]
+    for _ in range(3):
+        for ema, model in lists:
+            ops.ema_update_(ema, model, 0.5)
+    builds, hits, *_ = torch.ops.ema_cuda._plan_cache_stats()
+    assert (builds, hits) == (40, 80)
 
 
 def test_stale_plan_never_writes_to_freed_memory():
@@ -691,7 +759,7 @@ def test_emulated_cuda_path_every_dtype_pair(chunk, threads, blocks, ema_dtype, 
     sizes = [0, 1, 7, chunk - 1, chunk, chunk + 1, 2 * chunk + 3, 1001]
     ema, model = make_pairs(sizes, ema_dtype, model_dtype)
     ref = reference(ema, model, 0.75)
-    torch.ops.ema_cuda._emulate_cuda_update_(ema, model, [], [], 0.75, chunk, threads, blocks)
+    torch.ops.ema_cuda._emulate_cuda_update_(ema, model, [], [], 0.75, chunk, threads, sm_count=blocks)
     check(ema, ref)
 
 
@@ -709,7 +777,7 @@ def test_emulated_cuda_path_copies_bytes(chunk, threads, blocks, eoff, moff):
     outside = [torch.cat([b[:eoff], b[eoff + n:]]).clone() for b, n in zip(ebufs, sizes)]
     ema, model = make_pairs([chunk + 3, 5])
     ref = reference(ema, model, 0.4)
-    torch.ops.ema_cuda._emulate_cuda_update_(ema, model, copy_ema, copy_model, 0.4, chunk, threads, blocks)
+    torch.ops.ema_cuda._emulate_cuda_update_(ema, model, copy_ema, copy_model, 0.4, chunk, threads, sm_count=blocks)
     check(ema, ref)
     assert_bit_identical(copy_ema, copy_model)
     for b, n, o in zip(ebufs, sizes, outside):
@@ -729,7 +797,7 @@ def test_emulated_cuda_path_misaligned(eoff, moff, model_dtype):
     head, width = torch.ops.ema_cuda._vector_head(e.data_ptr(), m.data_ptr(), e.dtype, m.dtype)
     if head >= 0:
         assert (e.data_ptr() + head * 4) % 16 == 0 and (m.data_ptr() + head * m.element_size()) % 16 == 0
-    torch.ops.ema_cuda._emulate_cuda_update_([e], [m], [], [], 0.3, 256, 32, 3)
+    torch.ops.ema_cuda._emulate_cuda_update_([e], [m], [], [], 0.3, 256, 32, sm_count=3)
     check([e], ref)
     # Neighbours outside the view are untouched.
     assert torch.equal(torch.cat([ebuf[:eoff], ebuf[eoff + n:]]), outside)

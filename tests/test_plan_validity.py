@@ -1,0 +1,160 @@
+"""NOTE [plan validity]: a cached plan (the op's plan cache, ``FusedUpdater``,
+``ModelEMA``) may only be reused while every pair it was built from still has
+the address, element count, dtype, device, shape and (dense) memory layout
+the plan recorded, on both sides of the pair.  A change in place (``resize_``,
+``as_strided_``, ``set_``, ``p.data = p.data[:k]``) must either rebuild the
+plan and update correctly, or raise an error naming the tensor; it must never
+make the kernel touch memory the tensor does not own.
+
+Every test here runs with both backends (the suite runs once per backend).
+"""
+import pytest
+import torch
+
+from ema_cuda import ModelEMA, ops
+from ema_cuda.ema_decay_schedules import ConstantDecay
+
+from test_ops import assert_bit_identical, check, reference, snapshot
+
+N = 1000
+
+
+def _updater_pairs(side):
+    ema = [torch.randn(N), torch.randn(N)]
+    model = [torch.randn(N), torch.randn(N)]
+    return ema, model, (ema if side == "ema" else model)
+
+
+@pytest.mark.parametrize("side", ["ema", "model"])
+def test_resize_in_place_to_fewer_elements_is_seen(side):
+    # resize_ to fewer elements keeps the data pointer; a plan keyed on the
+    # address alone would go on using N elements.
+    ema, model, pair = _updater_pairs(side)
+    updater = ops.FusedUpdater(ema, model)
+    updater.update(0.5)
+    address = pair[0].data_ptr()
+    pair[0].resize_(N // 2)
+    assert pair[0].data_ptr() == address
+    before = snapshot(ema)
+    with pytest.raises(RuntimeError, match=r"ema\[0\] has shape \[\d+\] but model\[0\] has shape \[\d+\]"):
+        updater.update(0.5)
+    assert_bit_identical(ema, before)
+
+
+@pytest.mark.parametrize("side", ["ema", "model"])
+def test_resize_in_place_to_the_same_count_in_another_shape_is_seen(side):
+    ema = [torch.randn(6, 4), torch.randn(3)]
+    model = [torch.randn(6, 4), torch.randn(3)]
+    pair = ema if side == "ema" else model
+    updater = ops.FusedUpdater(ema, model)
+    updater.update(0.5)
+    pair[0].resize_(4, 6)       # same pointer, same numel, other shape
+    before = snapshot(ema)
+    with pytest.raises(RuntimeError, match=r"ema\[0\] has shape \[\d, \d\] but model\[0\] has shape"):
+        updater.update(0.5)
+    assert_bit_identical(ema, before)
+
+
+def test_as_strided_to_a_non_dense_view_of_both_sides_is_seen():
+    # Both tensors of the pair become the same non-dense view at the same
+    # address: numel, dtype, address and "same strides" all still match.
+    base_e, base_m = torch.randn(2 * N), torch.randn(2 * N)
+    ema, model = [base_e[:N].clone()], [base_m[:N].clone()]
+    ema[0].set_(base_e.untyped_storage(), 0, (N,))
+    model[0].set_(base_m.untyped_storage(), 0, (N,))
+    updater = ops.FusedUpdater(ema, model)
+    updater.update(0.5)
+    ema[0].as_strided_((N,), (2,))
+    model[0].as_strided_((N,), (2,))
+    before = base_e.clone()
+    with pytest.raises(RuntimeError, match=r"ema\[0\] with shape \[1000\] and strides \[2\] is not dense"):
+        updater.update(0.5)
+    assert torch.equal(base_e, before)
+
+
+@pytest.mark.parametrize("side", ["ema", "model"])
+def test_slice_assigned_to_data_between_updates_is_seen(side):
+    ema, model, pair = _updater_pairs(side)
+    updater = ops.FusedUpdater(ema, model)
+    updater.update(0.5)
+    pair[0].data = pair[0].data[: N - 7]
+    before = snapshot(ema)
+    with pytest.raises(RuntimeError, match=r"has shape \[993\]"):
+        updater.update(0.5)
+    assert_bit_identical(ema, before)
+
+
+@pytest.mark.parametrize("side", ["copy_ema", "copy_model"])
+def test_resized_copy_pair_is_seen(side):
+    ema, model = [torch.randn(N)], [torch.randn(N)]
+    copy_ema, copy_model = [torch.zeros(N, dtype=torch.long)], [torch.arange(N)]
+    updater = ops.FusedUpdater(ema, model, copy_ema, copy_model)
+    updater.update(0.5)
+    target = copy_ema if side == "copy_ema" else copy_model
+    target[0].resize_(N // 4)
+    before, before_copy = snapshot(ema), snapshot(copy_ema)
+    with pytest.raises(RuntimeError, match=r"copy_ema\[0\] has shape \[\d+\] but copy_model\[0\] has shape"):
+        updater.update(0.5)
+    assert_bit_identical(ema, before)
+    assert_bit_identical(copy_ema, before_copy)
+
+
+def test_copy_pairs_of_the_same_count_but_another_shape_are_rejected():
+    with pytest.raises(RuntimeError, match=r"copy_ema\[0\] has shape \[2, 3\] but copy_model\[0\] has shape \[3, 2\]"):
+        ops.FusedUpdater([], [], [torch.zeros(2, 3, dtype=torch.long)], [torch.zeros(3, 2, dtype=torch.long)])
+
+
+@pytest.mark.parametrize("side", ["ema", "model"])
+def test_the_list_op_sees_the_same_changes(side):
+    # The op called with lists looks its plan up in a cache: the same rule.
+    ema, model, pair = _updater_pairs(side)
+    ops.ema_update_(ema, model, 0.5)
+    pair[0].resize_(N // 2)
+    before = snapshot(ema)
+    with pytest.raises(RuntimeError, match=r"ema\[0\] has shape"):
+        ops.ema_update_(ema, model, 0.5)
+    assert_bit_identical(ema, before)
+
+
+def test_a_layout_change_that_stays_valid_rebuilds_and_updates_correctly():
+    # Both sides transposed in place to the same dense permuted layout: a
+    # valid pair, so the update goes on, with the new layout.
+    ema, model = [torch.randn(30, 40)], [torch.randn(30, 40)]
+    updater = ops.FusedUpdater(ema, model)
+    updater.update(0.5)
+    ema[0].as_strided_((40, 30), (1, 40))
+    model[0].as_strided_((40, 30), (1, 40))
+    ref = reference(ema, model, 0.25)
+    updater.update(0.25)
+    check(ema, ref)
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = torch.nn.Linear(10, 10)
+        self.b = torch.nn.Linear(10, 3)
+
+
+def test_model_ema_sees_a_parameter_sliced_in_place():
+    net = _Net()
+    ema = ModelEMA(net, 0.9, ConstantDecay())
+    ema.update(net, 1, 10)
+    with torch.no_grad():
+        net.a.weight.data = net.a.weight.data[:5]
+    before = snapshot([t for t in ema.ema.state_dict().values()])
+    with pytest.raises(RuntimeError, match=r"a\.weight|ema\[\d+\] has shape"):
+        ema.update(net, 1, 10)
+    assert_bit_identical(list(ema.ema.state_dict().values()), before)
+
+
+def test_model_ema_sees_a_parameter_resized_in_place():
+    net = _Net()
+    ema = ModelEMA(net, 0.9, ConstantDecay())
+    ema.update(net, 1, 10)
+    net.b.weight.requires_grad_(False)    # resize_ refuses tensors that require grad
+    net.b.weight.resize_(2, 10)
+    before = snapshot([t for t in ema.ema.state_dict().values()])
+    with pytest.raises(RuntimeError, match=r"b\.weight|ema\[\d+\] has shape"):
+        ema.update(net, 1, 10)
+    assert_bit_identical(list(ema.ema.state_dict().values()), before)
