@@ -784,21 +784,35 @@ def test_emulated_cuda_path_copies_bytes(chunk, threads, blocks, eoff, moff):
         assert torch.equal(torch.cat([b[:eoff], b[eoff + n:]]), o)
 
 
+def _expected_head(ea, ma, esize, msize, width):
+    """The first element where both addresses are 16-byte aligned, or -1."""
+    for h in range(width):
+        if (ea + h * esize) % 16 == 0 and (ma + h * msize) % 16 == 0:
+            return h
+    return -1
+
+
 @requires_compiled
 @pytest.mark.parametrize("eoff,moff", [(0, 0), (1, 1), (3, 3), (1, 0), (0, 5), (2, 7)])
-@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-def test_emulated_cuda_path_misaligned(eoff, moff, model_dtype):
+@pytest.mark.parametrize("ema_dtype", DTYPES)
+@pytest.mark.parametrize("model_dtype", DTYPES)
+@pytest.mark.parametrize("chunk", [251, 256])
+def test_emulated_cuda_path_misaligned(eoff, moff, ema_dtype, model_dtype, chunk):
+    # Views at element offsets that align both sides after a head, or never
+    # together; chunk sizes that are and are not multiples of the vector
+    # width.  The emulation checks every vector access for alignment itself.
     n = 4099
-    ebuf = torch.randn(n + 8)
+    ebuf = torch.randn(n + 8).to(ema_dtype)
     mbuf = torch.randn(n + 8).to(model_dtype)
     e, m = ebuf[eoff:eoff + n], mbuf[moff:moff + n]
     outside = torch.cat([ebuf[:eoff], ebuf[eoff + n:]]).clone()
-    ref = reference([e], [m], 0.3)
+    cpu = e.clone()
+    ops.ema_update_([cpu], [m], 0.3)
     head, width = torch.ops.ema_cuda._vector_head(e.data_ptr(), m.data_ptr(), e.dtype, m.dtype)
-    if head >= 0:
-        assert (e.data_ptr() + head * 4) % 16 == 0 and (m.data_ptr() + head * m.element_size()) % 16 == 0
-    torch.ops.ema_cuda._emulate_cuda_update_([e], [m], [], [], 0.3, 256, 32, sm_count=3)
-    check([e], ref)
+    assert width == 16 // min(e.element_size(), m.element_size())
+    assert head == _expected_head(e.data_ptr(), m.data_ptr(), e.element_size(), m.element_size(), width)
+    torch.ops.ema_cuda._emulate_cuda_update_([e], [m], [], [], 0.3, chunk, 32, sm_count=3)
+    assert_bit_identical([e], [cpu])
     # Neighbours outside the view are untouched.
     assert torch.equal(torch.cat([ebuf[:eoff], ebuf[eoff + n:]]), outside)
 

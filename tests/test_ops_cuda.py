@@ -18,13 +18,21 @@ def _pairs(n_tensors=50, size=1234, ema_dtype=torch.float32, model_dtype=torch.b
 
 
 def _ref(ema, model, d):
-    return [e.double() * d + m.double() * (1 - d) for e, m in zip(ema, model)]
+    """What the CPU kernel computes from these tensors: NOTE [update
+    arithmetic] makes the GPU result the same bits (the fallback backend is
+    held to the bound of ops._fallback_apply instead)."""
+    cpu = [e.detach().cpu().clone() for e in ema]
+    ops.ema_update_(cpu, [m.detach().cpu() for m in model], float(d))
+    return cpu
 
 
 def _check(ema, ref):
-    for e, r in zip(ema, ref):
-        torch.testing.assert_close(e.double(), r, rtol=1e-2 if e.element_size() == 2 else 2e-6,
-                                   atol=1e-2 if e.element_size() == 2 else 2e-6)
+    for i, (e, r) in enumerate(zip(ema, ref)):
+        if ops.backend() == "compiled":
+            assert torch.equal(e.cpu().view(-1).view(torch.uint8), r.view(-1).view(torch.uint8)), f"tensor {i} differs"
+        else:
+            torch.testing.assert_close(e.cpu().double(), r.double(), rtol=2 * torch.finfo(e.dtype).eps,
+                                       atol=1e-30)
 
 
 @requires_compiled
@@ -78,14 +86,29 @@ def test_no_host_to_device_copy_once_the_plan_is_cached():
 
 @pytest.mark.parametrize("ema_dtype", DTYPES)
 @pytest.mark.parametrize("model_dtype", DTYPES)
-def test_side_stream_and_device_guard(ema_dtype, model_dtype):
+@pytest.mark.parametrize("decay", [0.3, 0.999])
+def test_every_dtype_pair_is_bit_identical_to_the_cpu_kernel(ema_dtype, model_dtype, decay):
     ema, model = _pairs(5, 70_001, ema_dtype, model_dtype)
-    ref = _ref(ema, model, 0.3)
+    ref = _ref(ema, model, decay)
+    ops.ema_update_(ema, model, torch.tensor(decay, dtype=torch.float64, device="cuda"))
+    torch.cuda.synchronize()
+    _check(ema, ref)
+
+
+def test_the_launch_is_ordered_on_the_current_stream():
+    # On a side stream: a long sleep, then the model is overwritten, then the
+    # update.  Launched on that stream, the update sees the new model; launched
+    # on any other stream it would run during the sleep and see the old one.
+    ema, model = _pairs(5, 70_001)
+    new_model = [torch.randn_like(m) for m in model]
+    ref = _ref(ema, new_model, 0.3)
+    torch.cuda.synchronize()
     s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
+        torch.cuda._sleep(200_000_000)
+        for m, n in zip(model, new_model):
+            m.copy_(n)
         ops.ema_update_(ema, model, torch.tensor(0.3, device="cuda"))
-    torch.cuda.current_stream().wait_stream(s)
     torch.cuda.synchronize()
     _check(ema, ref)
 
@@ -105,7 +128,7 @@ def test_cuda_graph_capture_and_replay_with_changing_decay():
     with torch.cuda.graph(g):
         updater.update(decay)
     for d in (0.5, 0.99, 0.0):
-        ref = _ref(ema, model, d)
+        ref = _ref(ema, model, torch.tensor(d, dtype=torch.float32).item())
         decay.fill_(d)
         g.replay()
         torch.cuda.synchronize()
@@ -131,16 +154,46 @@ def test_plans_baked_into_graphs_survive_cache_eviction():
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         ops.ema_update_(ema, model, decay)
-    for _ in range(30):  # churn the plan cache far past its capacity
+    for _ in range(100):  # churn the plan cache far past its capacity (64)
         e2, m2 = _pairs(2, 10)
         ops.ema_update_(e2, m2, 0.5)
     # Fill the freed memory of evicted tables with garbage.
     junk = [torch.full((4096,), -1, dtype=torch.uint8, device="cuda") for _ in range(64)]
-    ref = _ref(ema, model, 0.9)
+    ref = _ref(ema, model, torch.tensor(0.9).item())
     g.replay()
     torch.cuda.synchronize()
     _check(ema, ref)
     del junk
+
+
+@requires_compiled
+def test_a_graph_outlives_the_updater_and_the_cache_that_built_its_table():
+    # NOTE [captured plans]: the FusedUpdater that captured the update is
+    # gone and its plan was never in the LRU's recent set; the cache keeps
+    # the captured table alive until release_captured_plans().
+    ops.release_captured_plans()
+    ema, model = _pairs(4)
+    decay = torch.tensor(0.9, device="cuda")
+    updater = ops.FusedUpdater(ema, model)
+    updater.update(decay)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        updater.update(decay)
+    del updater
+    keep = []
+    for _ in range(100):  # far past the LRU's 64 plans
+        e2, m2 = _pairs(2, 10)
+        keep.append((e2, m2))
+        ops.ema_update_(e2, m2, 0.5)
+    torch.ops.ema_cuda._clear_plan_cache()
+    junk = [torch.full((4096,), -1, dtype=torch.uint8, device="cuda") for _ in range(64)]
+    ref = _ref(ema, model, torch.tensor(0.9).item())
+    g.replay()
+    torch.cuda.synchronize()
+    _check(ema, ref)
+    del g, junk
+    assert ops.release_captured_plans() == 1
 
 
 def test_large_tensor_on_gpu_if_memory_allows():

@@ -158,3 +158,20 @@ def test_model_ema_sees_a_parameter_resized_in_place():
     with pytest.raises(RuntimeError, match=r"b\.weight|ema\[\d+\] has shape"):
         ema.update(net, 1, 10)
     assert_bit_identical(list(ema.ema.state_dict().values()), before)
+
+
+def test_both_sides_resized_alike_rebuild_and_write_only_the_new_count():
+    # Shrunk together, the pair is valid again: a new plan, and nothing past
+    # the new count is written (the storage behind it still exists).
+    e_store, m_store = torch.randn(N), torch.randn(N)
+    ema = [torch.empty(0).set_(e_store.untyped_storage(), 0, (N,)), torch.randn(3)]
+    model = [torch.empty(0).set_(m_store.untyped_storage(), 0, (N,)), torch.randn(3)]
+    updater = ops.FusedUpdater(ema, model)
+    updater.update(0.5)
+    ema[0].resize_(N // 2)
+    model[0].resize_(N // 2)
+    beyond = e_store[N // 2:].clone()
+    ref = reference(ema, model, 0.25)
+    updater.update(0.25)
+    check(ema, ref)
+    assert torch.equal(e_store[N // 2:], beyond)
