@@ -46,7 +46,7 @@ from ema_cuda.ops import SUPPORTED_DTYPES, FusedUpdater, ema_update_
 from ema_cuda.ops import is_dense as _is_dense
 from ema_cuda.ops import same_layout as _same_layout
 
-__all__ = ["ModelEMA", "KDModelEMA", "unwrap_model"]
+__all__ = ["ModelEMA", "KDModelEMA", "unwrap_model", "check_ema_params"]
 
 _STATE_VERSION = 1
 _OPTIONS = ("buffers", "ema_dtype", "update_every", "skip_nonfinite", "capturable", "total_steps", "async_update")
@@ -516,6 +516,12 @@ class ModelEMA:
 
     def _warn_if_horizon_exceeds(self, total_steps: Any) -> None:
         """Warns when ``1 / (1 - decay)``, the number of steps the EMA averages over, exceeds the planned run."""
+        # Called on every update: a run's total_steps rarely changes, so the
+        # check itself runs once per (decay, total_steps).
+        key = (self.decay, total_steps)
+        if self.__dict__.get("_horizon_checked") == key:
+            return
+        self._horizon_checked = key
         if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Real) or not total_steps > 0:
             return
         horizon = 1.0 / (1.0 - self.decay)
