@@ -117,8 +117,8 @@ def _append_digest(f: IO[bytes]) -> bool:
     return True
 
 
-def _verify_digest(f: IO[bytes], path: Path) -> None:
-    """Raises CheckpointError when the recorded digest does not match; warns once when there is none."""
+def _verify_digest(f: IO[bytes], path: Path) -> bool:
+    """Raises CheckpointError when the recorded digest does not match; False when the file has none."""
     size = f.seek(0, os.SEEK_END)
     trailer = b""
     eocd = b""
@@ -129,17 +129,7 @@ def _verify_digest(f: IO[bytes], path: Path) -> None:
     has_marker = trailer[: len(_DIGEST_MARKER)] == _DIGEST_MARKER
     has_record = eocd[:4] == _EOCD_SIG and eocd[20:22] == struct.pack("<H", _TRAILER_LEN)
     if not (has_marker or has_record):
-        key = str(path.resolve())
-        if key not in _WARNED_NO_DIGEST:
-            _WARNED_NO_DIGEST.add(key)
-            warnings.warn(
-                f"checkpoint file {str(path)!r} has no integrity digest (written by torch.save directly or by an "
-                "older ema_cuda): it is loaded, but damage to it cannot be detected; save it again with "
-                "ema_cuda.checkpoint.save_checkpoint to add one",
-                UserWarning,
-                stacklevel=3,
-            )
-        return
+        return False
     recorded = trailer[len(_DIGEST_MARKER):]
     actual = _sha256_of(f, size - _TRAILER_LEN)
     if not (has_marker and has_record) or recorded != actual.encode("ascii"):
@@ -147,6 +137,20 @@ def _verify_digest(f: IO[bytes], path: Path) -> None:
         raise CheckpointError(
             f"checkpoint file {str(path)!r} is damaged: its SHA-256 is {actual}, but {shown!r} was recorded when "
             "it was written (the file changed on disk or in transfer; use another copy or an earlier checkpoint)"
+        )
+    return True
+
+
+def _warn_no_digest(path: Path) -> None:
+    key = str(path.resolve())
+    if key not in _WARNED_NO_DIGEST:
+        _WARNED_NO_DIGEST.add(key)
+        warnings.warn(
+            f"checkpoint file {str(path)!r} has no integrity digest (written by torch.save directly or by an older "
+            "ema_cuda): it loaded, but damage to it cannot be detected; save it again with "
+            "ema_cuda.checkpoint.save_checkpoint to add one",
+            UserWarning,
+            stacklevel=3,
         )
 
 
@@ -186,7 +190,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
     with open(path, "rb") as f:
         # The digest is checked before torch.load sees a byte: unpickling a
         # damaged file can fail anywhere, or worse, succeed with wrong values.
-        _verify_digest(f, path)
+        has_digest = _verify_digest(f, path)
         f.seek(0)
         try:
             checkpoint = torch.load(f, map_location=map_location, weights_only=True)
@@ -200,6 +204,10 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
             f"checkpoint file {str(path)!r} holds a {type(checkpoint).__name__}, expected a dict with a "
             f"{NET_KEY!r} entry"
         )
+    if not has_digest:
+        # Only a file that loads is worth the warning: one that does not is
+        # an error anyway (a truncated file has lost its digest with its end).
+        _warn_no_digest(path)
     return checkpoint
 
 
