@@ -404,6 +404,13 @@ class ModelEMA:
     checks (SuperGradients zips the values and silently truncates); integer
     buffers are copied from the model (SuperGradients freezes them at their
     initial value).
+
+    Configuration mistakes that would train without error but give a useless
+    average warn once per EMA, naming the values: an EMA dtype in which
+    ``1 + (1 - decay)`` rounds to 1 (a bf16 EMA with decay 0.9999 never
+    moves), checked here; a ``total_steps`` shorter than ``1 / (1 - decay)``,
+    checked here when ``total_steps`` is given and at the first update
+    otherwise; a non-capturable update inside ``torch.compile``.
     """
 
     def __init__(
@@ -771,9 +778,18 @@ class ModelEMA:
         are copied too, in the same call unless the EMA keeps them in another
         dtype (``ema_dtype``), which takes a separate cast.
 
+        ``step`` is an integer: an ``int``, a numpy integer or a 0-dim
+        integer tensor; anything else (``5.5``, ``5.0``, a string) is a
+        ``TypeError``.  The first update with a ``total_steps`` shorter than
+        the decay's horizon ``1 / (1 - decay)`` warns once: such an average
+        still weighs the initial weights heavily at the end of the run.
+        Called inside ``torch.compile`` without ``capturable=True`` it warns
+        once that every step recompiles.
+
         Raises before writing anything (the EMA stays bit-identical) when the
-        schedule returns a value outside [0, 1] or a non-finite one, or when
-        the model's entries no longer match the EMA's by name and shape.
+        step is not an integer, when the schedule returns a value outside
+        [0, 1] or a non-finite one, or when the model's entries no longer
+        match the EMA's by name and shape.
 
         With ``capturable=True`` the step is a device tensor: leave ``step``
         out (``None``) and the EMA counts on the device (``step_tensor`` goes
