@@ -1387,7 +1387,8 @@ class KDModelEMA(ModelEMA):
                 f"KDModelEMA: expected a distillation module with `student` and `teacher` submodules, got "
                 f"{type(kd).__name__} with children {list(kd._modules)}"
             )
-        return student
+        # The student itself may be compiled: the EMA averages the module inside.
+        return unwrap_model(student)
 
     def _wrap_ema(self, model: nn.Module, covered: nn.Module) -> nn.Module:
         kd = unwrap_model(model)

@@ -736,3 +736,19 @@ def test_overwrite_replaces_an_earlier_run(tmp_path):
     assert [json.loads(line)["epoch"] for line in lines] == [1] == [h["epoch"] for h in history]
     with pytest.raises(ValueError, match="'overwrite'"):
         parse_training_params(_params(overwrite="yes"))
+
+
+def test_kd_with_a_compiled_student_checkpoints_the_plain_student(tmp_path):
+    train, valid = _loaders()
+    torch.manual_seed(3)
+    teacher = Net(hidden=24)
+    kw = dict(in_features=N_FEATURES, num_classes=N_CLASSES, hidden_features=(8,))
+    student = models.get("mlp", **kw)
+    trainer = KDTrainer("kdc", tmp_path)
+    trainer.train(torch.compile(student, backend="eager"), teacher, _params(max_epochs=1), train, valid)
+    latest = load_checkpoint(tmp_path / "kdc" / "ckpt_latest.pth")
+    assert set(latest["net"]) == set(latest["ema_net"]) == set(student.state_dict())
+    assert _equal_states(latest["ema_net"], _state(student))  # the end-of-training copy reached the student
+    loaded = models.get("mlp", checkpoint_path=tmp_path / "kdc" / "ckpt_latest.pth", **kw)
+    assert loaded.loaded_checkpoint_key == "ema_net" and _equal_states(_state(loaded), _state(student))
+    torch._dynamo.reset()

@@ -134,7 +134,8 @@ class KDTrainer(Trainer):
         )
 
     def _weights_module(self, net: nn.Module) -> nn.Module:
-        return unwrap_model(net).student
+        # The student may be compiled itself: checkpoints hold the plain student's keys.
+        return unwrap_model(unwrap_model(net).student)
 
     def _ema_weights_module(self) -> nn.Module:
         ema_model = self.ema.ema
