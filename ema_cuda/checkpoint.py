@@ -40,7 +40,7 @@ import os
 import struct
 import warnings
 from pathlib import Path
-from typing import IO, Any, Dict, Mapping, Optional, Set, Tuple, Union
+from typing import IO, Any, Dict, Mapping, Optional, Set, Union
 
 import torch
 from torch import nn
