@@ -23,17 +23,30 @@ so that the file loads with ``torch.load(..., weights_only=True)``):
 the destination directory, which is flushed, fsync'ed and then renamed over
 the destination with :func:`os.replace`.  A process killed at any point
 leaves either the previous file or the new one, never a torn file.
+
+Every file it writes carries a SHA-256 digest of its own bytes, stored in the
+comment field at the end of the zip archive that :func:`torch.save` produces
+(so ``torch.load`` and any zip reader still read the file as before).
+:func:`load_checkpoint` checks it before unpickling anything: a file damaged
+after it was written (one flipped byte is enough) raises
+:class:`CheckpointError` instead of loading silently wrong weights.  Files
+without a digest (written by ``torch.save`` directly, or by older versions)
+still load, with a warning that their damage cannot be detected.
 """
 from __future__ import annotations
 
+import hashlib
 import os
-import secrets
+import struct
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Union
+from typing import IO, Any, Dict, Mapping, Optional, Set, Union
 
 import torch
 from torch import nn
+
+from ema_cuda._fs import atomic_write
+from ema_cuda._modules import strip_wrapper_prefixes, unwrap_model
 
 __all__ = [
     "CheckpointError",
@@ -57,92 +70,156 @@ class CheckpointError(RuntimeError):
     """A checkpoint file could not be read, or does not fit the model."""
 
 
+# The integrity trailer: the zip archive's comment holds this marker and the
+# hex SHA-256 of every byte of the file before the comment.  The end-of-central
+# -directory record (22 bytes, signature PK\x05\x06) that precedes the comment
+# records the comment's length.  A file has a digest when either the marker or
+# a record announcing exactly this comment length sits where it belongs, so
+# one damaged byte can never make a file with a digest look like one without.
+_DIGEST_MARKER = b"ema_cuda-sha256:"
+_TRAILER_LEN = len(_DIGEST_MARKER) + 64
+_EOCD_SIG = b"PK\x05\x06"
+_EOCD_LEN = 22
+_HASH_CHUNK = 1 << 20
+_WARNED_NO_DIGEST: Set[str] = set()
+
+
+def _sha256_of(f: IO[bytes], length: int) -> str:
+    h = hashlib.sha256()
+    f.seek(0)
+    left = length
+    while left > 0:
+        chunk = f.read(min(_HASH_CHUNK, left))
+        if not chunk:
+            break
+        h.update(chunk)
+        left -= len(chunk)
+    return h.hexdigest()
+
+
+def _append_digest(f: IO[bytes]) -> bool:
+    """Records the SHA-256 of the zip archive ``f`` (just written) in its comment; False if it is not one."""
+    f.flush()
+    size = f.seek(0, os.SEEK_END)
+    if size < _EOCD_LEN:
+        return False
+    f.seek(size - _EOCD_LEN)
+    eocd = f.read(_EOCD_LEN)
+    # torch.save writes no comment; anything else is a format this does not know.
+    if eocd[:4] != _EOCD_SIG or eocd[20:22] != b"\x00\x00":
+        return False
+    f.seek(size - 2)
+    f.write(struct.pack("<H", _TRAILER_LEN))
+    f.flush()
+    digest = _sha256_of(f, size)
+    f.seek(0, os.SEEK_END)
+    f.write(_DIGEST_MARKER + digest.encode("ascii"))
+    return True
+
+
+def _verify_digest(f: IO[bytes], path: Path) -> bool:
+    """Raises CheckpointError when the recorded digest does not match; False when the file has none."""
+    size = f.seek(0, os.SEEK_END)
+    trailer = b""
+    eocd = b""
+    if size >= _TRAILER_LEN + _EOCD_LEN:
+        f.seek(size - _TRAILER_LEN - _EOCD_LEN)
+        eocd = f.read(_EOCD_LEN)
+        trailer = f.read(_TRAILER_LEN)
+    has_marker = trailer[: len(_DIGEST_MARKER)] == _DIGEST_MARKER
+    has_record = eocd[:4] == _EOCD_SIG and eocd[20:22] == struct.pack("<H", _TRAILER_LEN)
+    if not (has_marker or has_record):
+        return False
+    recorded = trailer[len(_DIGEST_MARKER):]
+    actual = _sha256_of(f, size - _TRAILER_LEN)
+    if not (has_marker and has_record) or recorded != actual.encode("ascii"):
+        shown = recorded.decode("ascii", "replace")
+        raise CheckpointError(
+            f"checkpoint file {str(path)!r} is damaged: its SHA-256 is {actual}, but {shown!r} was recorded when "
+            "it was written (the file changed on disk or in transfer; use another copy or an earlier checkpoint)"
+        )
+    return True
+
+
+def _warn_no_digest(path: Path) -> None:
+    key = str(path.resolve())
+    if key not in _WARNED_NO_DIGEST:
+        _WARNED_NO_DIGEST.add(key)
+        warnings.warn(
+            f"checkpoint file {str(path)!r} has no integrity digest (written by torch.save directly or by an older "
+            "ema_cuda): it loaded, but damage to it cannot be detected; save it again with "
+            "ema_cuda.checkpoint.save_checkpoint to add one",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def save_checkpoint(state: Mapping[str, Any], path: PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically and return the path.
+    """Write ``state`` to ``path`` atomically, with an integrity digest, and return the path.
 
     The parent directory is created when missing.  The bytes are written to a
     uniquely named hidden file next to ``path`` (a rename is only atomic within
-    one file system), flushed and fsync'ed, then moved over ``path`` with
-    :func:`os.replace`; finally the directory itself is fsync'ed so that the
-    rename survives a power loss.  If anything fails before the rename, the
-    temporary file is removed and ``path`` is untouched.
+    one file system), followed by the SHA-256 of the archive (checked by
+    :func:`load_checkpoint`), flushed and fsync'ed, then moved over ``path``
+    with :func:`os.replace`; finally the directory itself is fsync'ed so that
+    the rename survives a power loss.  If anything fails or interrupts the
+    write before the rename (``KeyboardInterrupt`` included), the temporary
+    file is removed and ``path`` is untouched.  The file still loads with
+    plain ``torch.load(path, weights_only=True)``.
     """
     path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    # os.open with an explicit mode (rather than tempfile.mkstemp, which uses
-    # 0600) so that the final file gets the same permissions as any file the
-    # user creates.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(dict(state), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_directory(directory)
+    with atomic_write(path, "w+b") as f:
+        torch.save(dict(state), f)
+        _append_digest(f)
     return path
-
-
-def _fsync_directory(directory: Path) -> None:
-    # Not every platform lets a directory be opened (Windows does not); the
-    # rename is still atomic there, only its durability is weaker.
-    try:
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
     """Load a checkpoint written by :func:`save_checkpoint` (``weights_only=True``).
 
     Raises :class:`FileNotFoundError` when the file is missing and
-    :class:`CheckpointError` (naming the file) when it cannot be read: a
+    :class:`CheckpointError` (naming the file) when it cannot be trusted or
+    read: bytes that do not match the SHA-256 recorded at save time, a
     truncated or corrupt file, an object ``weights_only`` loading refuses, or
-    something that is not a ``dict``.
+    something that is not a ``dict``.  A file without a digest (written by
+    ``torch.save`` directly) loads with a warning, once per file.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file {str(path)!r} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # torch raises several types for corrupt files
-        raise CheckpointError(
-            f"could not read checkpoint file {str(path)!r} "
-            f"(corrupt, truncated, or not a weights-only torch.save file): {type(exc).__name__}: {exc}"
-        ) from exc
+    with open(path, "rb") as f:
+        # The digest is checked before torch.load sees a byte: unpickling a
+        # damaged file can fail anywhere, or worse, succeed with wrong values.
+        has_digest = _verify_digest(f, path)
+        f.seek(0)
+        try:
+            checkpoint = torch.load(f, map_location=map_location, weights_only=True)
+        except Exception as exc:  # torch raises several types for corrupt files
+            raise CheckpointError(
+                f"could not read checkpoint file {str(path)!r} "
+                f"(corrupt, truncated, or not a weights-only torch.save file): {type(exc).__name__}: {exc}"
+            ) from exc
     if not isinstance(checkpoint, dict):
         raise CheckpointError(
             f"checkpoint file {str(path)!r} holds a {type(checkpoint).__name__}, expected a dict with a "
             f"{NET_KEY!r} entry"
         )
+    if not has_digest:
+        # Only a file that loads is worth the warning: one that does not is
+        # an error anyway (a truncated file has lost its digest with its end).
+        _warn_no_digest(path)
     return checkpoint
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # One level of DataParallel / DistributedDataParallel, as the EMA does.
-    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
-
-
 def _adapt_prefix(state_dict: Mapping[str, Any], model_keys) -> Dict[str, Any]:
-    """Remove a ``module.`` prefix left by DataParallel/DDP when the model has none."""
-    keys = list(state_dict.keys())
-    if keys and all(k.startswith("module.") for k in keys) and not any(k.startswith("module.") for k in model_keys):
-        return {k[len("module."):]: v for k, v in state_dict.items()}
-    return dict(state_dict)
+    """Remove wrapper prefixes (``module.`` of DataParallel/DDP, ``_orig_mod.`` of torch.compile).
+
+    A prefix is removed only when every key of ``state_dict`` has it and no
+    key of the model does, repeatedly (a compiled DDP model writes
+    ``module._orig_mod.``), so that a checkpoint saved from a wrapped model
+    by other code loads into the plain one.
+    """
+    return strip_wrapper_prefixes(state_dict, model_keys)
 
 
 def load_state_dict_into_model(
@@ -161,7 +238,7 @@ def load_state_dict_into_model(
     """
     if not isinstance(state_dict, Mapping):
         raise CheckpointError(f"{source} is a {type(state_dict).__name__}, expected a state dict (a mapping)")
-    model = _unwrap(model)
+    model = unwrap_model(model)
     own = model.state_dict()
     state_dict = _adapt_prefix(state_dict, own.keys())
     missing = [k for k in own if k not in state_dict]

@@ -26,6 +26,8 @@ never written.
 from __future__ import annotations
 
 import copy
+import difflib
+import inspect
 import math
 import numbers
 import operator
@@ -37,35 +39,22 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ema_cuda._modules import unwrap_model
 from ema_cuda.ema_decay_schedules import EMA_DECAY_FUNCTIONS, IDecayFunction, decay_function_name
 from ema_cuda import ops as _ops
 from ema_cuda.ops import SUPPORTED_DTYPES, FusedUpdater, ema_update_
 from ema_cuda.ops import is_dense as _is_dense
 from ema_cuda.ops import same_layout as _same_layout
 
-__all__ = ["ModelEMA", "KDModelEMA", "unwrap_model"]
+__all__ = ["ModelEMA", "KDModelEMA", "unwrap_model", "check_ema_params"]
 
 _STATE_VERSION = 1
 _OPTIONS = ("buffers", "ema_dtype", "update_every", "skip_nonfinite", "capturable", "total_steps", "async_update")
-_PARALLEL_WRAPPERS = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+# Every keyword from_params takes itself (the schedule's own come on top).
+_FROM_PARAMS_KEYS = ("decay", "decay_type", "exp_activation") + _OPTIONS
 # Each packed tensor starts on a 64-byte boundary of its flat buffer: a cache
 # line on CPUs, and aligned for the CUDA kernel's 16-byte vector loads.
 _ALIGN_BYTES = 64
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module inside ``torch.compile``'s wrapper and one level of DataParallel/DDP."""
-
-    def uncompiled(m: nn.Module) -> nn.Module:
-        # torch.compile returns an OptimizedModule holding the real module as
-        # `_orig_mod`; checked by attribute to avoid importing torch._dynamo.
-        inner = getattr(m, "_orig_mod", None)
-        return inner if isinstance(inner, nn.Module) else m
-
-    model = uncompiled(model)
-    if isinstance(model, _PARALLEL_WRAPPERS):
-        model = uncompiled(model.module)
-    return model
 
 
 # A state entry: (key, owning dict, name in that dict, tensor, is_parameter).
@@ -139,6 +128,115 @@ def _check_decay(decay: Any) -> float:
     if isinstance(decay, bool) or not isinstance(decay, numbers.Real) or not (0.0 < float(decay) < 1.0):
         raise ValueError(f"ModelEMA: decay must be a number in (0, 1), e.g. 0.9999; got {decay!r}")
     return float(decay)
+
+
+def _integer_step(cls: str, step: Any) -> int:
+    """``step`` as a Python int: ints, numpy integers and 0-dim integer tensors; anything else is an error."""
+    if isinstance(step, torch.Tensor):
+        if step.dim() != 0 or step.is_floating_point() or step.is_complex() or step.dtype == torch.bool:
+            raise TypeError(
+                f"{cls}.update: step must be an integer (an int, a numpy integer or a 0-dim integer tensor), got a "
+                f"tensor of shape {list(step.shape)} and dtype {step.dtype}"
+            )
+        return int(step)
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral):
+        raise TypeError(
+            f"{cls}.update: step must be an integer (an int, a numpy integer or a 0-dim integer tensor), got "
+            f"{step!r} ({type(step).__name__}); schedules and update_every count whole optimizer steps"
+        )
+    return int(step)
+
+
+def _rounds_to_one(decay: float, dtype: torch.dtype) -> bool:
+    """True when ``1 + (1 - decay)`` rounds to 1 in ``dtype``: an EMA kept in it cannot move by ``1 - decay``."""
+    return bool(torch.tensor(1.0 + (1.0 - decay), dtype=torch.float64).to(dtype) == 1)
+
+
+def _schedule_signature(decay_cls: Any) -> Tuple[List[str], bool]:
+    """The keyword parameters a schedule's constructor names, and whether it also takes ``**kwargs``."""
+    try:
+        params = inspect.signature(decay_cls).parameters.values()
+    except (TypeError, ValueError):  # a constructor Python cannot inspect: let it have everything
+        return [], True
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return named, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def _schedule_kwargs(
+    where: str, decay_type: str, decay_cls: Any, kwargs: Dict[str, Any]
+) -> Tuple[Dict[str, Any], Dict[str, List[str]]]:
+    """Splits what ``from_params`` has left after its own keys: arguments for the schedule, and misplaced ones.
+
+    A key the schedule names goes to it.  A key another registered schedule
+    names (``beta`` beside ``decay_type="threshold"``: a SuperGradients
+    recipe that switched schedules) is misplaced: returned with the
+    schedules that take it, for a warning, and not passed on.  A custom
+    schedule whose constructor takes ``**kwargs`` receives every other key.
+    Any other key is a typo (``ema_dtyp``, ``decya``): a ValueError naming
+    it and the closest valid key.  The built-in schedules take ``**kwargs``
+    only to ignore SuperGradients' extras, so they get no unknown keys.
+    """
+    named, var_kw = _schedule_signature(decay_cls)
+    passthrough = var_kw and getattr(decay_cls, "__module__", None) != IDecayFunction.__module__
+    others: Dict[str, List[str]] = {}
+    for name, other in EMA_DECAY_FUNCTIONS.items():
+        if other is not decay_cls:
+            for key in _schedule_signature(other)[0]:
+                others.setdefault(key, []).append(name)
+    to_schedule: Dict[str, Any] = {}
+    misplaced: Dict[str, List[str]] = {}
+    unknown: List[str] = []
+    for key, value in kwargs.items():
+        if key in named or passthrough:
+            to_schedule[key] = value
+        elif key in others:
+            misplaced[key] = others[key]
+        else:
+            unknown.append(key)
+    if unknown:
+        valid = sorted(set(_FROM_PARAMS_KEYS) | set(named) | set(others))
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(str(key), valid, n=1)
+            hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise ValueError(
+            f"{where}: unknown argument{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; valid ones are the "
+            f"ModelEMA options {list(_FROM_PARAMS_KEYS)}, the parameters of decay_type {decay_type!r} "
+            f"({named or 'none'}) and those of the other registered schedules ({sorted(others) or 'none'})"
+        )
+    return to_schedule, misplaced
+
+
+def check_ema_params(params: Dict[str, Any], where: str = "ema_params") -> None:
+    """Raises the error :meth:`ModelEMA.from_params` would raise for an unknown key of ``params``, without building anything.
+
+    Lets a configuration (the Trainer's ``ema_params``) be checked before
+    any work starts.  Warnings (defaults, misplaced keys) are left to
+    ``from_params`` so that they fire once.
+    """
+    kwargs = {k: v for k, v in params.items() if k not in _OPTIONS and k != "decay"}
+    decay_type = kwargs.pop("decay_type", None)
+    if "exp_activation" in kwargs:
+        decay_type = "exp" if bool(kwargs.pop("exp_activation")) else "constant"
+    if decay_type is None:
+        decay_type = "exp"
+    try:
+        decay_cls = EMA_DECAY_FUNCTIONS[decay_type]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"{where}: unknown decay_type {decay_type!r}; registered types: {list(EMA_DECAY_FUNCTIONS)}"
+        ) from None
+    _schedule_kwargs(where, decay_type, decay_cls, kwargs)
+
+
+def _state_count(cls: str, key: str, value: Any) -> int:
+    """A counter of a saved state (``num_updates``, ``num_skipped``, ``step``): an integer >= 0."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point() and not value.is_complex() \
+            and value.dtype != torch.bool:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"{cls}.load_state_dict: {key} must be an integer >= 0, got {value!r}")
+    return int(value)
 
 
 def _names(keys: Sequence[str], limit: int = 8) -> str:
@@ -306,6 +404,13 @@ class ModelEMA:
     checks (SuperGradients zips the values and silently truncates); integer
     buffers are copied from the model (SuperGradients freezes them at their
     initial value).
+
+    Configuration mistakes that would train without error but give a useless
+    average warn once per EMA, naming the values: an EMA dtype in which
+    ``1 + (1 - decay)`` rounds to 1 (a bf16 EMA with decay 0.9999 never
+    moves), checked here; a ``total_steps`` shorter than ``1 / (1 - decay)``,
+    checked here when ``total_steps`` is given and at the first update
+    otherwise; a non-capturable update inside ``torch.compile``.
     """
 
     def __init__(
@@ -359,10 +464,15 @@ class ModelEMA:
         #: Updates applied, and updates skipped by the non-finite guard.
         self.num_updates = 0
         self.num_skipped = 0
+        # Warnings about the configuration fire once per EMA, not per step.
+        self._warned: set = set()
 
         src = self._source(model)
         self._covered = self._copy_module(src)
         self.ema = self._wrap_ema(model, self._covered)
+        self._warn_if_dtype_stalls()
+        if self.total_steps is not None:
+            self._warn_if_horizon_exceeds(self.total_steps)
 
         # SuperGradients' SgModule declares which attributes update_attr copies.
         attr_src = unwrap_model(model)
@@ -388,6 +498,49 @@ class ModelEMA:
             # Built now so that the first update can already be compiled or
             # captured (neither can build it: it validates and allocates).
             self._plan = self._build_plan(src)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        warned = self.__dict__.setdefault("_warned", set())
+        if key not in warned:
+            warned.add(key)
+            warnings.warn(message, UserWarning, stacklevel=4)
+
+    def _warn_if_dtype_stalls(self) -> None:
+        """Warns when an EMA dtype cannot represent a step of ``1 - decay`` (the average would stop moving)."""
+        stalled: Dict[torch.dtype, str] = {}
+        for key, _, _, t, _ in _state_entries(self._covered)[0]:
+            if t.is_floating_point() and t.dtype not in stalled and _rounds_to_one(self.decay, t.dtype):
+                stalled[t.dtype] = key
+        if stalled:
+            where = ", ".join(f"{dtype} (e.g. {key!r})" for dtype, key in stalled.items())
+            self._warn_once(
+                "dtype",
+                f"{type(self).__name__}: with decay={self.decay} the EMA moves by 1 - decay = {1 - self.decay:.3g} of "
+                f"the difference per update, but 1 + {1 - self.decay:.3g} rounds to 1 in {where}: updates are lost to "
+                "rounding and those entries stall near their initial values; keep the EMA in float32 "
+                "(ema_dtype=torch.float32) or use a smaller decay",
+            )
+
+    def _warn_if_horizon_exceeds(self, total_steps: Any) -> None:
+        """Warns when ``1 / (1 - decay)``, the number of steps the EMA averages over, exceeds the planned run."""
+        # Called on every update: a run's total_steps rarely changes, so the
+        # check itself runs once per (decay, total_steps).
+        key = (self.decay, total_steps)
+        if self.__dict__.get("_horizon_checked") == key:
+            return
+        self._horizon_checked = key
+        if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Real) or not total_steps > 0:
+            return
+        horizon = 1.0 / (1.0 - self.decay)
+        # The tolerance keeps 1/(1-0.9) = 10.000000000000002 from exceeding a 10-step run.
+        if horizon > total_steps * (1 + 1e-9):
+            hint = f"; decay={1 - 10 / total_steps:.4g} averages over the last tenth of it" if total_steps > 10 else ""
+            self._warn_once(
+                "horizon",
+                f"{type(self).__name__}: decay={self.decay} averages over about 1/(1-decay) = {horizon:.0f} steps, "
+                f"more than the planned total_steps={total_steps}: at the end of the run the EMA still weighs the "
+                f"initial weights heavily{hint}",
+            )
 
     def _check_capturable_options(self) -> None:
         name = type(self).__name__
@@ -477,11 +630,19 @@ class ModelEMA:
         """Builds an EMA from configuration values, the way SuperGradients' ``ema_params`` do.
 
         ``decay_type`` names a schedule in ``EMA_DECAY_FUNCTIONS``; the
-        remaining keyword arguments go to the schedule's constructor (the
-        built-in ones ignore arguments they do not take), except the
-        :class:`ModelEMA` options ``buffers``, ``ema_dtype``, ``update_every``,
-        ``skip_nonfinite``, ``capturable`` and ``total_steps``, which are
-        taken out first.
+        remaining keyword arguments go to the schedule's constructor, except
+        the :class:`ModelEMA` options ``buffers``, ``ema_dtype``,
+        ``update_every``, ``skip_nonfinite``, ``capturable``, ``total_steps``
+        and ``async_update``, which are taken out first.
+
+        An argument that neither this method, nor the schedule, nor any other
+        registered schedule takes is a ``ValueError`` naming it and the
+        closest valid name (a misspelt ``ema_dtyp=`` or ``decya=`` would
+        otherwise be dropped silently).  A parameter of another registered
+        schedule (``beta`` beside ``decay_type="threshold"``, as
+        SuperGradients recipes that switched schedules have) is ignored with
+        a warning.  A custom schedule whose constructor takes ``**kwargs``
+        receives every other argument.
 
         Defaults with a warning, as SuperGradients: ``decay=0.9999``, and
         ``decay_type="exp"`` with ``beta=15``.  The legacy ``exp_activation``
@@ -526,7 +687,16 @@ class ModelEMA:
             raise ValueError(
                 f"ModelEMA.from_params: unknown decay_type {decay_type!r}; registered types: {list(EMA_DECAY_FUNCTIONS)}"
             ) from None
-        return cls(model, decay, decay_cls(**kwargs), **options)
+        schedule_kwargs, misplaced = _schedule_kwargs(f"{cls.__name__}.from_params", decay_type, decay_cls, kwargs)
+        if misplaced:
+            listed = ", ".join(f"{k}={kwargs[k]!r} (a parameter of {' / '.join(map(repr, v))})" for k, v in misplaced.items())
+            warnings.warn(
+                f"{cls.__name__}.from_params: ignoring {listed}: decay_type {decay_type!r} does not take "
+                f"{'them' if len(misplaced) > 1 else 'it'}",
+                UserWarning,
+                stacklevel=2,
+            )
+        return cls(model, decay, decay_cls(**schedule_kwargs), **options)
 
     def _source(self, model: nn.Module) -> nn.Module:
         """The module whose state this EMA averages."""
@@ -608,9 +778,18 @@ class ModelEMA:
         are copied too, in the same call unless the EMA keeps them in another
         dtype (``ema_dtype``), which takes a separate cast.
 
+        ``step`` is an integer: an ``int``, a numpy integer or a 0-dim
+        integer tensor; anything else (``5.5``, ``5.0``, a string) is a
+        ``TypeError``.  The first update with a ``total_steps`` shorter than
+        the decay's horizon ``1 / (1 - decay)`` warns once: such an average
+        still weighs the initial weights heavily at the end of the run.
+        Called inside ``torch.compile`` without ``capturable=True`` it warns
+        once that every step recompiles.
+
         Raises before writing anything (the EMA stays bit-identical) when the
-        schedule returns a value outside [0, 1] or a non-finite one, or when
-        the model's entries no longer match the EMA's by name and shape.
+        step is not an integer, when the schedule returns a value outside
+        [0, 1] or a non-finite one, or when the model's entries no longer
+        match the EMA's by name and shape.
 
         With ``capturable=True`` the step is a device tensor: leave ``step``
         out (``None``) and the EMA counts on the device (``step_tensor`` goes
@@ -632,11 +811,23 @@ class ModelEMA:
         if self.capturable:
             self._update_capturable(model, step, total_steps)
             return
+        if torch.compiler.is_compiling():
+            # The step and the decay reach the compiled code as Python
+            # numbers, so every step is a new constant: a recompilation per
+            # step until the cache limit, then eager execution.
+            self._warn_once(
+                "compile",
+                f"{type(self).__name__}.update runs inside torch.compile with capturable=False: the step and the "
+                "decay are new Python numbers at every call, so the function recompiles every step; build the EMA "
+                "with capturable=True (ModelEMA(..., capturable=True, total_steps=...)) to keep them in device tensors",
+            )
         if step is None or total_steps is None:
             raise TypeError(
                 f"{type(self).__name__}.update: step and total_steps are required (they may be left out only "
                 "with capturable=True, where the step is counted on the device)"
             )
+        step = _integer_step(type(self).__name__, step)
+        self._warn_if_horizon_exceeds(total_steps)
         if step % self.update_every:
             return
         d = self.decay_at(step, total_steps)
@@ -699,6 +890,10 @@ class ModelEMA:
                     f"{name}.update: a step tensor must be 0-dim and on {self.step_tensor.device}, got shape "
                     f"{list(step.shape)} on {step.device}"
                 )
+            if step.is_floating_point() or step.is_complex() or step.dtype == torch.bool:
+                # Checked on the dtype, without reading the value: a float
+                # step would be truncated silently into the int64 counter.
+                raise TypeError(f"{name}.update: a step tensor must have an integer dtype, got {step.dtype}")
             new_step = step
         elif compiling or capturing:
             raise TypeError(
@@ -711,6 +906,8 @@ class ModelEMA:
                 raise ValueError(f"{name}.update: step must be an integer >= 0 or a 0-dim tensor, got {step!r}")
             new_step = torch.full_like(self.step_tensor, int(step))
         total = self.total_steps if total_steps is None else total_steps
+        if not (compiling or capturing):
+            self._warn_if_horizon_exceeds(total)
 
         with torch.no_grad():
             decay = self.decay_function.tensor_value(self.decay, new_step, total)
@@ -1060,6 +1257,11 @@ class ModelEMA:
             if not isinstance(v, torch.Tensor) or v.shape != t.shape:
                 got = list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
                 raise RuntimeError(f"{name}.load_state_dict: entry {key!r} is {got} in the state but {list(t.shape)} in the EMA")
+            if v.is_complex() or v.is_meta:
+                raise RuntimeError(
+                    f"{name}.load_state_dict: entry {key!r} is a {v.dtype} tensor on {v.device}; expected real values "
+                    f"to copy into the EMA's {t.dtype} tensor"
+                )
         decay = _check_decay(state["decay"])
         options = {k: state[k] for k in ("buffers", "update_every", "skip_nonfinite") if k in state}
         if options.get("buffers", "average") not in ("average", "copy"):
@@ -1067,6 +1269,16 @@ class ModelEMA:
         every = options.get("update_every", 1)
         if isinstance(every, bool) or not isinstance(every, numbers.Integral) or every < 1:
             raise ValueError(f"{name}.load_state_dict: update_every must be an integer >= 1, got {every!r}")
+        if not isinstance(options.get("skip_nonfinite", False), bool):
+            raise ValueError(
+                f"{name}.load_state_dict: skip_nonfinite must be True or False, got {options['skip_nonfinite']!r}"
+            )
+        # The counters are checked here too: a bad one found while writing
+        # would leave new weights with old counters (a half-loaded state).
+        num_updates = _state_count(name, "num_updates", state.get("num_updates", 0))
+        num_skipped = _state_count(name, "num_skipped", state.get("num_skipped", 0))
+        saved_step = state.get("step")
+        saved_step = None if saved_step is None else _state_count(name, "step", saved_step)
         decay_function = self._saved_decay_function(state.get("decay_function"))
         if self.capturable:
             fn_ok = isinstance(decay_function, IDecayFunction) and decay_function.has_tensor_value()
@@ -1084,10 +1296,10 @@ class ModelEMA:
         self.decay_function = decay_function
         for k, v in options.items():
             setattr(self, k, v)
-        self.num_updates = int(state.get("num_updates", 0))
-        self.num_skipped = int(state.get("num_skipped", 0))
-        if self.step_tensor is not None and state.get("step") is not None:
-            self.step_tensor.fill_(int(state["step"]))
+        self.num_updates = num_updates
+        self.num_skipped = num_skipped
+        if self.step_tensor is not None and saved_step is not None:
+            self.step_tensor.fill_(saved_step)
         # The options may have changed what is averaged.  A capturable EMA
         # rebuilds its plan now, so that the next update may be compiled.
         src = self._plan.src if self._plan is not None else None
@@ -1136,7 +1348,7 @@ class ModelEMA:
             state["_num_updates"] = state.pop("num_updates")
         for key, default in (("capturable", False), ("total_steps", None), ("step_tensor", None),
                              ("decay_tensor", None), ("_num_updates_t", None), ("async_update", False),
-                             ("_streams", None), ("_side_stream", None), ("_pending", None)):
+                             ("_streams", None), ("_side_stream", None), ("_pending", None), ("_warned", set())):
             state.setdefault(key, default)
         self.__dict__.update(state)
         # Copying or unpickling clones every parameter on its own; put them
@@ -1175,7 +1387,8 @@ class KDModelEMA(ModelEMA):
                 f"KDModelEMA: expected a distillation module with `student` and `teacher` submodules, got "
                 f"{type(kd).__name__} with children {list(kd._modules)}"
             )
-        return student
+        # The student itself may be compiled: the EMA averages the module inside.
+        return unwrap_model(student)
 
     def _wrap_ema(self, model: nn.Module, covered: nn.Module) -> nn.Module:
         kd = unwrap_model(model)

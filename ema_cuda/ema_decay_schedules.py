@@ -21,8 +21,11 @@ per step).
 
 Register your own schedule by adding a class to :data:`EMA_DECAY_FUNCTIONS`;
 ``ModelEMA.from_params(model, decay_type=name, **kwargs)`` then builds it from
-``kwargs`` (arguments the class does not take are ignored, as in
-SuperGradients, if its ``__init__`` accepts ``**kwargs``)::
+``kwargs``: the arguments its ``__init__`` names, or all of them when it
+takes ``**kwargs`` (as here).  For the built-in schedules, whose ``**kwargs``
+only absorb SuperGradients' extras, a parameter of another registered
+schedule (``beta`` beside ``"threshold"``) is ignored with a warning and any
+other unknown argument is an error naming the closest valid one::
 
     class LinearDecay(IDecayFunction):
         def __init__(self, **kwargs):

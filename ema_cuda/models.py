@@ -12,7 +12,11 @@ Built-in names are ``digits_cnn`` (a small CNN for 8x8 single-channel images
 such as scikit-learn's digits) and ``mlp``.  Your own architectures join the
 registry with :func:`register`.  When torchvision or timm is installed, their
 model names work too (``"torchvision:resnet18"``, ``"timm:resnet18"``, or the
-bare name when it is unambiguous); weights are never downloaded.
+bare name when only one of them has it: a name both have is an error listing
+the qualified choices); weights are never downloaded.
+
+The model is returned in eval mode, ready for inference; call ``.train()``
+(or hand it to the Trainer, which does) to train it.
 """
 from __future__ import annotations
 
@@ -120,21 +124,30 @@ def _resolve(name: str) -> ModelFactory:
     source, _, bare = name.partition(":") if ":" in name else ("", "", name)
     if source not in ("", "torchvision", "timm"):
         raise ValueError(f"models.get: unknown model source {source!r} in {name!r}; use 'torchvision:' or 'timm:'")
+    found: Dict[str, ModelFactory] = {}
+    tv = timm = None
     if source in ("", "torchvision"):
         tv = _optional_module("torchvision")
         if tv is not None and bare in _torchvision_names(tv):
             # weights=None: never download; a checkpoint is loaded separately.
-            return lambda **kw: tv.models.get_model(bare, **{"weights": None, **kw})
-        if source == "torchvision":
+            found["torchvision"] = lambda **kw: tv.models.get_model(bare, **{"weights": None, **kw})
+        elif source == "torchvision":
             why = _UNAVAILABLE["torchvision"] if tv is None else f"torchvision has no model {bare!r}"
             raise ValueError(f"models.get: {name!r}: {why}")
     if source in ("", "timm"):
         timm = _optional_module("timm")
         if timm is not None and bare in _timm_names(timm):
-            return lambda **kw: timm.create_model(bare, **{"pretrained": False, **kw})
-        if source == "timm":
+            found["timm"] = lambda **kw: timm.create_model(bare, **{"pretrained": False, **kw})
+        elif source == "timm":
             why = _UNAVAILABLE["timm"] if timm is None else f"timm has no model {bare!r}"
             raise ValueError(f"models.get: {name!r}: {why}")
+    if len(found) == 1:
+        return next(iter(found.values()))
+    if len(found) > 1:
+        # The two packages' models of one name differ (layers, defaults), so
+        # a checkpoint of one would not load into the other: no silent pick.
+        choices = " or ".join(repr(f"{src}:{bare}") for src in found)
+        raise ValueError(f"models.get: {name!r} is ambiguous: both torchvision and timm have it; use {choices}")
     # Only a bare name gets here, and both packages were looked up above.
     external = [n for n, mod in (("torchvision", tv), ("timm", timm)) if mod is not None]
     extra = f"; torchvision/timm names are also accepted ({', '.join(external)} installed)" if external else (
@@ -154,7 +167,15 @@ def get(
 
     ``name_or_factory`` is a registered name, a torchvision/timm name, or any
     callable returning an ``nn.Module`` (a class works).  ``kwargs`` go to the
-    factory, e.g. ``num_classes=10``.
+    factory, e.g. ``num_classes=10``.  Registered names come first; a bare
+    torchvision/timm name works when only one of the two packages has it,
+    and is an error listing ``"torchvision:<name>"`` and ``"timm:<name>"``
+    when both do.
+
+    The model is returned in eval mode (``model.training`` is False), as a
+    model loaded for inference should be: dropout off, BatchNorm using its
+    running statistics.  Call ``model.train()`` to train it (the Trainer does
+    so itself).
 
     With a checkpoint, the EMA weights (``ema_net``) are loaded when the
     checkpoint has them and ``load_ema`` is true (the default), and the raw
@@ -205,6 +226,7 @@ def get(
             model, ckpt[key], source=f"checkpoint file {str(checkpoint_path)!r}, entry {key!r}", strict=strict
         )
         model.loaded_checkpoint_key = key
+    model.eval()
     return model
 
 

@@ -20,9 +20,9 @@ consolidated EMA weights in a single process.
 """
 from __future__ import annotations
 
+import numbers
 import os
 import re
-import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from ema_cuda.checkpoint import _fsync_directory
+from ema_cuda._fs import atomic_write
 from ema_cuda.ema import ModelEMA, _flat_views, _is_dense, _is_dtensor, _local_shard, _state_entries
 from ema_cuda.ops import SUPPORTED_DTYPES
 
@@ -45,7 +45,8 @@ __all__ = [
 
 #: The file, inside a checkpoint root directory, naming the complete checkpoint to load.
 LATEST_NAME = "LATEST"
-_TAG_RE = re.compile(r"^step-(\d+)$")
+# step-N, or step-N-K for the K-th save of one step (K >= 2).
+_TAG_RE = re.compile(r"^step-(\d+)(?:-(\d+))?$")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -271,16 +272,32 @@ def latest_checkpoint(root: PathLike) -> Optional[Path]:
 
 
 def _write_pointer(root: Path, name: str) -> None:
-    tmp = root / f".{LATEST_NAME}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(root / LATEST_NAME, "w") as f:
         f.write(name + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / LATEST_NAME)
-    _fsync_directory(root)
 
 
-def save_sharded_checkpoint(state: Dict[str, Any], root: PathLike, *, keep: int = 1,
+def _tag_key(name: str) -> Optional[Tuple[int, int]]:
+    """(N, K) of a ``step-N`` (K = 0) or ``step-N-K`` directory name, in save order; None for other names."""
+    m = _TAG_RE.match(name)
+    return (int(m.group(1)), int(m.group(2) or 0)) if m else None
+
+
+def _optimizer_step(step: Any, state: Dict[str, Any]) -> Optional[int]:
+    """The step a save is named after: ``step``, else an integer ``state["step"]``, else None."""
+    from_state = step is None
+    if from_state:
+        step = state.get("step") if isinstance(state, dict) else None
+        if step is None:
+            return None
+    if isinstance(step, torch.Tensor) and step.dim() == 0 and not step.is_floating_point() and step.dtype != torch.bool:
+        step = int(step)
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        where = "state['step']" if from_state else "step"
+        raise ValueError(f"save_sharded_checkpoint: {where} must be the optimizer step, an integer >= 0; got {step!r}")
+    return int(step)
+
+
+def save_sharded_checkpoint(state: Dict[str, Any], root: PathLike, *, step: Optional[int] = None, keep: int = 1,
                             process_group: Optional[Any] = None) -> Path:
     """Saves ``state`` with ``torch.distributed.checkpoint`` under ``root`` without ever damaging the previous save.
 
@@ -288,24 +305,39 @@ def save_sharded_checkpoint(state: Dict[str, Any], root: PathLike, *, keep: int 
     ``{"model": model.state_dict(), "ema": ema.state_dict(), "step": step}``
     (the keys ``"model"`` and ``"ema"`` are what
     :func:`ema_cuda.checkpoint.load_dcp_weights` and ``models.get`` look for).
-    Each save goes to a new directory ``root/step-N``; only when every rank
-    has written its part and DCP has written the metadata does rank 0 point
-    ``root/LATEST`` at it (an atomic rename), and then removes all but the
-    ``keep`` newest complete checkpoints.  A rank that dies mid-save leaves an
-    incomplete ``step-N`` directory that ``LATEST`` never names, so the
-    previous checkpoint stays the one that loads.  Returns the new directory.
+    Each save goes to a new directory ``root/step-N``, where N is the
+    optimizer step: ``step`` when given, else ``state["step"]`` when the
+    state holds an integer there.  A second save of the same step goes to
+    ``step-N-2`` (then ``-3``, ...), never into the directory of a complete
+    checkpoint.  Without a step, N numbers the saves in ``root`` (1, 2, ...).
+    Only when every rank has written its part and DCP has written the
+    metadata does rank 0 point ``root/LATEST`` at the new directory (an
+    atomic rename), and then removes the older ones except the ``keep - 1``
+    newest complete checkpoints.  A rank that dies mid-save leaves an
+    incomplete directory that ``LATEST`` never names, so the previous
+    checkpoint stays the one that loads.  Returns the new directory.
     """
     import torch.distributed.checkpoint as dcp
 
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"save_sharded_checkpoint: keep must be an integer >= 1, got {keep!r}")
+    optimizer_step = _optimizer_step(step, state)
     dist = _dist()
     root = Path(root)
     rank = dist.get_rank(process_group) if dist else 0
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        numbers = [int(m.group(1)) for p in root.iterdir() if (m := _TAG_RE.match(p.name))]
-        name = [f"step-{max(numbers, default=0) + 1}"]
+        if optimizer_step is None:
+            numbers = [key[0] for p in root.iterdir() if (key := _tag_key(p.name))]
+            name = [f"step-{max(numbers, default=0) + 1}"]
+        else:
+            # A directory of this step may exist: the checkpoint LATEST names
+            # (a run resumed from it saves the same step again) or debris of
+            # a crashed save.  Writing into either could tear a checkpoint.
+            candidate, k = f"step-{optimizer_step}", 2
+            while (root / candidate).exists():
+                candidate, k = f"step-{optimizer_step}-{k}", k + 1
+            name = [candidate]
     else:
         name = [None]
     if dist:
@@ -318,9 +350,9 @@ def save_sharded_checkpoint(state: Dict[str, Any], root: PathLike, *, keep: int 
         dist.barrier(group=process_group)
     if rank == 0:
         _write_pointer(root, path.name)
+        new_key = _tag_key(path.name)
         complete = sorted(
-            (int(m.group(1)), p) for p in root.iterdir()
-            if (m := _TAG_RE.match(p.name)) and p != path and int(m.group(1)) < int(_TAG_RE.match(path.name).group(1))
+            (key, p) for p in root.iterdir() if (key := _tag_key(p.name)) is not None and p != path and key < new_key
         )
         # Older directories go, complete or not (an incomplete one is a
         # crashed save); the `keep - 1` newest complete ones stay.

@@ -70,7 +70,9 @@ def main():
     ap.add_argument("--lr", type=float, default=0.2)
     ap.add_argument("--momentum", type=float, default=0.9)
     ap.add_argument("--label-noise", type=float, default=0.2, help="fraction of training labels flipped")
-    ap.add_argument("--decay", type=float, default=0.998, help="EMA decay")
+    ap.add_argument("--decay", type=float, default=None,
+                    help="EMA decay (default: 0.998, lowered for short runs so that its horizon "
+                    "1 / (1 - decay) stays at most a quarter of the run's steps)")
     ap.add_argument("--decay-type", default="threshold", help="EMA decay schedule: constant, threshold, exp, ...")
     ap.add_argument("--width", type=int, default=16, help="channels of the first conv layer of digits_cnn")
     ap.add_argument("--seed", type=int, default=0)
@@ -89,6 +91,16 @@ def main():
     test_dl = DataLoader(test_ds, batch_size=256)
     net = models.get("digits_cnn", num_classes=10, width=args.width)
 
+    total_steps = args.epochs * len(train_dl)
+    if args.decay is None:
+        # An EMA averages over about 1 / (1 - decay) steps.  A horizon longer
+        # than the run leaves the EMA near the random initial weights (decay
+        # 0.9999 over a few hundred steps: chance accuracy), so a short run
+        # (--epochs 1) gets a shorter one.
+        args.decay = min(0.998, 1 - 4 / total_steps)
+    ema_params = {"decay": args.decay, "decay_type": args.decay_type}
+    if args.decay_type == "exp":
+        ema_params["beta"] = 15  # SuperGradients' default ramp; the other schedules take no beta
     ckpt_root = args.ckpt_root or tempfile.mkdtemp(prefix="ema_digits_")
     trainer = PrintingTrainer(experiment_name="digits", ckpt_root_dir=ckpt_root)
     params = {
@@ -98,7 +110,7 @@ def main():
         "optimizer_params": {"momentum": args.momentum},
         "loss": "cross_entropy",
         "ema": True,
-        "ema_params": {"decay": args.decay, "decay_type": args.decay_type, "beta": 15},
+        "ema_params": ema_params,
         "seed": args.seed,
         "device": "cpu",
         "progress_bar": args.progress_bar,
@@ -106,7 +118,8 @@ def main():
     }
     print(f"digits: {len(train_ds)} train / {len(valid_ds)} valid / {len(test_ds)} test images, "
           f"{len(train_dl)} SGD steps per epoch (batch {args.batch_size}, lr {args.lr}, "
-          f"{100 * args.label_noise:.0f}% training labels flipped); EMA decay {args.decay} ({args.decay_type})")
+          f"{100 * args.label_noise:.0f}% training labels flipped); EMA decay {args.decay:.4g} ({args.decay_type}, "
+          f"horizon {1 / (1 - args.decay):.0f} of {total_steps} steps)")
     print("epoch  train loss  raw acc    EMA acc    EMA-raw")
     t0 = time.time()
     history = trainer.train(model=net, training_params=params, train_loader=train_dl, valid_loader=valid_dl)

@@ -4,6 +4,7 @@ No speed is asserted here: speed targets are the benchmark's business
 (benchmarks/RESULTS.md); this only keeps the benchmark itself working.
 """
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -47,7 +48,8 @@ def test_workload_shapes_match_the_architectures():
 
 def test_check_catches_a_wrong_method_and_passes_the_others():
     wl = custom_workload("tiny", [(7, 5), (1000,), (3, 3, 3), (1,)])
-    methods = _by_key(["sg_loop", "mul_add", "lerp_loop", "foreach", "averaged_model", "fused_list", "fused", "limit"])
+    methods = _by_key(["sg_loop", "mul_add", "lerp_loop", "foreach", "averaged_model", "fused_list", "fused", "limit",
+                       "limit_fused"])
     methods.append(bench_ema.Method("wrong", "wrong on purpose", _wrong_method))
     out = bench_ema.run_workload(wl, torch.device("cpu"), methods, **FAST)
     status = {k: r["status"] for k, r in out["methods"].items()}
@@ -56,7 +58,13 @@ def test_check_catches_a_wrong_method_and_passes_the_others():
     assert set(status.values()) == {"ok"}, out["methods"]
     fused = out["methods"]["fused"]
     assert fused["median_s"] > 0 and fused["fused_speedup"] == pytest.approx(1.0)
-    assert out["methods"]["limit"]["pct_of_limit"] == pytest.approx(100.0)
+    # The limit is the fastest block of the faster limit row, so no limit
+    # row's median can be above 100% of it.
+    limits = [out["methods"][k] for k in bench_ema.LIMIT_KEYS]
+    assert out["limit_s"] == min(r["min_s"] for r in limits)
+    assert out["limit_key"] in bench_ema.LIMIT_KEYS
+    assert all(r["pct_of_limit"] <= 100.0 for r in limits)
+    assert fused["x_naive"] == pytest.approx(out["methods"]["sg_loop"]["median_s"] / fused["median_s"])
 
 
 def test_mixed_dtypes_fp32_ema_of_bf16_model():
@@ -71,7 +79,7 @@ def test_cli_writes_json_and_reports_goals(tmp_path, capsys):
         [
             "--workloads", "small", "huge",
             "--size-scale", "0.0005", "--small-count", "30",
-            "--min-time", "0.002", "--repeats", "2", "--no-e2e",
+            "--min-time", "0.002", "--repeats", "2", "--no-e2e", "--no-busy",
             "--out", str(tmp_path),
         ]
     )
@@ -85,8 +93,8 @@ def test_cli_writes_json_and_reports_goals(tmp_path, capsys):
     assert len(goals) == 5
     assert goals["fused >= 3x _foreach_lerp_ on 10k x 1k"]["measured"] > 0
     printed = capsys.readouterr().out
-    assert "| workload | tensors | elements |" in printed
-    assert "## Goals" in printed
+    assert "small: 30 tensors" in printed and "Goals" in printed
+    assert (tmp_path / files[0].with_suffix(".md").name).exists()  # the full markdown tables
     # The tables can be re-rendered from the saved JSON alone.
     assert bench_ema.main(["--from-json", str(files[0])]) == 0
     assert "| workload | tensors | elements |" in capsys.readouterr().out
@@ -124,3 +132,67 @@ def test_help_lists_the_options(capsys):
     text = capsys.readouterr().out
     for opt in ("--device", "--dtypes", "--workloads", "--repeats", "--size-scale", "--quick"):
         assert opt in text
+
+
+def test_quick_run_is_compact_and_complete(tmp_path, capsys):
+    # What `--quick` is for: every part of `make bench` runs (workload tables,
+    # busy CPU, end to end, goals, files), in seconds.  Timings are not checked.
+    rc = bench_ema.main(["--quick", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    lines = out.splitlines()
+    assert len(lines) < 80, out
+    for name in bench_ema.QUICK_WORKLOADS:
+        assert any(line.startswith(f"{name}: ") and "limit" in line for line in lines), name
+    busy = [line.split() for line in lines if line.startswith("small ")]
+    assert sorted((b[1], b[2]) for b in busy) == [("1", "busy"), ("1", "quiet"), ("2", "busy"), ("2", "quiet")]
+    assert "End to end" in out and "Goals" in out
+    stem = next(tmp_path.glob("cpu-*.json")).stem
+    assert {p.name for p in tmp_path.iterdir()} == {f"{stem}.json", f"{stem}.md", f"{stem}.png"}
+    result = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert {(r["threads"], r["state"]) for r in result["busy"]} == {(1, "quiet"), (1, "busy"), (2, "quiet"), (2, "busy")}
+    assert torch.get_num_threads() == result["meta"]["threads"]  # the busy scenario restores the thread count
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers kill(pid, 0); it no longer runs.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def test_spinner_is_stopped_on_error():
+    from benchmarks.busy import Spinner
+
+    with pytest.raises(RuntimeError, match="inside"):
+        with Spinner() as sp:
+            pid = sp.procs[0].pid
+            assert _alive(pid)
+            raise RuntimeError("an error inside the busy scenario")
+    assert not _alive(pid)
+
+
+def test_spinner_ends_when_the_benchmark_is_killed(tmp_path):
+    # A benchmark killed without running its finally blocks (os._exit here)
+    # must not leave a process spinning: the spinner watches its parent.
+    import subprocess
+    import time
+
+    code = (
+        "import sys, os; sys.path.insert(0, %r)\n"
+        "from benchmarks.busy import Spinner\n"
+        "sp = Spinner().__enter__()\n"
+        "print(sp.procs[0].pid, flush=True)\n"
+        "os._exit(0)\n" % str(ROOT)
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    pid = int(out.stdout.split()[0])
+    deadline = time.time() + 10
+    while _alive(pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(pid)

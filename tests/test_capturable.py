@@ -363,3 +363,20 @@ def test_int_step_inside_cuda_graph_capture_is_an_error():
     with pytest.raises(TypeError, match="frozen into the compiled code or the graph"):
         with torch.cuda.graph(graph):
             ema.update(model, step=5)
+
+
+@pytest.mark.parametrize("step", [5.5, torch.tensor(5.5), torch.tensor(5.0, dtype=torch.float64), torch.tensor(True)])
+def test_capturable_rejects_a_non_integer_step_untouched(step):
+    model = make_net()
+    ema = ModelEMA(model, 0.99, ThresholdDecay(), capturable=True)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model, step=3)
+    before = {k: v.clone() for k, v in ema.ema.state_dict().items()}
+    with pytest.raises((TypeError, ValueError), match="integer"):
+        ema.update(model, step=step)
+    assert all(torch.equal(v, before[k]) for k, v in ema.ema.state_dict().items())
+    assert int(ema.step_tensor) == 3 and ema.num_updates == 1
+    ema.update(model, step=torch.tensor(4, dtype=torch.int32))  # any integer dtype
+    assert int(ema.step_tensor) == 4

@@ -265,3 +265,86 @@ def test_kill_at_random_points_never_tears_the_file(tmp_path):
         ckpt = load_checkpoint(path)
         w = ckpt["net"]["w"]
         assert torch.equal(w, torch.full_like(w, float(ckpt["epoch"])))
+
+
+# --------------------------------------------------------------------------
+# Integrity: a digest recorded at save time, checked before anything is unpickled.
+
+
+def test_flipped_byte_anywhere_is_a_checkpoint_error(tmp_path):
+    import random
+
+    path = save_checkpoint(_ckpt(_net(), _net()), tmp_path / "ckpt.pth")
+    data = path.read_bytes()
+    rng = random.Random(14)
+    # 50 random positions, plus the end of the file where the digest and the
+    # zip record announcing it live.
+    positions = rng.sample(range(len(data)), 50) + list(range(len(data) - 110, len(data)))
+    damaged = tmp_path / "damaged.pth"
+    for pos in positions:
+        flipped = bytearray(data)
+        flipped[pos] ^= 1 << rng.randrange(8)
+        damaged.write_bytes(bytes(flipped))
+        with pytest.raises(CheckpointError, match="damaged.pth"):
+            load_checkpoint(damaged)
+    assert load_checkpoint(path)["epoch"] == 1
+
+
+def test_digest_mismatch_message_names_both_digests(tmp_path):
+    path = save_checkpoint(_ckpt(_net()), tmp_path / "ckpt.pth")
+    data = bytearray(path.read_bytes())
+    data[100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"ckpt.pth' is damaged: its SHA-256 is [0-9a-f]{64}, but '[0-9a-f]{64}'"):
+        load_checkpoint_to_model(_net(), path)
+
+
+def test_checkpoint_without_digest_loads_with_one_warning(tmp_path):
+    import warnings
+
+    net = _net()
+    path = tmp_path / "plain.pth"
+    torch.save(_ckpt(net), path)  # an older file, or torch.save directly
+    with pytest.warns(UserWarning, match=r"plain.pth' has no integrity digest"):
+        ckpt = load_checkpoint(path)
+    assert torch.equal(ckpt["net"]["0.weight"], net[0].weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(path)  # once per file
+
+
+def test_keyboard_interrupt_during_save_leaves_previous_file_and_no_temp(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pth"
+    save_checkpoint({"net": {"w": torch.ones(2)}, "epoch": 1}, path)
+
+    def interrupted(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"net": {"w": torch.zeros(2)}, "epoch": 2}, path)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(path)["net"]["w"], torch.ones(2))
+    assert _tmp_files(tmp_path) == []
+
+
+def test_one_atomic_write_in_the_package():
+    # Every rename-into-place goes through ema_cuda/_fs.py, which cleans up on any exception.
+    package = REPO / "ema_cuda"
+    users = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if "os.replace(" in p.read_text())
+    assert users == ["_fs.py"]
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module."])
+def test_wrapper_prefixes_are_removed_on_load(tmp_path, prefix):
+    net = _net()
+    state = {"net": {prefix + k: v for k, v in net.state_dict().items()}}
+    path = save_checkpoint(state, tmp_path / "wrapped.pth")
+    target = _net()
+    load_checkpoint_to_model(target, path)
+    assert torch.equal(target[0].weight, net[0].weight)
+    # Loading into the wrapped model works too: the wrapper is removed first.
+    again = _net()
+    load_checkpoint_to_model(torch.compile(again, backend="eager"), path)
+    assert torch.equal(again[0].weight, net[0].weight)

@@ -225,3 +225,26 @@ def test_schedules_never_exceed_decay():
         for s in range(0, 3000, 37):
             d = fn(0.999, s, 2000)
             assert 0.0 <= d <= 0.999, (fn, s, d)
+
+
+@pytest.mark.parametrize("decay_type", ["constant", "threshold", "exp", "power", "ramp"])
+def test_from_params_warns_on_another_schedules_parameter_and_rejects_typos(decay_type):
+    # Every parameter of every other built-in schedule is a warning (a recipe
+    # that switched schedules); a typo of one is an error naming it.
+    import warnings
+
+    from torch import nn
+
+    from ema_cuda import ModelEMA
+
+    model = nn.Linear(2, 2)
+    own = {"exp": {"beta": 15}}.get(decay_type, {})
+    params = {"beta": 15, "tau": 7.0, "power": 0.5, "inv_gamma": 1.0, "min_decay": 0.0, "update_after_step": 0}
+    foreign = {k: v for k, v in params.items() if k not in EMA_DECAY_FUNCTIONS[decay_type](**own).get_params()}
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ModelEMA.from_params(model, decay=0.5, decay_type=decay_type, **own, **foreign)
+    ignored = [str(w.message) for w in record if "ignoring" in str(w.message)]
+    assert len(ignored) == 1 and all(f"{k}=" in ignored[0] for k in foreign)
+    with pytest.raises(ValueError, match=r"unknown argument 'betta' \(did you mean 'beta'\?\)"):
+        ModelEMA.from_params(model, decay=0.5, decay_type=decay_type, betta=15, **own)

@@ -713,10 +713,11 @@ def test_from_params_exp_without_beta():
 
 
 def test_from_params_routes_options_and_ignores_extra_kwargs():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    # Extra keyword arguments of other schedules are ignored with a warning
+    # naming them (and unknown ones are errors: see the tests of issue 14 below).
+    with pytest.warns(UserWarning, match=r"ignoring beta=3 \(a parameter of 'exp'\)"):
         ema = ModelEMA.from_params(
-            Net(), decay=0.99, decay_type="ramp", tau=100, beta=3, unused="x",
+            Net(), decay=0.99, decay_type="ramp", tau=100, beta=3,
             buffers="copy", update_every=4, skip_nonfinite=True, ema_dtype=torch.float64,
         )
     assert isinstance(ema.decay_function, RampDecay) and ema.decay_function.tau == 100
@@ -945,3 +946,179 @@ def test_decay_at_reports_the_schedule_value():
     ema = ModelEMA(Net(), 0.9999, ExpDecay(beta=15))
     assert ema.decay_at(50, 100) == ExpDecay(beta=15)(0.9999, 50, 100)
     assert math.isclose(ema.decay_at(100, 100), 0.9999 * (1 - math.exp(-15)))
+
+
+# ---------------------------------------------------------------- issue 14: bad input, mistakes, wrappers
+
+
+@pytest.mark.parametrize("key,value", [("num_updates", "abc"), ("num_updates", -1), ("num_updates", 2.5),
+                                       ("num_skipped", "x"), ("step", "7"), ("skip_nonfinite", "yes")])
+def test_load_state_dict_with_a_bad_counter_writes_nothing(key, value):
+    model = Net()
+    ema = ModelEMA(model, 0.9, ConstantDecay())
+    ema.update(model, 1, 10)
+    before = snapshot(ema.ema)
+    counters = (ema.num_updates, ema.num_skipped, ema.decay)
+    other = ModelEMA(Net(width=6), 0.5, ThresholdDecay())  # other weights, decay and schedule
+    with torch.no_grad():
+        other.ema.head.bias.add_(3.0)
+    state = other.state_dict()
+    state[key] = value
+    with pytest.raises(ValueError, match=f"{key} must be .*{value!r}"):
+        ema.load_state_dict(state)
+    assert_bit_identical(snapshot(ema.ema), before)
+    assert (ema.num_updates, ema.num_skipped, ema.decay) == counters
+    assert isinstance(ema.decay_function, ConstantDecay)
+
+
+def test_num_skipped_survives_a_state_round_trip():
+    model = Net()
+    ema = ModelEMA(model, 0.9, ConstantDecay(), skip_nonfinite=True)
+    with torch.no_grad():
+        model.head.bias[0] = float("nan")
+    ema.update(model, 1, 10)
+    buf = io.BytesIO()
+    torch.save(ema.state_dict(), buf)
+    buf.seek(0)
+    resumed = ModelEMA(Net(), 0.9, ConstantDecay(), skip_nonfinite=True)
+    resumed.load_state_dict(torch.load(buf, weights_only=True))
+    assert (resumed.num_skipped, resumed.num_updates) == (1, 0)
+
+
+@pytest.mark.parametrize("kwargs,name,hint", [
+    ({"ema_dtyp": "float32"}, "ema_dtyp", "ema_dtype"),
+    ({"decya": 0.9}, "decya", "decay"),
+    ({"bufers": "copy"}, "bufers", "buffers"),
+    ({"tua": 100}, "tua", "tau"),
+])
+def test_from_params_unknown_argument_is_an_error_with_the_closest_name(kwargs, name, hint):
+    with pytest.raises(ValueError, match=rf"unknown argument '{name}' \(did you mean '{hint}'\?\)"):
+        ModelEMA.from_params(Net(), decay=0.99, decay_type="ramp", **kwargs)
+
+
+def test_from_params_keeps_sg_recipes_working():
+    # beta beside threshold: a recipe that switched from exp; a warning, then the EMA as asked.
+    with pytest.warns(UserWarning, match=r"ignoring beta=15 .*'exp'.*'threshold' does not take it") as record:
+        ema = ModelEMA.from_params(Net(), decay=0.99, decay_type="threshold", beta=15)
+    assert isinstance(ema.decay_function, ThresholdDecay)
+    assert sum("ignoring" in str(w.message) for w in record) == 1
+
+
+def test_from_params_custom_schedule_with_kwargs_receives_the_rest(monkeypatch):
+    class Custom(IDecayFunction):
+        def __init__(self, **kwargs):
+            self.seen = dict(kwargs)
+
+        def __call__(self, decay, step, total_steps):
+            return decay
+
+    class Strict(IDecayFunction):
+        def __init__(self, width=1.0):
+            self.width = width
+
+        def __call__(self, decay, step, total_steps):
+            return decay
+
+    monkeypatch.setitem(EMA_DECAY_FUNCTIONS, "custom", Custom)
+    monkeypatch.setitem(EMA_DECAY_FUNCTIONS, "strict", Strict)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ema = ModelEMA.from_params(Net(), decay=0.99, decay_type="custom", slope=2, beta=3)
+    assert ema.decay_function.seen == {"slope": 2, "beta": 3}
+    assert ModelEMA.from_params(Net(), decay=0.99, decay_type="strict", width=2.0).decay_function.width == 2.0
+    with pytest.raises(ValueError, match=r"'widht' \(did you mean 'width'\?\)"):
+        ModelEMA.from_params(Net(), decay=0.99, decay_type="strict", widht=2.0)
+
+
+@pytest.mark.parametrize("step", [5.5, 5.0, "5", torch.tensor(5.5), torch.tensor([5]), True])
+def test_update_rejects_a_non_integer_step_untouched(step):
+    model = Net()
+    ema = ModelEMA(model, 0.9, ConstantDecay())
+    with torch.no_grad():
+        model.head.bias.add_(1.0)
+    before = snapshot(ema.ema)
+    with pytest.raises(TypeError, match="step must be an integer"):
+        ema.update(model, step, 10)
+    assert_bit_identical(snapshot(ema.ema), before)
+    assert ema.num_updates == 0
+
+
+def test_update_accepts_integer_steps_of_every_kind():
+    np = pytest.importorskip("numpy")
+    model = Net()
+    ema = ModelEMA(model, 0.9, ThresholdDecay(), update_every=2)
+    for step in (np.int64(2), torch.tensor(4), 6, np.int32(7)):
+        ema.update(model, step, 10)
+    assert ema.num_updates == 3
+
+
+def test_horizon_longer_than_the_run_warns_once_with_the_values():
+    model = Net()
+    ema = ModelEMA(model, 0.999, ConstantDecay())
+    with pytest.warns(UserWarning, match=r"decay=0.999 averages over about 1/\(1-decay\) = 1000 steps, more than "
+                                         r"the planned total_steps=200.*decay=0.95 ") as record:
+        for step in range(1, 4):
+            ema.update(model, step, 200)
+    assert sum("averages over" in str(w.message) for w in record) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ModelEMA(model, 0.99, ConstantDecay()).update(model, 1, 200)  # 100 steps of 200: fine
+    with pytest.warns(UserWarning, match="total_steps=50"):
+        ModelEMA(model, 0.99, ConstantDecay(), capturable=True, total_steps=50)
+
+
+@pytest.mark.parametrize("decay,dtype,stalls", [
+    (0.9999, torch.bfloat16, True), (0.99, torch.bfloat16, False), (0.9999, torch.float16, True),
+    (0.999, torch.float16, False), (0.9999, torch.float32, False), (1 - 2 ** -25, torch.float32, True),
+])
+def test_ema_dtype_that_cannot_move_warns(decay, dtype, stalls):
+    model = nn.Linear(4, 3)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        ModelEMA(model, decay, ConstantDecay(), ema_dtype=dtype)
+    messages = [str(w.message) for w in record if "rounds to 1" in str(w.message)]
+    if stalls:
+        assert len(messages) == 1
+        assert str(dtype) in messages[0] and f"decay={decay}" in messages[0] and "ema_dtype=torch.float32" in messages[0]
+    else:
+        assert messages == []
+
+
+def test_bf16_model_without_ema_dtype_warns_and_float32_does_not():
+    model = nn.Linear(4, 3).to(torch.bfloat16)
+    with pytest.warns(UserWarning, match=r"rounds to 1 in torch.bfloat16 \(e.g. 'weight'\)"):
+        ModelEMA(model, 0.9999, ConstantDecay())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ModelEMA(model, 0.9999, ConstantDecay(), ema_dtype=torch.float32)
+
+
+def test_non_capturable_update_inside_torch_compile_warns_once():
+    model = nn.Linear(3, 3)
+    ema = ModelEMA(model, 0.5, ConstantDecay())
+
+    @torch.compile(backend="eager")
+    def step_fn(step):
+        ema.update(model, step, 100)
+
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        for step in range(1, 4):
+            step_fn(step)
+    messages = [str(w.message) for w in record if "inside torch.compile" in str(w.message)]
+    assert len(messages) == 1 and "capturable=True" in messages[0] and "recompiles every step" in messages[0]
+    assert ema.num_updates == 3
+    torch._dynamo.reset()
+
+
+def test_one_unwrap_helper_for_nested_wrappers():
+    from ema_cuda import _modules
+    from ema_cuda.ema import unwrap_model
+
+    assert unwrap_model is _modules.unwrap_model
+    net = Net()
+    compiled = torch.compile(nn.DataParallel(torch.compile(net, backend="eager")), backend="eager")
+    assert unwrap_model(compiled) is net
+    ema = ModelEMA(compiled, 0.5, ConstantDecay())
+    assert set(ema.state_dict()["ema"]) == set(net.state_dict())
+    torch._dynamo.reset()

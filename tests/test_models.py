@@ -133,10 +133,60 @@ def test_external_registries_are_used_when_installed(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchvision", tv)
     monkeypatch.setitem(sys.modules, "timm", timm)
 
-    models.get("resnet_x", num_classes=3)  # bare name: torchvision first
+    # A bare name both packages have is ambiguous (see test_ambiguous_bare_name_is_an_error); qualified, it works.
+    models.get("torchvision:resnet_x", num_classes=3)
     assert built["tv"] == ("resnet_x", {"weights": None, "num_classes": 3})
     models.get("timm:resnet_x")
     assert built["timm"] == ("resnet_x", {"pretrained": False})
     assert "torchvision:resnet_x" in models.list_models(include_external=True)
     with pytest.raises(ValueError, match="torchvision has no model 'nope'"):
         models.get("torchvision:nope")
+
+
+def _stub_external(monkeypatch, tv_names, timm_names):
+    built = []
+    tv = types.ModuleType("torchvision")
+    tv.models = types.SimpleNamespace(list_models=lambda: list(tv_names),
+                                      get_model=lambda name, **kw: built.append(("torchvision", name)) or nn.Linear(1, 1))
+    timm = types.ModuleType("timm")
+    timm.list_models = lambda: list(timm_names)
+    timm.create_model = lambda name, **kw: built.append(("timm", name)) or nn.Linear(1, 1)
+    monkeypatch.setitem(sys.modules, "torchvision", tv)
+    monkeypatch.setitem(sys.modules, "timm", timm)
+    return built
+
+
+def test_ambiguous_bare_name_is_an_error_listing_the_qualified_choices(monkeypatch):
+    built = _stub_external(monkeypatch, ["resnet18", "vgg11"], ["resnet18", "vit_tiny"])
+    with pytest.raises(ValueError, match=r"'resnet18' is ambiguous: both torchvision and timm have it; "
+                                         r"use 'torchvision:resnet18' or 'timm:resnet18'"):
+        models.get("resnet18")
+    assert built == []
+    models.get("vgg11")
+    models.get("vit_tiny")
+    models.get("timm:resnet18")
+    assert built == [("torchvision", "vgg11"), ("timm", "vit_tiny"), ("timm", "resnet18")]
+
+
+def test_get_returns_the_model_in_eval_mode(tmp_path, monkeypatch):
+    assert models.get("digits_cnn").training is False
+    assert models.get("mlp", dropout=0.5).training is False
+    net = models.get("digits_cnn")
+    path = save_checkpoint({"net": net.state_dict()}, tmp_path / "c.pth")
+    loaded = models.get("digits_cnn", checkpoint_path=path)
+    assert loaded.training is False and all(not m.training for m in loaded.modules())
+    _stub_external(monkeypatch, ["resnet18"], [])
+    assert models.get("resnet18").training is False
+    # Deterministic: two calls of a dropout model give the same output.
+    x = torch.randn(4, 64)
+    m = models.get("mlp", dropout=0.5)
+    assert torch.equal(m(x), m(x))
+
+
+def test_get_loads_a_checkpoint_saved_from_a_compiled_model(tmp_path):
+    net = models.get("digits_cnn")
+    compiled = torch.compile(net, backend="eager")
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    path = save_checkpoint({"net": compiled.state_dict()}, tmp_path / "compiled.pth")  # written by other code
+    loaded = models.get("digits_cnn", checkpoint_path=path)
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in loaded.state_dict().items())

@@ -298,3 +298,61 @@ def test_plain_model_ema_refuses_a_sharded_model_and_sharded_needs_one(tmp_path)
             assert torch.equal(ema.ema.state_dict()[key], v), key
     finally:
         dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- issue 14: names and interrupted writes
+
+
+def _single_process_state(seed=0):
+    ema = ModelEMA(make_net(seed), 0.8, ThresholdDecay())
+    return ema, {"ema": ema.state_dict()}
+
+
+def test_checkpoint_directories_are_named_after_the_optimizer_step(tmp_path):
+    from ema_cuda.sharded import latest_checkpoint, load_sharded_checkpoint, save_sharded_checkpoint
+
+    root = tmp_path / "ckpt"
+    ema, state = _single_process_state()
+    assert save_sharded_checkpoint(state, root, step=300, keep=5).name == "step-300"
+    assert save_sharded_checkpoint(dict(state, step=600), root, keep=5).name == "step-600"  # from the state
+    # The same step again (a run resumed from step-600 saving at once): a new
+    # directory, never the complete checkpoint LATEST names.
+    assert save_sharded_checkpoint(state, root, step=600, keep=5).name == "step-600-2"
+    assert latest_checkpoint(root).name == "step-600-2"
+    assert save_sharded_checkpoint(state, root, step=900, keep=2).name == "step-900"
+    assert sorted(p.name for p in root.iterdir()) == ["LATEST", "step-600-2", "step-900"]
+    fresh, target = _single_process_state(seed=3)
+    assert load_sharded_checkpoint(target, root).name == "step-900"
+    fresh.load_state_dict(target["ema"])
+    assert all(torch.equal(v, ema.ema.state_dict()[k]) for k, v in fresh.ema.state_dict().items())
+    with pytest.raises(ValueError, match=r"step must be the optimizer step.*2.5"):
+        save_sharded_checkpoint(state, root, step=2.5)
+
+
+def test_without_a_step_directories_number_the_saves(tmp_path):
+    from ema_cuda.sharded import save_sharded_checkpoint
+
+    _, state = _single_process_state()
+    assert [save_sharded_checkpoint(state, tmp_path).name for _ in range(2)] == ["step-1", "step-2"]
+
+
+def test_interrupted_pointer_write_keeps_latest_and_leaves_no_temp(tmp_path, monkeypatch):
+    from ema_cuda import _fs
+    from ema_cuda.sharded import latest_checkpoint, save_sharded_checkpoint
+
+    _, state = _single_process_state()
+    save_sharded_checkpoint(state, tmp_path, step=1)
+
+    real_replace = _fs.os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith("LATEST"):
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(_fs.os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        save_sharded_checkpoint(state, tmp_path, step=2)
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path).name == "step-1"
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []

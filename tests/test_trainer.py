@@ -624,3 +624,131 @@ def test_cuda_fp16_with_scaler(tmp_path):
     assert next(trainer.ema.ema.parameters()).is_cuda
     latest = load_checkpoint(tmp_path / "cuda" / "ckpt_latest.pth")
     assert latest["scaler_state_dict"]["scale"] > 0
+
+
+# --------------------------------------------------------------------------- issue 14: mistakes are caught
+
+
+def test_unknown_ema_params_key_fails_before_any_work(tmp_path):
+    train, valid = _loaders()
+    params = _params(ema_params={"decay": 0.9, "decay_type": "constant", "ema_dtyp": "float32"})
+    with pytest.raises(ValueError, match=r"training param 'ema_params': unknown argument 'ema_dtyp' "
+                                         r"\(did you mean 'ema_dtype'\?\)"):
+        Trainer("typo", tmp_path).train(Net(), params, train, valid)
+    assert not (tmp_path / "typo").exists()
+    with pytest.raises(ValueError, match=r"'decya' \(did you mean 'decay'\?\)"):
+        parse_training_params(_params(ema_params={"decya": 0.9, "decay_type": "constant"}))
+
+
+def test_sg_recipe_with_another_schedules_key_warns_once_and_trains(tmp_path):
+    train, valid = _loaders()
+    params = _params(max_epochs=1, ema_params={"decay": 0.8, "decay_type": "threshold", "beta": 15})
+    with pytest.warns(UserWarning, match=r"ignoring beta=15") as record:
+        trainer = Trainer("recipe", tmp_path)
+        trainer.train(Net(), params, train, valid)
+    assert sum("ignoring beta" in str(w.message) for w in record) == 1
+    assert type(trainer.ema.decay_function).__name__ == "ThresholdDecay"
+
+
+def test_ema_params_without_ema_warns_once_naming_them(tmp_path):
+    train, valid = _loaders()
+    params = _params(max_epochs=1, ema=False, ema_params={"decay": 0.8, "decay_type": "constant"})
+    with pytest.warns(UserWarning, match=r"'ema_params' \{'decay': 0.8, 'decay_type': 'constant'\} is set but "
+                                         r"'ema' is False") as record:
+        Trainer("off", tmp_path).train(Net(), params, train, valid)
+    assert sum("'ema' is False" in str(w.message) for w in record) == 1
+
+
+def test_decay_horizon_longer_than_the_run_warns_once(tmp_path):
+    train, valid = _loaders()  # 5 batches per epoch, 2 epochs: 10 steps
+    params = _params(ema_params={"decay": 0.999, "decay_type": "constant"})
+    with pytest.warns(UserWarning, match=r"decay=0.999 averages over about 1/\(1-decay\) = 1000 steps, more than "
+                                         r"the planned total_steps=10") as record:
+        Trainer("horizon", tmp_path).train(Net(), params, train, valid)
+    assert sum("averages over" in str(w.message) for w in record) == 1
+
+
+def test_skipped_updates_count_survives_a_resume(tmp_path):
+    from ema_cuda.checkpoint import save_checkpoint
+
+    train, valid = _loaders()
+    params = _params(max_epochs=2, ema_params={"decay": 0.8, "decay_type": "constant", "skip_nonfinite": True})
+    with pytest.raises(Interrupt):
+        StopAfter("skips", tmp_path, stop_after=1).train(Net(), params, train, valid)
+    path = tmp_path / "skips" / "ckpt_latest.pth"
+    ckpt = load_checkpoint(path)
+    ckpt["ema_state"]["num_skipped"] = 3  # as if three steps had been skipped in epoch 1
+    save_checkpoint(ckpt, path)
+    trainer = Trainer("skips", tmp_path)
+    trainer.train(Net(), dict(params, resume=True), train, valid)
+    assert trainer.ema.num_skipped == 3 and trainer.ema.num_updates == 10
+
+
+# --------------------------------------------------------------------------- issue 14: models users really have
+
+
+def test_compiled_model_checkpoints_plain_keys_and_resumes(tmp_path):
+    train, valid = _loaders()
+    params = _params(max_epochs=2)
+    torch.manual_seed(3)
+    model = Net()
+    with pytest.raises(Interrupt):
+        StopAfter("compiled", tmp_path, stop_after=1).train(torch.compile(model, backend="eager"), params, train, valid)
+    path = tmp_path / "compiled" / "ckpt_latest.pth"
+    ckpt = load_checkpoint(path)
+    assert set(ckpt["net"]) == set(Net().state_dict()) == set(ckpt["ema_net"])
+    loaded = models.get(Net, checkpoint_path=path)
+    assert loaded.loaded_checkpoint_key == "ema_net" and _equal_states(_state(loaded), ckpt["ema_net"])
+    resumed = Net()
+    trainer = Trainer("compiled", tmp_path)
+    trainer.train(torch.compile(resumed, backend="eager"), dict(params, resume=True), train, valid)
+    assert [h["epoch"] for h in trainer.history] == [1, 2]
+    assert set(load_checkpoint(path)["net"]) == set(Net().state_dict())
+    torch._dynamo.reset()
+
+
+# --------------------------------------------------------------------------- issue 14: a second run of one name
+
+
+def test_second_run_of_an_experiment_is_refused_and_leaves_the_first_intact(tmp_path):
+    train, valid = _loaders()
+    Trainer("exp", tmp_path).train(Net(), _params(max_epochs=1), train, valid)
+    d = tmp_path / "exp"
+    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    for params in (_params(max_epochs=1), _params(max_epochs=1, save_model=False)):
+        with pytest.raises(FileExistsError, match=r"already holds ckpt_latest.pth, ckpt_best.pth, metrics.jsonl of "
+                                                  r"an earlier run of experiment 'exp'.*'resume': True.*'overwrite': True"):
+            Trainer("exp", tmp_path).train(Net(), params, train, valid)
+    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    # A second train() of the same trainer is a second run too.
+    trainer = Trainer("exp2", tmp_path)
+    trainer.train(Net(), _params(max_epochs=1), train, valid)
+    with pytest.raises(FileExistsError):
+        trainer.train(Net(), _params(max_epochs=1), train, valid)
+
+
+def test_overwrite_replaces_an_earlier_run(tmp_path):
+    train, valid = _loaders()
+    Trainer("exp", tmp_path).train(Net(), _params(max_epochs=2), train, valid)
+    history = Trainer("exp", tmp_path).train(Net(), _params(max_epochs=1, overwrite=True), train, valid)
+    assert load_checkpoint(tmp_path / "exp" / "ckpt_latest.pth")["epoch"] == 1
+    lines = (tmp_path / "exp" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1] == [h["epoch"] for h in history]
+    with pytest.raises(ValueError, match="'overwrite'"):
+        parse_training_params(_params(overwrite="yes"))
+
+
+def test_kd_with_a_compiled_student_checkpoints_the_plain_student(tmp_path):
+    train, valid = _loaders()
+    torch.manual_seed(3)
+    teacher = Net(hidden=24)
+    kw = dict(in_features=N_FEATURES, num_classes=N_CLASSES, hidden_features=(8,))
+    student = models.get("mlp", **kw)
+    trainer = KDTrainer("kdc", tmp_path)
+    trainer.train(torch.compile(student, backend="eager"), teacher, _params(max_epochs=1), train, valid)
+    latest = load_checkpoint(tmp_path / "kdc" / "ckpt_latest.pth")
+    assert set(latest["net"]) == set(latest["ema_net"]) == set(student.state_dict())
+    assert _equal_states(latest["ema_net"], _state(student))  # the end-of-training copy reached the student
+    loaded = models.get("mlp", checkpoint_path=tmp_path / "kdc" / "ckpt_latest.pth", **kw)
+    assert loaded.loaded_checkpoint_key == "ema_net" and _equal_states(_state(loaded), _state(student))
+    torch._dynamo.reset()

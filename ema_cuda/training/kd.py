@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ema_cuda.training.trainer import Trainer, _unwrap
+from ema_cuda._modules import unwrap_model
+from ema_cuda.training.trainer import Trainer
 
 __all__ = ["KDTrainer", "KDModule", "KDOutput", "KDLoss"]
 
@@ -133,14 +134,15 @@ class KDTrainer(Trainer):
         )
 
     def _weights_module(self, net: nn.Module) -> nn.Module:
-        return _unwrap(net).student
+        # The student may be compiled itself: checkpoints hold the plain student's keys.
+        return unwrap_model(unwrap_model(net).student)
 
     def _ema_weights_module(self) -> nn.Module:
         ema_model = self.ema.ema
         return getattr(ema_model, "student", ema_model)
 
     def _trainable_parameters(self, net: nn.Module) -> List[nn.Parameter]:
-        return [p for p in _unwrap(net).student.parameters() if p.requires_grad]
+        return [p for p in unwrap_model(net).student.parameters() if p.requires_grad]
 
     def _build_ema(self, net: nn.Module, ema_params: Mapping[str, Any]):
         from ema_cuda.ema import KDModelEMA

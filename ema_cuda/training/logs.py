@@ -8,10 +8,11 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
+
+from ema_cuda._fs import atomic_write
 
 __all__ = ["MetricsLog", "progress", "format_epoch_summary", "emit"]
 
@@ -52,11 +53,10 @@ class MetricsLog:
         if not self.path.exists():
             return
         kept = [line for line in self.read() if int(line.get("epoch", 0)) <= epoch]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        with open(tmp, "w") as f:
+        # Atomic: the log of the epochs kept must survive an interrupted rewrite.
+        with atomic_write(self.path, "w") as f:
             for line in kept:
                 f.write(json.dumps(line) + "\n")
-        os.replace(tmp, self.path)
 
     def append(self, record: Dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -70,7 +71,9 @@ class TrainingParams:
         weights (see :class:`~ema_cuda.ema.ModelEMA`).
         ``ema_params`` (``{}``): keyword arguments of
         :meth:`ModelEMA.from_params <ema_cuda.ema.ModelEMA.from_params>`,
-        e.g. ``{"decay": 0.9999, "decay_type": "threshold"}``.
+        e.g. ``{"decay": 0.9999, "decay_type": "threshold"}``.  An unknown
+        key is an error naming it and the closest valid one; ``ema_params``
+        with ``ema`` off is a warning (they would have no effect).
         ``validate_raw_weights`` (``True``): with EMA on, also validate the
         raw weights each epoch (logged as ``valid_raw_*``).
 
@@ -86,6 +89,11 @@ class TrainingParams:
         ``resume`` (``False``): continue from ``ckpt_latest.pth`` of this
         experiment (or from ``resume_path``).
         ``resume_path`` (``None``): an explicit checkpoint to resume from.
+        ``overwrite`` (``False``): let a new run (not a resume) replace the
+        checkpoints and metrics log an earlier run left in
+        ``ckpt_root_dir/experiment_name``; without it that is an error, so
+        that a second run under the same name cannot silently destroy the
+        first one's checkpoints.
 
     Run
         ``seed`` (``42``): seeds torch, ``random`` and numpy at the start
@@ -120,6 +128,7 @@ class TrainingParams:
     save_model: bool = True
     resume: bool = False
     resume_path: Optional[str] = None
+    overwrite: bool = False
     seed: Optional[int] = 42
     device: Optional[Union[str, torch.device]] = None
     progress_bar: bool = True
@@ -246,13 +255,25 @@ def parse_training_params(training_params: Optional[Mapping[str, Any]]) -> Train
         _fail("mixed_precision", p.mixed_precision, "False, True, 'bf16' or 'fp16'")
     if p.clip_grad_norm is not None and not (_is_number(p.clip_grad_norm) and p.clip_grad_norm > 0):
         _fail("clip_grad_norm", p.clip_grad_norm, "a number > 0 or None")
-    for key in ("ema", "validate_raw_weights", "save_model", "resume", "progress_bar", "silent_mode"):
+    for key in ("ema", "validate_raw_weights", "save_model", "resume", "overwrite", "progress_bar", "silent_mode"):
         if not isinstance(getattr(p, key), bool):
             _fail(key, getattr(p, key), "True or False")
     if p.ema_params is None:
         p.ema_params = {}
     if not isinstance(p.ema_params, Mapping):
         _fail("ema_params", p.ema_params, "a dict")
+    if p.ema:
+        # Checked here so that a misspelt key fails before any work starts.
+        from ema_cuda.ema import check_ema_params
+
+        check_ema_params(dict(p.ema_params), where="training param 'ema_params'")
+    elif p.ema_params:
+        warnings.warn(
+            f"training param 'ema_params' {dict(p.ema_params)!r} is set but 'ema' is False: no EMA is kept and "
+            "they have no effect; set 'ema': True to use them",
+            UserWarning,
+            stacklevel=3,
+        )
     if not isinstance(p.metric_to_watch, str) or not p.metric_to_watch:
         _fail("metric_to_watch", p.metric_to_watch, "a metric name such as 'accuracy' or 'loss'")
     if p.greater_metric_to_watch_is_better is not None and not isinstance(p.greater_metric_to_watch_is_better, bool):

@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from ema_cuda import checkpoint as ckpt_io
+from ema_cuda._modules import unwrap_model
 from ema_cuda import distributed as dist_utils
 from ema_cuda.training import logs
 from ema_cuda.training.lr_schedules import LRScheduler
@@ -57,10 +58,6 @@ __all__ = ["Trainer", "CKPT_LATEST", "CKPT_BEST"]
 
 CKPT_LATEST = "ckpt_latest.pth"
 CKPT_BEST = "ckpt_best.pth"
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
 
 
 def _is_sharded(model: nn.Module) -> bool:
@@ -90,7 +87,13 @@ class Trainer:
     ``Trainer(experiment_name, ckpt_root_dir)`` keeps everything of one run
     under ``ckpt_root_dir/experiment_name/``: ``ckpt_latest.pth`` (written
     each epoch), ``ckpt_best.pth`` (written when the watched validation
-    metric improves) and ``metrics.jsonl`` (one line per epoch).
+    metric improves) and ``metrics.jsonl`` (one line per epoch).  A new run
+    refuses to start where an earlier run left any of them, unless it
+    resumes that run (``"resume": True``) or replaces it
+    (``"overwrite": True``).
+
+    The model may be wrapped (``torch.compile``, DataParallel, DDP):
+    checkpoints always hold the plain model's keys.
 
     After :meth:`train`, the trainer exposes ``net`` (the trained model),
     ``ema`` (the :class:`~ema_cuda.ema.ModelEMA`, or ``None``),
@@ -137,8 +140,13 @@ class Trainer:
         return {}
 
     def _weights_module(self, net: nn.Module) -> nn.Module:
-        """The module whose weights are checkpointed as ``net`` (and loaded by ``models.get``)."""
-        return _unwrap(net)
+        """The module whose weights are checkpointed as ``net`` (and loaded by ``models.get``).
+
+        Every wrapper is removed (DDP, DataParallel, ``torch.compile``), so
+        the checkpoint's keys are the plain model's: no ``module.`` or
+        ``_orig_mod.`` prefix that ``models.get`` and a resume would trip on.
+        """
+        return unwrap_model(net)
 
     def _ema_weights_module(self) -> nn.Module:
         """The module holding the EMA weights that are checkpointed as ``ema_net``."""
@@ -305,6 +313,22 @@ class Trainer:
                     stacklevel=4,
                 )
 
+    def _refuse_to_overwrite_an_earlier_run(self) -> None:
+        """Raises when the experiment directory holds files of an earlier run that this one would replace.
+
+        Rank 0 writes the files, so its view decides, on every rank (no rank
+        is left waiting in a collective for one that raised).
+        """
+        names = (CKPT_LATEST, CKPT_BEST, logs.METRICS_LOG_NAME)
+        mine = [n for n in names if (self.checkpoints_dir / n).exists()] if self.is_main_process else []
+        found = dist_utils.all_gather_objects(mine)[0]
+        if found:
+            raise FileExistsError(
+                f"Trainer.train: {str(self.checkpoints_dir)!r} already holds {', '.join(found)} of an earlier run of "
+                f"experiment {self.experiment_name!r}, which this run would overwrite; pass 'resume': True to "
+                "continue that run, 'overwrite': True to replace it, or choose another experiment_name"
+            )
+
     def _run(self, model: nn.Module, p: TrainingParams, train_loader: Any, valid_loader: Any):
         try:
             batches_per_epoch = len(train_loader)
@@ -321,6 +345,8 @@ class Trainer:
         self._distributed = dist_utils.init_from_env()
         if self._distributed:
             self._check_distributed_loader(train_loader, batches_per_epoch)
+        if not p.resume and not p.overwrite:
+            self._refuse_to_overwrite_an_earlier_run()
         if p.seed is not None:
             seed_everything(p.seed)
         device = self._resolve_device(model, p)
