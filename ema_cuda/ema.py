@@ -89,18 +89,42 @@ def _state_entries(root: nn.Module) -> Tuple[List[_Entry], List[nn.Module]]:
     return entries, modules
 
 
-def _flat_views(specs: Sequence[Tuple[torch.Size, Tuple[int, ...], torch.dtype, torch.device]]) -> List[torch.Tensor]:
+def _coaligned_shift(start: int, esize: int, model: Optional[torch.Tensor]) -> int:
+    """Elements to add to ``start`` (an offset whose byte address is 16-byte
+    aligned) so that the EMA tensor there and ``model`` reach a 16-byte
+    boundary at the same element: the CUDA kernel's vector loads need both
+    sides aligned together, and a pair that never is runs scalar at a fraction
+    of the bandwidth.  Model tensors inside flat or offset storages may start
+    anywhere; 0 when the model itself never reaches a boundary."""
+    if model is None or model.numel() == 0:
+        return 0
+    address, msize = model.data_ptr(), model.element_size()
+    head = next((h for h in range(16) if (address + h * msize) % 16 == 0), None)
+    if head is None:
+        return 0
+    per_vector = max(1, 16 // esize)
+    return (-head) % per_vector
+
+
+def _flat_views(
+    specs: Sequence[Tuple[torch.Size, Tuple[int, ...], torch.dtype, torch.device]],
+    models: Optional[Sequence[Optional[torch.Tensor]]] = None,
+) -> List[torch.Tensor]:
     """Uninitialised tensors with the given (shape, strides, dtype, device), views into one buffer per (device, dtype).
 
     Consecutive tensors lie next to each other in memory, so an update that
     walks them in order streams through one allocation instead of restarting
-    the hardware prefetcher at every tensor.
+    the hardware prefetcher at every tensor.  With ``models`` (the model
+    tensor each one will be averaged with), each view starts where it is
+    16-byte co-aligned with its model tensor (see :func:`_coaligned_shift`).
     """
     ends: Dict[Tuple[torch.device, torch.dtype], int] = {}
     offsets = []
-    for shape, _, dtype, device in specs:
-        align = max(1, _ALIGN_BYTES // torch.empty((), dtype=dtype).element_size())
+    for i, (shape, _, dtype, device) in enumerate(specs):
+        esize = torch.empty((), dtype=dtype).element_size()
+        align = max(1, _ALIGN_BYTES // esize)
         start = -(-ends.get((device, dtype), 0) // align) * align
+        start += _coaligned_shift(start, esize, models[i] if models is not None else None)
         offsets.append(start)
         ends[(device, dtype)] = start + math.prod(shape)
     flats = {key: torch.empty(end, dtype=key[1], device=key[0]) for key, end in ends.items()}
@@ -744,7 +768,7 @@ class ModelEMA:
             packed.append(t)
         _check_no_shared_storage(type(self).__name__, entries, packed)
 
-        views = _flat_views([(t.shape, t.stride(), self.ema_dtype or t.dtype, t.device) for t in packed])
+        views = _flat_views([(t.shape, t.stride(), self.ema_dtype or t.dtype, t.device) for t in packed], packed)
         memo: Dict[int, Any] = {}
         with torch.no_grad():
             for t, view in zip(packed, views):
@@ -1115,8 +1139,9 @@ class ModelEMA:
         for t in floating:
             ref = like.get(id(t), t)
             specs.append((t.shape, ref.stride() if _is_dense(ref) else t.contiguous().stride(), t.dtype, t.device))
+        partners = [like.get(id(t)) for t in floating]
         with torch.no_grad():
-            for t, view in zip(floating, _flat_views(specs)):
+            for t, view in zip(floating, _flat_views(specs, partners)):
                 view.copy_(t)
                 t.data = view
 

@@ -103,7 +103,10 @@ class ShardedModelEMA(ModelEMA):
                 "ShardedModelEMA: the model has no DTensor parameters or buffers (it is not sharded); use ModelEMA"
             )
 
-        views = _flat_views([(t.shape, t.stride(), self.ema_dtype or t.dtype, t.device) for _, t in floating])
+        views = _flat_views(
+            [(t.shape, t.stride(), self.ema_dtype or t.dtype, t.device) for _, t in floating],
+            [t for _, t in floating],
+        )
         copies: Dict[int, torch.Tensor] = {}
         with torch.no_grad():
             for (ident, local), view in zip(floating, views):
