@@ -404,10 +404,11 @@ PlanPtr build_plan(const char* op, const UpdateLists& lists, int64_t chunk) {
     r.numel = copy ? static_cast<int64_t>(e.nbytes()) : e.numel();
     r.ema_dtype = copy ? kBytes : dtype_code(e.scalar_type());
     r.model_dtype = copy ? kBytes : dtype_code(m.scalar_type());
-    r.head = vector_head(reinterpret_cast<uintptr_t>(r.ema),
-                         reinterpret_cast<uintptr_t>(r.model),
-                         dtype_size(r.ema_dtype), dtype_size(r.model_dtype),
-                         vec_width_for(r.ema_dtype, r.model_dtype));
+    const VectorChoice v = choose_vector(reinterpret_cast<uintptr_t>(r.ema),
+                                         reinterpret_cast<uintptr_t>(r.model),
+                                         r.ema_dtype, r.model_dtype);
+    r.head = v.head;
+    r.vec_bytes = v.vec_bytes;
     append_chunks(r.numel, static_cast<int32_t>(i), chunk, chunks);
     plan->ema_ptrs.push_back(raw_data_address(e));
     plan->model_ptrs.push_back(raw_data_address(m));
@@ -852,6 +853,17 @@ std::vector<int64_t> vector_head_op(int64_t ema_addr, int64_t model_addr,
           n};
 }
 
+// (vector bytes, head) the CUDA table stores for a pair at these addresses.
+std::vector<int64_t> vector_choice_op(int64_t ema_addr, int64_t model_addr,
+                                      at::ScalarType ema_dtype,
+                                      at::ScalarType model_dtype) {
+  const int8_t ec = dtype_code(ema_dtype), mc = dtype_code(model_dtype);
+  TORCH_CHECK(ec >= 0 && mc >= 0, "ema_cuda::_vector_choice: unsupported dtype");
+  const VectorChoice v = choose_vector(static_cast<uintptr_t>(ema_addr),
+                                       static_cast<uintptr_t>(model_addr), ec, mc);
+  return {v.vec_bytes, v.head};
+}
+
 std::vector<int64_t> plan_cache_stats_op() { return plan_cache_stats(); }
 void clear_plan_cache_op() { clear_plan_cache(); }
 bool cuda_compiled_op() { return cuda_compiled(); }
@@ -888,6 +900,9 @@ TORCH_LIBRARY(ema_cuda, m) {
   m.def("_vector_head(int ema_addr, int model_addr, ScalarType ema_dtype, "
         "ScalarType model_dtype) -> int[]",
         &vector_head_op);
+  m.def("_vector_choice(int ema_addr, int model_addr, ScalarType ema_dtype, "
+        "ScalarType model_dtype) -> int[]",
+        &vector_choice_op);
   m.def("_plan_cache_stats() -> int[]", &plan_cache_stats_op);
   m.def("_clear_plan_cache() -> ()", &clear_plan_cache_op);
   m.def("_cuda_compiled() -> bool", &cuda_compiled_op);

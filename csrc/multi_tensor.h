@@ -39,10 +39,13 @@ struct TensorEntry {
   int8_t ema_dtype;
   int8_t model_dtype;
   // Number of leading elements to process with scalar code before both
-  // pointers are 16-byte aligned, or -1 when the two pointers can never be
-  // aligned at the same element (then the whole tensor is scalar).
+  // pointers are aligned for vectors of `vec_bytes`, or -1 when they never
+  // are at the same element (then the whole tensor is scalar).
   int8_t head;
-  int8_t pad_[5];
+  // Bytes per vector of the narrower side: 16, else 8, else 4, the widest
+  // for which the pair can be aligned together (0 when none can).
+  int8_t vec_bytes;
+  int8_t pad_[4];
 };
 
 // One row per chunk of at most `chunk_size` elements.  16 bytes.
@@ -65,35 +68,65 @@ struct AccType<E, double> { using type = double; };
 template <>
 struct AccType<double, double> { using type = double; };
 
-// Elements per vector step: one 16-byte load of the narrower side (8 bf16/fp16,
-// 4 fp32, 2 fp64); the wider side then needs 1, 2 or 4 16-byte loads.
-template <typename E, typename M>
+// Elements per vector step: one VB-byte load of the narrower side (for VB =
+// 16: 8 bf16/fp16, 4 fp32, 2 fp64); the wider side then loads 1, 2 or 4
+// times as many bytes.
+template <typename E, typename M, int VB = 16>
 struct VecWidth {
-  static constexpr int value =
-      16 / (sizeof(E) < sizeof(M) ? sizeof(E) : sizeof(M));
+  static constexpr int value = VB / (sizeof(E) < sizeof(M) ? sizeof(E) : sizeof(M));
+};
+
+// Alignment of a vector of N elements of T: its size, at most 16 bytes.
+template <typename T, int N>
+struct PackAlign {
+  static constexpr int value = N * sizeof(T) < 16 ? N * sizeof(T) : 16;
 };
 
 template <typename T, int N>
-struct alignas(16) Pack {
+struct alignas(PackAlign<T, N>::value) Pack {
   T v[N];
 };
 
-// Host-side: elements to skip so that both `ema_addr` and `model_addr` become
-// 16-byte aligned, given the vector width in elements; -1 if impossible.
+// Host-side: elements to skip so that `ema_addr` and `model_addr` are both
+// aligned for vectors of `vec_elems` elements (each side to its vector's
+// size, at most 16 bytes); -1 if they never are at the same element.
 inline int8_t vector_head(uintptr_t ema_addr, uintptr_t model_addr,
                           int ema_size, int model_size, int vec_elems) {
+  const uintptr_t ea = std::min(16, vec_elems * ema_size);
+  const uintptr_t ma = std::min(16, vec_elems * model_size);
   for (int h = 0; h < vec_elems; ++h) {
-    if ((ema_addr + static_cast<uintptr_t>(h) * ema_size) % 16 == 0 &&
-        (model_addr + static_cast<uintptr_t>(h) * model_size) % 16 == 0) {
+    if ((ema_addr + static_cast<uintptr_t>(h) * ema_size) % ea == 0 &&
+        (model_addr + static_cast<uintptr_t>(h) * model_size) % ma == 0) {
       return static_cast<int8_t>(h);
     }
   }
   return -1;
 }
 
-inline int vec_width_for(int ema_dtype, int model_dtype) {
+inline int vec_width_for(int ema_dtype, int model_dtype, int vec_bytes = 16) {
   int s = std::min(dtype_size(ema_dtype), dtype_size(model_dtype));
-  return 16 / s;
+  return vec_bytes / s;
+}
+
+// Host-side: the vector size a pair at these addresses gets, and its head:
+// 16-byte vectors when both sides can be aligned together, else 8-, else
+// 4-byte ones (a narrower vector still moves 2-4x the bytes of scalar code),
+// else {0, -1}: scalar.  A width is only used when it holds >= 2 elements of
+// the narrower side (16 bytes of fp64 always do).
+struct VectorChoice {
+  int8_t vec_bytes;
+  int8_t head;
+};
+inline VectorChoice choose_vector(uintptr_t ema_addr, uintptr_t model_addr,
+                                  int ema_dtype, int model_dtype) {
+  const int es = dtype_size(ema_dtype), ms = dtype_size(model_dtype);
+  for (int vb : {16, 8, 4}) {
+    const int n = vec_width_for(ema_dtype, model_dtype, vb);
+    if (n < 2) break;
+    const int8_t h = vector_head(ema_addr, model_addr, es, ms, n);
+    if (h >= 0) return {static_cast<int8_t>(vb), h};
+  }
+  return {0, -1};
 }
 
 // Host-side: splits every tensor into chunks of at most `chunk_size`
@@ -160,13 +193,14 @@ C10_HOST_DEVICE inline void lerp_pack(Pack<E, N>& ev, const Pack<M, N>& mv, Acc 
   }
 }
 
-// Host emulation only: a vector access of the CUDA path must be 16-byte
-// aligned (a misaligned one faults on the GPU).  The emulation turns it into
-// an error instead; the device build compiles it away.
-C10_HOST_DEVICE inline void check_vector_aligned(const void* p) {
+// Host emulation only: a vector access of the CUDA path must be aligned to
+// its vector's size (a misaligned one faults on the GPU).  The emulation
+// turns it into an error instead; the device build compiles it away.
+template <typename T, int N>
+C10_HOST_DEVICE inline void check_vector_aligned(const T* p) {
 #if !defined(__CUDA_ARCH__)
-  if (reinterpret_cast<uintptr_t>(p) % 16 != 0) {
-    throw std::runtime_error("ema_cuda: misaligned 16-byte vector access in the CUDA path's chunk body");
+  if (reinterpret_cast<uintptr_t>(p) % PackAlign<T, N>::value != 0) {
+    throw std::runtime_error("ema_cuda: misaligned vector access in the CUDA path's chunk body");
   }
 #else
   (void)p;
@@ -177,27 +211,31 @@ C10_HOST_DEVICE inline void check_vector_aligned(const void* p) {
 // at most 64 bytes of the wider side, which keeps the registers of the
 // fp64/fp16 paths (one kernel holds all 16 dtype pairs) from lowering the
 // occupancy of the common fp32 and bf16 ones.
-template <typename E, typename M>
+template <typename E, typename M, int VB = 16>
 struct Unroll {
-  static constexpr int bytes = VecWidth<E, M>::value * (sizeof(E) > sizeof(M) ? sizeof(E) : sizeof(M));
+  static constexpr int bytes = VecWidth<E, M, VB>::value * (sizeof(E) > sizeof(M) ? sizeof(E) : sizeof(M));
   static constexpr int value = bytes >= 64 ? 1 : (64 / bytes > 4 ? 4 : 64 / bytes);
 };
 
 // Processes elements [start, start + len) of tensor `t` as thread `tid` of
 // `nthreads`: a scalar head up to the first position where both pointers are
-// 16-byte aligned, 16-byte vector steps, then a scalar tail.
-template <typename E, typename M>
-C10_HOST_DEVICE inline void chunk_body(const TensorEntry& t, int64_t start,
-                                       int64_t len, int64_t tid,
-                                       int64_t nthreads,
-                                       typename AccType<E, M>::type d,
-                                       typename AccType<E, M>::type w) {
+// aligned for VB-byte vectors, vector steps, then a scalar tail.  With
+// VB == 0 all of it is scalar.
+template <typename E, typename M, int VB>
+C10_HOST_DEVICE inline void chunk_body_v(const TensorEntry& t, int64_t start,
+                                         int64_t len, int64_t tid,
+                                         int64_t nthreads,
+                                         typename AccType<E, M>::type d,
+                                         typename AccType<E, M>::type w) {
   using Acc = typename AccType<E, M>::type;
-  constexpr int N = VecWidth<E, M>::value;
-  constexpr int kUnroll = Unroll<E, M>::value;
   E* e = static_cast<E*>(t.ema);
   const M* m = static_cast<const M*>(t.model);
   const int64_t end = start + len;
+  if constexpr (VB == 0) {
+    for (int64_t i = start + tid; i < end; i += nthreads) update_one<E, M, Acc>(e, m, i, d, w);
+  } else {
+  constexpr int N = VecWidth<E, M, VB>::value;
+  constexpr int kUnroll = Unroll<E, M, VB>::value;
 
   int64_t vbeg = end;
   int64_t vend = end;
@@ -224,8 +262,8 @@ C10_HOST_DEVICE inline void chunk_body(const TensorEntry& t, int64_t start,
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       const int64_t i = vbeg + (v + u * nthreads) * N;
-      check_vector_aligned(e + i);
-      check_vector_aligned(m + i);
+      check_vector_aligned<E, N>(e + i);
+      check_vector_aligned<M, N>(m + i);
       if constexpr (!kIsCopy<E, M>) ev[u] = *reinterpret_cast<const Pack<E, N>*>(e + i);
       mv[u] = *reinterpret_cast<const Pack<M, N>*>(m + i);
     }
@@ -238,8 +276,8 @@ C10_HOST_DEVICE inline void chunk_body(const TensorEntry& t, int64_t start,
   }
   for (; v < nvec; v += nthreads) {
     const int64_t i = vbeg + v * N;
-    check_vector_aligned(e + i);
-    check_vector_aligned(m + i);
+    check_vector_aligned<E, N>(e + i);
+    check_vector_aligned<M, N>(m + i);
     Pack<E, N> ev;
     if constexpr (!kIsCopy<E, M>) ev = *reinterpret_cast<const Pack<E, N>*>(e + i);
     const Pack<M, N> mv = *reinterpret_cast<const Pack<M, N>*>(m + i);
@@ -249,6 +287,35 @@ C10_HOST_DEVICE inline void chunk_body(const TensorEntry& t, int64_t start,
   for (int64_t i = vend + tid; i < end; i += nthreads) {
     update_one<E, M, Acc>(e, m, i, d, w);
   }
+  }
+}
+
+// The vector size is per tensor (TensorEntry::vec_bytes); a size that holds
+// fewer than 2 elements of the narrower side is never chosen.
+template <typename E, typename M>
+C10_HOST_DEVICE inline void chunk_body(const TensorEntry& t, int64_t start,
+                                       int64_t len, int64_t tid,
+                                       int64_t nthreads,
+                                       typename AccType<E, M>::type d,
+                                       typename AccType<E, M>::type w) {
+  constexpr int kMin = sizeof(E) < sizeof(M) ? sizeof(E) : sizeof(M);
+  if (t.vec_bytes == 16) {
+    chunk_body_v<E, M, 16>(t, start, len, tid, nthreads, d, w);
+    return;
+  }
+  if constexpr (kMin <= 4) {
+    if (t.vec_bytes == 8) {
+      chunk_body_v<E, M, 8>(t, start, len, tid, nthreads, d, w);
+      return;
+    }
+  }
+  if constexpr (kMin <= 2) {
+    if (t.vec_bytes == 4) {
+      chunk_body_v<E, M, 4>(t, start, len, tid, nthreads, d, w);
+      return;
+    }
+  }
+  chunk_body_v<E, M, 0>(t, start, len, tid, nthreads, d, w);
 }
 
 // Maps a dtype code to its C++ type and calls f(E{}, M{}) -- shared by the

@@ -784,10 +784,11 @@ def test_emulated_cuda_path_copies_bytes(chunk, threads, blocks, eoff, moff):
         assert torch.equal(torch.cat([b[:eoff], b[eoff + n:]]), o)
 
 
-def _expected_head(ea, ma, esize, msize, width):
-    """The first element where both addresses are 16-byte aligned, or -1."""
+def _expected_head(ea, ma, esize, msize, width, ealign=16, malign=16):
+    """The first element where both addresses are aligned (16 bytes unless
+    given), or -1."""
     for h in range(width):
-        if (ea + h * esize) % 16 == 0 and (ma + h * msize) % 16 == 0:
+        if (ea + h * esize) % ealign == 0 and (ma + h * msize) % malign == 0:
             return h
     return -1
 
@@ -828,6 +829,46 @@ def test_vector_head_arithmetic():
     assert vh(0x1004, 0x2004, torch.float32, torch.bfloat16) == [-1, 8]
     assert vh(0x1010 - 8, 0x2010 - 4, torch.float32, torch.bfloat16) == [2, 8]
     assert vh(0x1008, 0x2008, torch.float64, torch.float64) == [1, 2]
+
+
+@requires_compiled
+def test_vector_choice_falls_back_to_8_and_4_byte_vectors():
+    vc = torch.ops.ema_cuda._vector_choice
+    f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
+    assert vc(0x1000, 0x2000, f32, f32) == [16, 0]
+    assert vc(0x1004, 0x200C, f32, f32) == [8, 1]      # 16-byte never together, 8-byte at element 1
+    assert vc(0x1004, 0x2008, f32, f32) == [0, -1]     # 4-byte fp32 vectors would be one element
+    assert vc(0x1002, 0x2006, bf16, bf16) == [4, 1]    # 2 bf16 per 4-byte vector
+    assert vc(0x1008, 0x2000, f64, f64) == [0, -1]
+
+
+@requires_compiled
+@pytest.mark.parametrize("ema_dtype", DTYPES)
+@pytest.mark.parametrize("model_dtype", DTYPES)
+def test_every_pair_offset_gets_the_widest_vector_it_can(ema_dtype, model_dtype):
+    # For every element offset of both sides: the choice is the widest vector
+    # (16, 8, 4 bytes) whose alignment both sides reach at one element, and
+    # the emulated CUDA path with that choice gives the CPU kernel's bits.
+    es, ms = torch.empty((), dtype=ema_dtype).element_size(), torch.empty((), dtype=model_dtype).element_size()
+    ebuf, mbuf = torch.randn(300).to(ema_dtype), torch.randn(300).to(model_dtype)
+    for eoff in range(16 // es):
+        for moff in range(16 // ms):
+            e, m = ebuf[eoff:eoff + 257], mbuf[moff:moff + 257]
+            vb, head = torch.ops.ema_cuda._vector_choice(e.data_ptr(), m.data_ptr(), e.dtype, m.dtype)
+            expected = [0, -1]
+            for width in (16, 8, 4):
+                n = width // min(es, ms)
+                if n < 2:
+                    break
+                h = _expected_head(e.data_ptr(), m.data_ptr(), es, ms, n, min(16, n * es), min(16, n * ms))
+                if h >= 0:
+                    expected = [width, h]
+                    break
+            assert [vb, head] == expected, (eoff, moff)
+            cpu = e.clone()
+            ops.ema_update_([cpu], [m], 0.3)
+            torch.ops.ema_cuda._emulate_cuda_update_([e], [m], [], [], 0.3, 64, 8, sm_count=2)
+            assert_bit_identical([e], [cpu])
 
 
 @requires_compiled
