@@ -424,19 +424,20 @@ PlanPtr build_plan(const char* op, const UpdateLists& lists, int64_t chunk) {
     int64_t run = 0;
     for (const ChunkEntry& c : chunks) plan->chunk_ends.push_back(run += c.len);
   }
-  auto bytes = [](const void* data, size_t nbytes) {
-    at::Tensor t = at::empty({static_cast<int64_t>(nbytes)}, at::kByte);
-    if (nbytes) std::memcpy(t.data_ptr(), data, nbytes);
-    return t;
-  };
-  at::Tensor trows = bytes(rows.data(), rows.size() * sizeof(TensorEntry));
-  at::Tensor crows = bytes(chunks.data(), chunks.size() * sizeof(ChunkEntry));
-  if (plan->device.type() != c10::kCPU) {
-    trows = trows.to(plan->device);
-    crows = crows.to(plan->device);
+  if (plan->device.is_cuda()) {
+    upload_tables(*plan, rows.data(), rows.size() * sizeof(TensorEntry), chunks.data(),
+                  chunks.size() * sizeof(ChunkEntry));
+  } else {
+    TORCH_CHECK(plan->device.is_cpu(), op, ": tensors on ", plan->device,
+                " are not supported (CPU and CUDA only)");
+    auto bytes = [](const void* data, size_t nbytes) {
+      at::Tensor t = at::empty({static_cast<int64_t>(nbytes)}, at::kByte);
+      if (nbytes) std::memcpy(t.data_ptr(), data, nbytes);
+      return t;
+    };
+    plan->tensor_rows = bytes(rows.data(), rows.size() * sizeof(TensorEntry));
+    plan->chunk_rows = bytes(chunks.data(), chunks.size() * sizeof(ChunkEntry));
   }
-  plan->tensor_rows = trows;
-  plan->chunk_rows = crows;
 
   PlanCache& c = cache();
   std::lock_guard<std::mutex> lock(c.mu);
@@ -874,6 +875,9 @@ bool cuda_compiled_op() { return cuda_compiled(); }
 bool cuda_compiled() { return false; }
 bool cuda_capturing(const c10::Device&) { return false; }
 void cuda_launch(const PlanPtr&, const at::Tensor*, double) {
+  TORCH_CHECK(false, kOpName, ": this build of ema_cuda has no CUDA kernel");
+}
+void upload_tables(Plan&, const void*, size_t, const void*, size_t) {
   TORCH_CHECK(false, kOpName, ": this build of ema_cuda has no CUDA kernel");
 }
 #endif

@@ -102,6 +102,11 @@ struct Plan {
   // stream still reads its table cannot hand the memory to another tensor.
   mutable std::mutex streams_mu;
   mutable std::vector<int64_t> streams_used;
+  // CUDA plans: the tables are uploaded from pinned memory without blocking
+  // the host, ordered on the stream current at the build; this event marks
+  // the end of that upload, and the first launch on any other stream waits
+  // for it (NOTE [table upload]).
+  std::shared_ptr<void> upload_event;
 
   // NOTE [plan validity]: the one rule for reusing a plan, wherever it is
   // cached (the op's cache, a ListUpdater, hence FusedUpdater and ModelEMA).
@@ -137,6 +142,10 @@ PlanPtr get_plan(const char* op, const UpdateLists& lists, int64_t chunk);
 void cpu_update(const Plan& plan, double decay);
 void cuda_launch(const PlanPtr& plan, const at::Tensor* decay_tensor, double decay);
 void run_update(const PlanPtr& plan, const at::Tensor* decay_tensor, double decay);
+// Fills plan.tensor_rows / chunk_rows on plan.device (a CUDA device) from
+// these host rows: NOTE [table upload] in ema_update_cuda.cu.
+void upload_tables(Plan& plan, const void* tensor_rows, size_t tensor_bytes,
+                   const void* chunk_rows, size_t chunk_bytes);
 // NOTE [captured plans]: a CUDA graph that captured a launch keeps the
 // addresses of its plan's device table for every replay, and nothing tells
 // us when the graph is destroyed.  So the process-wide cache takes shared

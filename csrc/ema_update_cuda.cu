@@ -78,6 +78,38 @@ void ema_update_tensor_cuda(at::TensorList ema, at::TensorList model,
 
 bool cuda_compiled() { return true; }
 
+// NOTE [table upload]: a plan's tables are copied to the device from pinned
+// memory with non_blocking, on the stream current at the build, so building
+// a plan never stalls the host behind queued GPU work (a pageable copy
+// would).  The event recorded after the copy orders the first launch on any
+// other stream after it.  A graph capture needs no wait: torch.cuda.graph
+// synchronizes the device before capture begins, and no plan is built during
+// a capture (`get_plan` refuses).
+void upload_tables(Plan& plan, const void* tensor_rows, size_t tensor_bytes,
+                   const void* chunk_rows, size_t chunk_bytes) {
+  const c10::cuda::CUDAGuard guard(plan.device);
+  auto upload = [&](const void* data, size_t nbytes) {
+    const auto n = static_cast<int64_t>(nbytes);
+    at::Tensor host = at::empty({n}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    if (nbytes) std::memcpy(host.data_ptr(), data, nbytes);
+    at::Tensor dev = at::empty({n}, at::TensorOptions().dtype(at::kByte).device(plan.device));
+    // The pinned block is recorded on the stream by the copy: it is not
+    // reused before the copy has run.
+    dev.copy_(host, /*non_blocking=*/true);
+    return dev;
+  };
+  plan.tensor_rows = upload(tensor_rows, tensor_bytes);
+  plan.chunk_rows = upload(chunk_rows, chunk_bytes);
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream(plan.device.index());
+  cudaEvent_t event = nullptr;
+  C10_CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming));
+  plan.upload_event = std::shared_ptr<void>(
+      event, [](void* e) { cudaEventDestroy(static_cast<cudaEvent_t>(e)); });
+  C10_CUDA_CHECK(cudaEventRecord(event, stream.stream()));
+  // Allocated and filled on this stream: no wait and no record_stream here.
+  plan.streams_used.push_back(static_cast<int64_t>(stream.id()));
+}
+
 bool cuda_capturing(const c10::Device& device) {
   const c10::cuda::CUDAGuard guard(device);
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
@@ -101,6 +133,9 @@ void cuda_launch(const PlanPtr& plan_ptr, const at::Tensor* decay_tensor,
     const int64_t id = static_cast<int64_t>(current.id());
     auto& used = plan.streams_used;
     if (std::find(used.begin(), used.end(), id) == used.end()) {
+      if (plan.upload_event) {
+        C10_CUDA_CHECK(cudaStreamWaitEvent(stream, static_cast<cudaEvent_t>(plan.upload_event.get()), 0));
+      }
       plan.tensor_rows.record_stream(current.unwrap());
       plan.chunk_rows.record_stream(current.unwrap());
       used.push_back(id);

@@ -208,3 +208,22 @@ def test_large_tensor_on_gpu_if_memory_allows():
     ops.ema_update_([ema], [model], 0.5)
     assert ema[idx].tolist() == [3.0, 4.0, 5.0, 6.0, 7.0]
     assert int((ema == 2.0).sum()) == n - 5
+
+
+@requires_compiled
+def test_a_table_uploaded_on_one_stream_is_waited_for_on_another():
+    # NOTE [table upload]: the plan is built (its tables copied without
+    # blocking) on a stream held back by a long sleep; the first launch on
+    # another stream must wait for that copy, not read an unfilled table.
+    torch.ops.ema_cuda._clear_plan_cache()
+    ema, model = _pairs(7, 5000)
+    ref = _ref(ema, model, 0.3)
+    torch.cuda.synchronize()
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    with torch.cuda.stream(s1):
+        torch.cuda._sleep(200_000_000)
+        updater = ops.FusedUpdater(ema, model)      # builds and uploads on s1
+    with torch.cuda.stream(s2):
+        updater.update(0.3)
+    torch.cuda.synchronize()
+    _check(ema, ref)
