@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a short session on a GPU machine should do, in one command:
-# build the CUDA kernel, run the test suite on the GPU, run the benchmarks at
+# build the CUDA kernel, run the test suite on the GPU, run the CUDA tests
+# under compute-sanitizer (memcheck, then racecheck), run the benchmarks at
 # the default sizes and at 1B+ parameters.  Each stage has its own time limit,
 # so that a slow stage cannot eat the others' time, and writes its log under
 # the output directory; the last lines printed are a summary.
@@ -10,8 +11,10 @@
 # Needs: an NVIDIA GPU, a CUDA build of torch, nvcc, ninja, pytest.  Installs
 # nothing from a package index (GPU machines often have none).  Environment:
 #   TORCH_CUDA_ARCH_LIST  architectures to build (default 9.0: H100/H200)
-#   STAGE_LIMITS          "build tests bench bench_large" seconds
-#                         (default "200 150 150 90": under 10 minutes in all)
+#   STAGE_LIMITS          "build tests sanitizer bench bench_large" seconds
+#                         (default "200 120 110 110 50": under 10 minutes in
+#                         all; the sanitizer's share is split between memcheck
+#                         and racecheck)
 #   PYTHON                interpreter (default python3)
 #   DEVICE                cuda (default), or cpu to try this script on a
 #                         machine without a GPU (quick benchmarks, same stages;
@@ -24,7 +27,7 @@ cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
-read -r LIMIT_BUILD LIMIT_TESTS LIMIT_BENCH LIMIT_LARGE <<<"${STAGE_LIMITS:-200 150 150 90}"
+read -r LIMIT_BUILD LIMIT_TESTS LIMIT_SANITIZER LIMIT_BENCH LIMIT_LARGE <<<"${STAGE_LIMITS:-200 120 110 110 50}"
 mkdir -p "$OUT_DIR/results"
 SUMMARY="$OUT_DIR/summary.txt"
 : >"$SUMMARY"
@@ -82,6 +85,19 @@ fi
 
 stage tests "$LIMIT_TESTS" env EMA_CUDA_BACKEND=compiled EMA_CUDA_EXPECT_CUDA="$FORCE_CUDA" \
     "$PYTHON" -m pytest -q -ra --durations=10 -p no:cacheprovider tests
+# compute-sanitizer over the CUDA-only tests: out-of-bounds or misaligned
+# accesses (memcheck) and shared-memory races (racecheck) in the kernel.  The
+# >2 GiB test is left out (minutes under the sanitizer).
+SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
+if [ "$DEVICE" != cpu ] && [ -x "$SANITIZER" ]; then
+    for tool in memcheck racecheck; do
+        stage "sanitizer_$tool" $((LIMIT_SANITIZER / 2)) env EMA_CUDA_BACKEND=compiled \
+            "$SANITIZER" --tool "$tool" --error-exitcode 99 --target-processes all \
+            "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_ops_cuda.py -k "not large_tensor"
+    done
+else
+    echo "sanitizer    skipped (no GPU or no compute-sanitizer)" | tee -a "$SUMMARY"
+fi
 stage bench "$LIMIT_BENCH" "$PYTHON" -m benchmarks.bench_ema "${BENCH_ARGS[@]}" --out "$OUT_DIR/results"
 stage bench_large "$LIMIT_LARGE" "$PYTHON" -m benchmarks.bench_ema "${LARGE_ARGS[@]}" \
     --workloads gpt2 huge vit_b16_bf16 --no-e2e --out "$OUT_DIR/results/large"
@@ -89,6 +105,11 @@ stage bench_large "$LIMIT_LARGE" "$PYTHON" -m benchmarks.bench_ema "${LARGE_ARGS
 echo
 echo "== tests"
 grep -E "^(FAILED|ERROR) |[0-9]+ (passed|failed)" "$OUT_DIR/tests.log" | tail -n 25
+for tool in memcheck racecheck; do
+    [ -f "$OUT_DIR/sanitizer_$tool.log" ] || continue
+    echo "== compute-sanitizer $tool"
+    grep -E "ERROR SUMMARY|Invalid|Race|[0-9]+ (passed|failed)" "$OUT_DIR/sanitizer_$tool.log" | tail -n 12
+done
 for b in bench bench_large; do
     echo "== $b: goals"
     sed -n '/^## Goals/,$p' "$OUT_DIR/$b.log" | tail -n 12
