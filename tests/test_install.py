@@ -84,6 +84,18 @@ def test_license_is_an_spdx_expression():
     assert int(re.search(r">=\s*(\d+)", setuptools_req).group(1)) >= 77
 
 
+def test_claimed_torch_minimum_is_the_one_ci_tests():
+    # pyproject's `torch>=X.Y` is only honest if CI runs the suites against X.Y.
+    deps = _pyproject()["project"]["dependencies"]
+    claimed = re.fullmatch(r"torch>=(\d+\.\d+)", next(d for d in deps if d.startswith("torch"))).group(1)
+    ci = (REPO / ".ci" / "run").read_text()
+    tested = re.search(r"test-torch TORCH_VERSION=(\d+\.\d+)\.\d+", ci)
+    assert tested, ".ci/run does not run `make test-torch` against the oldest supported torch"
+    assert tested.group(1) == claimed
+    build_requires = _pyproject()["build-system"]["requires"]
+    assert f"torch>={claimed}" in build_requires
+
+
 # ------------------------------------------------------------------ what the build records
 
 
