@@ -23,19 +23,12 @@ export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-2}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 case "$PYTHON" in /*) ;; */*) PYTHON=$REPO/$PYTHON ;; esac
-purelib() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
 
-if [ ! -x "$WORK/venv/bin/python" ]; then
-    "$PYTHON" -m venv --without-pip "$WORK/venv"
-fi
-VPY="$WORK/venv/bin/python"
 # $PYTHON's packages (numpy, pytest, CUDA runtime wheels...) serve both
-# environments: a .pth file appends them to this one's path, after its torch.
-# (Not --system-site-packages: for a virtual environment such as .venv that
-# would be the base interpreter's packages, not the environment's.)
-purelib "$PYTHON" > "$(purelib "$VPY")/base-packages.pth"
+# environments: this one has only its own torch.
+bash "$REPO/tools/overlay_venv.sh" "$PYTHON" "$WORK/venv"
+VPY="$WORK/venv/bin/python"
 if [ "$("$VPY" -c 'import torch; print(torch.__version__)' 2>/dev/null)" != "$VERSION" ]; then
-    # --ignore-installed: install beside $PYTHON's torch, never uninstall it.
     "$PYTHON" -m pip --python "$VPY" install -q --no-deps --ignore-installed "torch==$VERSION"
 fi
 

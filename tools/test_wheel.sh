@@ -8,7 +8,7 @@
 #   bash tools/test_wheel.sh          # or: make test-wheel
 #
 # The new environment sees $PYTHON's packages (torch, numpy, scikit-learn...)
-# through a .pth file, after its own: only ema_cuda comes from the wheel.
+# after its own (tools/overlay_venv.sh): only ema_cuda comes from the wheel.
 # With EXPECT_CUDA=1 the wheel must contain the CUDA kernel.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
@@ -16,7 +16,6 @@ PYTHON=${PYTHON:-python3}
 case "$PYTHON" in /*) ;; */*) PYTHON=$REPO/$PYTHON ;; esac
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/ema_cuda-wheel.XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
-purelib() { "$1" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'; }
 
 cd "$REPO"
 echo "test-wheel: building the wheel"
@@ -27,10 +26,8 @@ echo "test-wheel: building the wheel"
 # compiling them again.
 rm -rf build/lib.* build/bdist.* ./*.egg-info
 "$PYTHON" -m pip wheel -q --no-build-isolation --no-deps -w "$WORK/dist" .
-"$PYTHON" -m venv --without-pip "$WORK/venv"
+bash "$REPO/tools/overlay_venv.sh" "$PYTHON" "$WORK/venv"
 VPY=$WORK/venv/bin/python
-purelib "$PYTHON" > "$(purelib "$VPY")/base-packages.pth"
-# --ignore-installed: never touch (or uninstall from) $PYTHON's environment.
 "$PYTHON" -m pip --python "$VPY" install -q --no-deps --ignore-installed "$WORK"/dist/ema_cuda-*.whl
 
 mkdir "$WORK/cwd" && cd "$WORK/cwd"
