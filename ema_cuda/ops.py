@@ -41,6 +41,47 @@ _C = None
 _fallback_reason: Optional[str] = None
 
 
+def _why_compiled_library_failed(exc: ImportError) -> str:
+    """Why ``ema_cuda._C`` did not import, in plain words, with the command that fixes it.
+
+    The two usual causes: a source checkout that was never built, and a library
+    built against another torch release than the one running (pip's default
+    build isolation compiles against a freshly downloaded torch; the library
+    then fails to load, typically with an undefined symbol).  setup.py records
+    the torch it built against in ``ema_cuda/_build_info.py``.
+    """
+    import importlib.machinery
+
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    # setup.py next to the package: an editable install or a checkout on sys.path.
+    source_checkout = os.path.exists(os.path.join(os.path.dirname(package_dir), "setup.py"))
+    fix = "pip install --no-build-isolation -e ." if source_checkout else "pip install --no-build-isolation ."
+    suffixes = importlib.machinery.EXTENSION_SUFFIXES
+    built = any(os.path.exists(os.path.join(package_dir, "_C" + suffix)) for suffix in suffixes)
+    if not built:
+        if source_checkout:
+            return (
+                f"the compiled extension ema_cuda._C is not built in this source checkout "
+                f"({os.path.dirname(package_dir)}); build it there with `{fix}` (or `make build`)"
+            )
+        return (
+            f"this installation has no compiled extension ema_cuda._C ({package_dir}); "
+            f"reinstall it from the source tree with `{fix}`"
+        )
+    try:
+        from ema_cuda._build_info import TORCH_VERSION as built_against
+    except ImportError:
+        built_against = None
+    if built_against is not None and built_against != torch.__version__:
+        return (
+            f"the compiled extension ema_cuda._C was built against torch {built_against}, running torch "
+            f"{torch.__version__}, and it only loads with the torch it was built against ({exc}). pip's "
+            f"default build isolation builds against a newly downloaded torch instead of the installed one; "
+            f"rebuild against the installed torch with `{fix}`"
+        )
+    return f"the compiled library ema_cuda._C could not be imported ({exc}); rebuild it with `{fix}`"
+
+
 def _load_backend() -> None:
     global _C, _fallback_reason
     choice = os.environ.get(_BACKEND_ENV, "auto").strip().lower()
@@ -50,19 +91,20 @@ def _load_backend() -> None:
         try:
             from ema_cuda import _C as compiled  # registers torch.ops.ema_cuda.*
         except ImportError as exc:
+            reason = _why_compiled_library_failed(exc)
             if choice == "compiled":
-                raise ImportError(
-                    f"{_BACKEND_ENV}=compiled but the compiled library ema_cuda._C could not be "
-                    f"imported ({exc}); build it with `pip install --no-build-isolation .`"
-                ) from exc
-            _fallback_reason = f"the compiled library ema_cuda._C could not be imported ({exc})"
+                # The reason quotes the loader's message where it tells anything; the
+                # chained error would only add "cannot import name '_C' from partially
+                # initialized module ... (most likely due to a circular import)".
+                raise ImportError(f"{_BACKEND_ENV}=compiled but {reason}") from None
+            _fallback_reason = reason
         else:
             _C = compiled
             return
     else:
         _fallback_reason = f"{_BACKEND_ENV}=fallback"
     warnings.warn(
-        f"ema_cuda is using its pure-PyTorch fallback because {_fallback_reason}: updates are correct "
+        f"ema_cuda is using its pure-PyTorch fallback because {_fallback_reason}. Updates are correct "
         "but run one launch per tensor group instead of one fused kernel.",
         RuntimeWarning,
         stacklevel=3,
