@@ -71,6 +71,13 @@ def _cuda_home(cpp_extension, torch_cuda: str):
     return None
 
 
+def _arch_list_token(arch_list: str) -> str:
+    """TORCH_CUDA_ARCH_LIST as a preprocessor token list: "8.0;9.0+PTX" -> "8.0,9.0+PTX"."""
+    allowed = set("0123456789.+,abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+    token = ",".join(arch_list.replace(";", " ").replace(",", " ").split())
+    return "".join(c for c in token if c in allowed) or "auto"
+
+
 def _extensions():
     import torch
     from torch.utils import cpp_extension
@@ -109,7 +116,13 @@ def _extensions():
         return [
             cpp_extension.CUDAExtension(
                 sources=sources + [os.path.join("csrc", "ema_update_cuda.cu")],
-                define_macros=[("EMA_CUDA_WITH_CUDA", "1")],
+                # The architectures built, for the "no kernel image" error:
+                # separators that survive a shell command line, turned back
+                # into a string by the preprocessor.
+                define_macros=[
+                    ("EMA_CUDA_WITH_CUDA", "1"),
+                    ("EMA_CUDA_ARCH_LIST_RAW", _arch_list_token(os.environ.get("TORCH_CUDA_ARCH_LIST", "auto"))),
+                ],
                 extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
                 **kwargs,
             )

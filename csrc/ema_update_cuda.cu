@@ -38,8 +38,14 @@ int sm_count(int device) {
   return n;
 }
 
-#ifndef EMA_CUDA_ARCH_LIST
-#define EMA_CUDA_ARCH_LIST "unknown (TORCH_CUDA_ARCH_LIST of the build)"
+// setup.py passes TORCH_CUDA_ARCH_LIST as tokens ("8.0;9.0+PTX" becomes
+// 8.0,9.0+PTX); the preprocessor makes the string.
+#define EMA_CUDA_STR2(...) #__VA_ARGS__
+#define EMA_CUDA_STR(...) EMA_CUDA_STR2(__VA_ARGS__)
+#ifdef EMA_CUDA_ARCH_LIST_RAW
+#define EMA_CUDA_ARCH_LIST "TORCH_CUDA_ARCH_LIST=" EMA_CUDA_STR(EMA_CUDA_ARCH_LIST_RAW)
+#else
+#define EMA_CUDA_ARCH_LIST "an unrecorded TORCH_CUDA_ARCH_LIST"
 #endif
 
 // A build without code for this GPU fails every launch with "no kernel
