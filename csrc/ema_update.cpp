@@ -249,14 +249,14 @@ bool Plan::matches(const UpdateLists& l, int64_t chunk) const {
       const bool copy = l.is_copy(i);
       // Cheapest and most likely to differ first.  The const address: no
       // copy-on-write materialisation on this path.  Equal shapes and the
-      // EMA's count imply the model's count.
+      // EMA's count imply the model's count.  The address also fixes the
+      // device: CUDA allocations and host memory never share an address
+      // (unified addressing), and a tensor without data reads as 0.
       if (raw_data_address(e) != ema_ptrs[i] || raw_data_address(m) != model_ptrs[i] ||
           e.numel() != numels[i] ||
           signature_dtype(e, copy) != ema_dtypes[i] ||
           signature_dtype(m, copy) != model_dtypes[i] ||
-          !same_shape_dense_layout(e, m) ||
-          e.device() != device || m.device() != device ||
-          (grad && e.requires_grad())) {
+          !same_shape_dense_layout(e, m) || (grad && e.requires_grad())) {
         return false;
       }
     }
