@@ -57,6 +57,9 @@ def train(ckpt_root: str, epochs: int) -> None:
             "ema": True,
             "ema_params": {"decay": 0.99, "decay_type": "threshold"},
             "progress_bar": False,
+            # A demo is run again and again into the same folder: replace the
+            # previous run's checkpoints (a real run would resume instead).
+            "overwrite": True,
         },
         train_loader,
         valid_loader,
