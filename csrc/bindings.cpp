@@ -47,11 +47,10 @@ class ListUpdater {
 
  private:
   // The tensors are held here, so their storages stay alive; but a tensor's
-  // storage or layout can still be swapped (`p.data = ...`, `set_`,
-  // `module.to()` on a parameter).  Comparing the plan's signature (address,
-  // numel, dtype) and each pair's strides with the live tensors is
-  // O(tensors) and catches every such change; a change means a full
-  // re-validation before anything is written.
+  // storage, size or layout can still change (`p.data = ...`, `set_`,
+  // `resize_`, `module.to()` on a parameter).  Each call checks the held plan
+  // (NOTE [plan validity]); a change means a full re-validation before
+  // anything is written.
   UpdateLists lists() const { return {ema_, model_, copy_ema_, copy_model_}; }
 
   // The plan to run: the held one while it is valid (NOTE [plan validity]),
@@ -64,10 +63,9 @@ class ListUpdater {
     return plan_;
   }
 
+  // `get_plan` validates the lists unless a valid plan is cached for them.
   void refresh() {
     const UpdateLists l = lists();
-    check_lists(kUpdaterName, ema_, model_);
-    check_copy_lists(kUpdaterName, l);
     plan_ = get_plan(kUpdaterName, l, chunk_size_for(l.device()));
     ++rebuilds_;
   }

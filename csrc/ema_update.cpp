@@ -787,13 +787,11 @@ void emulate_cuda_update(at::TensorList ema, at::TensorList model,
   const char* op = "ema_cuda::_emulate_cuda_update_";
   const UpdateLists lists{ema, model, copy_ema, copy_model};
   check_decay(op, decay);
-  DecayArg arg{decay, nullptr, kF32};
   if (decay_tensor.has_value()) {
     check_decay_tensor(op, *decay_tensor, ema.empty() ? copy_ema : ema);
     check_decay(op, decay_tensor->item<double>());
-    arg.ptr = decay_tensor->const_data_ptr();
-    arg.dtype = decay_tensor->scalar_type() == at::kDouble ? kF64 : kF32;
   }
+  const DecayArg arg = make_decay_arg(decay, decay_tensor ? &*decay_tensor : nullptr);
   TORCH_CHECK(chunk_size > 0 && chunk_size <= INT32_MAX, op,
               ": chunk_size must be in [1, 2^31), got ", chunk_size);
   TORCH_CHECK(threads > 0 && sm_count > 0, op,

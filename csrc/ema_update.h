@@ -71,6 +71,13 @@ inline bool same_shape_dense_layout(const at::Tensor& e, const at::Tensor& m) {
          m.is_non_overlapping_and_dense();
 }
 void check_decay(const char* op, double decay);
+// The kernel's decay argument: `value`, or a pointer to `decay_tensor` (a
+// checked 0-dim fp32/fp64 tensor on the tensors' device) when given.
+inline DecayArg make_decay_arg(double value, const at::Tensor* decay_tensor) {
+  if (decay_tensor == nullptr) return {value, nullptr, kF32};
+  return {0.0, decay_tensor->const_data_ptr(),
+          decay_tensor->scalar_type() == at::kDouble ? kF64 : kF32};
+}
 void check_decay_tensor(const char* op, const at::Tensor& decay,
                         at::TensorList ema);
 
@@ -112,8 +119,9 @@ struct Plan {
   // cached (the op's cache, a ListUpdater, hence FusedUpdater and ModelEMA).
   // A plan holds raw pointers and element counts, so it is used only while
   // `lists` are exactly what it was built from: same counts, chunk size and
-  // device, and for every pair, on both sides, the same address, element
-  // count, dtype and device, one shape, and a dense layout shared by the pair
+  // device, and for every pair, on both sides, the same address (which also
+  // fixes the device), element count and dtype, one shape, and a dense layout
+  // shared by the pair
   // (everything `check_lists`/`check_copy_lists` accepted and the overlap
   // check relied on), and no EMA tensor that requires grad under grad mode.
   // `resize_` keeps the address but not the count; `as_strided_` keeps both

@@ -149,11 +149,7 @@ void cuda_launch(const PlanPtr& plan_ptr, const at::Tensor* decay_tensor,
     }
   }
 
-  DecayArg arg{decay, nullptr, kF32};
-  if (decay_tensor != nullptr) {
-    arg.ptr = decay_tensor->const_data_ptr();
-    arg.dtype = decay_tensor->scalar_type() == at::kDouble ? kF64 : kF32;
-  }
+  const DecayArg arg = make_decay_arg(decay, decay_tensor);
   const int64_t blocks =
       grid_blocks(plan.num_chunks, sm_count(plan.device.index()), kCudaBlocksPerSM);
   ema_update_kernel<<<static_cast<unsigned>(blocks), kCudaThreads, 0, stream>>>(

@@ -220,7 +220,7 @@ struct Unroll {
 // Processes elements [start, start + len) of tensor `t` as thread `tid` of
 // `nthreads`: a scalar head up to the first position where both pointers are
 // aligned for VB-byte vectors, vector steps, then a scalar tail.  With
-// VB == 0 all of it is scalar.
+// t.head < 0 all of it is scalar.
 template <typename E, typename M, int VB>
 C10_HOST_DEVICE inline void chunk_body_v(const TensorEntry& t, int64_t start,
                                          int64_t len, int64_t tid,
@@ -231,9 +231,6 @@ C10_HOST_DEVICE inline void chunk_body_v(const TensorEntry& t, int64_t start,
   E* e = static_cast<E*>(t.ema);
   const M* m = static_cast<const M*>(t.model);
   const int64_t end = start + len;
-  if constexpr (VB == 0) {
-    for (int64_t i = start + tid; i < end; i += nthreads) update_one<E, M, Acc>(e, m, i, d, w);
-  } else {
   constexpr int N = VecWidth<E, M, VB>::value;
   constexpr int kUnroll = Unroll<E, M, VB>::value;
 
@@ -287,7 +284,6 @@ C10_HOST_DEVICE inline void chunk_body_v(const TensorEntry& t, int64_t start,
   for (int64_t i = vend + tid; i < end; i += nthreads) {
     update_one<E, M, Acc>(e, m, i, d, w);
   }
-  }
 }
 
 // The vector size is per tensor (TensorEntry::vec_bytes); a size that holds
@@ -299,10 +295,6 @@ C10_HOST_DEVICE inline void chunk_body(const TensorEntry& t, int64_t start,
                                        typename AccType<E, M>::type d,
                                        typename AccType<E, M>::type w) {
   constexpr int kMin = sizeof(E) < sizeof(M) ? sizeof(E) : sizeof(M);
-  if (t.vec_bytes == 16) {
-    chunk_body_v<E, M, 16>(t, start, len, tid, nthreads, d, w);
-    return;
-  }
   if constexpr (kMin <= 4) {
     if (t.vec_bytes == 8) {
       chunk_body_v<E, M, 8>(t, start, len, tid, nthreads, d, w);
@@ -315,7 +307,9 @@ C10_HOST_DEVICE inline void chunk_body(const TensorEntry& t, int64_t start,
       return;
     }
   }
-  chunk_body_v<E, M, 0>(t, start, len, tid, nthreads, d, w);
+  // 16-byte vectors; or vec_bytes 0, which comes with head -1
+  // (choose_vector): the body then runs every element as scalar code.
+  chunk_body_v<E, M, 16>(t, start, len, tid, nthreads, d, w);
 }
 
 // Maps a dtype code to its C++ type and calls f(E{}, M{}) -- shared by the
