@@ -89,9 +89,9 @@ def _state_entries(root: nn.Module) -> Tuple[List[_Entry], List[nn.Module]]:
     return entries, modules
 
 
-def _coaligned_shift(start: int, esize: int, model: Optional[torch.Tensor]) -> int:
-    """Elements to add to ``start`` (an offset whose byte address is 16-byte
-    aligned) so that the EMA tensor there and ``model`` reach a 16-byte
+def _coaligned_shift(esize: int, model: Optional[torch.Tensor]) -> int:
+    """Elements to add to an offset whose byte address is 16-byte aligned so
+    that the EMA tensor there and ``model`` reach a 16-byte
     boundary at the same element: the CUDA kernel's vector loads need both
     sides aligned together, and a pair that never is runs scalar at a fraction
     of the bandwidth.  Model tensors inside flat or offset storages may start
@@ -124,7 +124,7 @@ def _flat_views(
         esize = torch.empty((), dtype=dtype).element_size()
         align = max(1, _ALIGN_BYTES // esize)
         start = -(-ends.get((device, dtype), 0) // align) * align
-        start += _coaligned_shift(start, esize, models[i] if models is not None else None)
+        start += _coaligned_shift(esize, models[i] if models is not None else None)
         offsets.append(start)
         ends[(device, dtype)] = start + math.prod(shape)
     flats = {key: torch.empty(end, dtype=key[1], device=key[0]) for key, end in ends.items()}
