@@ -316,19 +316,26 @@ def _fallback_apply(ema: List[torch.Tensor], model: List[torch.Tensor], decay: U
             g = groups[(e.device, e.dtype, m.dtype)]
             g[0].append(e)
             g[1].append(m)
-    if isinstance(decay, torch.Tensor):
-        decay64 = decay.detach().to(torch.float64)
-        weight64 = 1.0 - decay64
+    weights: Dict[torch.dtype, Tuple[Union[float, torch.Tensor], Union[float, torch.Tensor]]] = {}
+
+    def weights_in(acc: torch.dtype):
+        # (d, w) in the accumulation dtype, once per dtype.  A Python float
+        # multiplies an fp32 tensor as an fp32 value: rounded as the kernels
+        # round it.
+        if acc not in weights:
+            if isinstance(decay, torch.Tensor):
+                decay64 = decay.detach().to(torch.float64)
+                weights[acc] = (decay64.to(acc), (1.0 - decay64).to(acc))
+            else:
+                weights[acc] = (decay, 1.0 - decay)
+        return weights[acc]
+
     with torch.no_grad():
         for (_, edt, mdt), (es, ms) in groups.items():
             acc = _acc_dtype(edt, mdt)
             e_acc = es if edt == acc else [e.to(acc) for e in es]
             m_acc = ms if mdt == acc else [m.to(acc) for m in ms]
-            if isinstance(decay, torch.Tensor):
-                d, w = decay64.to(acc), weight64.to(acc)
-            else:
-                d = torch.tensor(decay, dtype=acc).item()
-                w = torch.tensor(1.0 - decay, dtype=acc).item()
+            d, w = weights_in(acc)
             products = torch._foreach_mul(m_acc, w)
             torch._foreach_mul_(e_acc, d)
             torch._foreach_add_(e_acc, products)
