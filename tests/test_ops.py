@@ -41,6 +41,14 @@ def snapshot(tensors):
     return [t.detach().clone() for t in tensors]
 
 
+def assert_rejected_untouched(update, tensors, match):
+    """``update()`` raises a RuntimeError matching ``match`` and leaves ``tensors`` bit-identical."""
+    before = snapshot(tensors)
+    with pytest.raises(RuntimeError, match=match):
+        update()
+    assert_bit_identical(tensors, before)
+
+
 def assert_bit_identical(tensors, before):
     for i, (t, b) in enumerate(zip(tensors, before)):
         bits_now = t.detach().contiguous().view(-1).view(torch.uint8)
@@ -501,10 +509,9 @@ def test_fused_updater_checks_every_pair_of_a_long_list(where):
     updater.update(0.25)
     check(ema, ref)
     model[index].data = torch.randn(9)   # now mismatched: an error, nothing written
-    before = snapshot(ema)
-    with pytest.raises(RuntimeError, match=rf"ema\[{index}\] has shape \[8\] but model\[{index}\] has shape \[9\]"):
-        updater.update(0.5)
-    assert_bit_identical(ema, before)
+    assert_rejected_untouched(
+        lambda: updater.update(0.5), ema, rf"ema\[{index}\] has shape \[8\] but model\[{index}\] has shape \[9\]"
+    )
 
 
 @pytest.mark.parametrize("where", ["first", "last"])
