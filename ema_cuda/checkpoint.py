@@ -211,17 +211,6 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
     return checkpoint
 
 
-def _adapt_prefix(state_dict: Mapping[str, Any], model_keys) -> Dict[str, Any]:
-    """Remove wrapper prefixes (``module.`` of DataParallel/DDP, ``_orig_mod.`` of torch.compile).
-
-    A prefix is removed only when every key of ``state_dict`` has it and no
-    key of the model does, repeatedly (a compiled DDP model writes
-    ``module._orig_mod.``), so that a checkpoint saved from a wrapped model
-    by other code loads into the plain one.
-    """
-    return strip_wrapper_prefixes(state_dict, model_keys)
-
-
 def load_state_dict_into_model(
     model: nn.Module,
     state_dict: Mapping[str, Any],
@@ -240,7 +229,7 @@ def load_state_dict_into_model(
         raise CheckpointError(f"{source} is a {type(state_dict).__name__}, expected a state dict (a mapping)")
     model = unwrap_model(model)
     own = model.state_dict()
-    state_dict = _adapt_prefix(state_dict, own.keys())
+    state_dict = strip_wrapper_prefixes(state_dict, own.keys())
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
     if strict and (missing or unexpected):
