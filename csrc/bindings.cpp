@@ -39,6 +39,22 @@ class ListUpdater {
     release_gil_and_run(ensure_plan(), decay.is_cuda() ? &decay : nullptr, value);
   }
 
+  // True when an update would run now: the held plan is valid, or a plan for
+  // the lists as they are now validates (it is then held).  False, with
+  // nothing written and the held plan kept, when the lists can no longer be
+  // updated (a tensor moved to another device, shape or layout): the caller
+  // rebuilds its lists instead of catching the update's error.
+  bool ready() {
+    const UpdateLists l = lists();
+    if (plan_->matches(l, chunk_size_for(l.device()))) return true;
+    try {
+      refresh();
+    } catch (const c10::Error&) {
+      return false;
+    }
+    return true;
+  }
+
   int64_t num_tensors() const { return static_cast<int64_t>(ema_.size()); }
   int64_t num_copies() const { return static_cast<int64_t>(copy_ema_.size()); }
   int64_t num_elements() const { return plan_->num_elements; }
@@ -130,6 +146,7 @@ PYBIND11_MODULE(_C, m) {
            pybind11::arg("copy_model") = std::vector<at::Tensor>{})
       .def("update", &ListUpdater::update, pybind11::arg("decay"))
       .def("update_tensor", &ListUpdater::update_tensor, pybind11::arg("decay"))
+      .def("ready", &ListUpdater::ready)
       .def_property_readonly("num_tensors", &ListUpdater::num_tensors)
       .def_property_readonly("num_copies", &ListUpdater::num_copies)
       .def_property_readonly("num_elements", &ListUpdater::num_elements)

@@ -191,3 +191,42 @@ def test_model_ema_storage_is_co_aligned_with_offset_model_tensors(model_dtype, 
                  and (m.data_ptr() + h * m.element_size()) % 16 == 0]
         assert heads, f"{name}: EMA at {e.data_ptr() % 16} and model at {m.data_ptr() % 16} never co-align"
         assert torch.equal(e.to(m.dtype), m) if ema_dtype is None else torch.allclose(e, m.float())
+
+
+def test_ready_takes_a_same_layout_storage_and_refuses_another_layout_without_writing():
+    ema = [torch.randn(4, 3, 5, 5), torch.randn(7)]
+    model = [torch.randn(4, 3, 5, 5), torch.randn(7)]
+    updater = ops.FusedUpdater(ema, model)
+    assert updater.ready()
+    model[1].data = torch.randn(7)                  # same shape, dtype and layout: adaptable
+    assert updater.ready()
+    before = [e.clone() for e in ema]
+    updater.update(0.5)
+    check(ema, reference(before, model, 0.5))
+    model[0].data = model[0].data.to(memory_format=torch.channels_last)
+    before = [e.clone() for e in ema]
+    assert not updater.ready()                      # another layout: the owner must rebuild
+    assert all(torch.equal(b, e) for b, e in zip(before, ema))
+
+
+def test_model_ema_adapts_to_a_channels_last_model_without_writing_twice():
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    ema = ModelEMA(net, 0.5, ConstantDecay())
+    expected = {k: v.clone() * 0.5 for k, v in ema.ema.state_dict().items() if v.is_floating_point()}
+    net.to(memory_format=torch.channels_last)
+    expected = {k: v + net.state_dict()[k] * 0.5 for k, v in expected.items()}
+    ema.update(net, step=1, total_steps=10)
+    for key, value in expected.items():
+        torch.testing.assert_close(ema.ema.state_dict()[key], value, msg=key)
+    assert ema.ema[0].weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_entries_unchanged_sees_a_replaced_object_and_a_grown_registry():
+    owner = {"a": torch.zeros(1), "b": torch.zeros(1)}
+    watch = ((owner, owner), ("a", "b"), (owner["a"], owner["b"]), (owner,), (2,))
+    assert ops.entries_unchanged(*watch)
+    owner["c"] = torch.zeros(1)
+    assert not ops.entries_unchanged(*watch)
+    del owner["c"]
+    owner["b"] = torch.zeros(1)
+    assert not ops.entries_unchanged(*watch)
