@@ -1,9 +1,12 @@
 """The decay schedules: SuperGradients-exact values, the timm/diffusers and ultralytics warmups,
 the documented tables, the registry, and bad input."""
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ema_cuda.ema_decay_schedules import (
     EMA_DECAY_FUNCTIONS,
@@ -248,3 +251,108 @@ def test_from_params_warns_on_another_schedules_parameter_and_rejects_typos(deca
     assert len(ignored) == 1 and all(f"{k}=" in ignored[0] for k in foreign)
     with pytest.raises(ValueError, match=r"unknown argument 'betta' \(did you mean 'beta'\?\)"):
         ModelEMA.from_params(model, decay=0.5, decay_type=decay_type, betta=15, **own)
+
+
+# ---------------------------------------------------------------- values pinned on a grid of steps
+#
+# tests/data/decay_schedule_values.json holds, for a grid of steps (integers
+# from 0 to 10**7 and a few fractional ones), decays 0.999 and 0.9999 and
+# total_steps=1000, each built-in schedule's float value and, where it is not
+# the same number, its tensor value on the CPU (integer steps as int64 tensors,
+# fractional ones as float64).  A change to how a formula is written must
+# leave these numbers alone.  Values that pass through exp or pow may differ in
+# the last place on another CPU or math library (numpy and torch choose their
+# exp by CPU features), so those are compared to one ulp here and exactly,
+# below, with an independent transcription evaluated by the same libraries.
+
+GRID = json.loads((Path(__file__).parent / "data" / "decay_schedule_values.json").read_text())
+LIBM_DEPENDENT = {"exp", "power", "ramp"}
+
+
+def _grid_cases():
+    return [
+        pytest.param(EMA_DECAY_FUNCTIONS[rec["name"]](**rec["params"]), rec, id=f"{rec['name']}{rec['params']}")
+        for rec in GRID["schedules"]
+    ]
+
+
+GRID_CASES = _grid_cases()
+
+
+def _same_value(got, want, libm_dependent):
+    if libm_dependent:
+        return abs(got - want) <= math.ulp(want)
+    return got == want
+
+
+def _grid_step_tensor(step):
+    return torch.tensor(step, dtype=torch.float64 if isinstance(step, float) else torch.int64)
+
+
+@pytest.mark.parametrize("fn,rec", GRID_CASES)
+def test_float_values_are_the_recorded_ones(fn, rec):
+    loose = rec["name"] in LIBM_DEPENDENT
+    for decay in GRID["decays"]:
+        for step, want in zip(GRID["steps"], rec["values"][repr(decay)]):
+            got = fn(decay, step, GRID["total_steps"])
+            assert type(got) is float and _same_value(got, want, loose), (decay, step, got, want)
+
+
+@pytest.mark.parametrize("fn,rec", GRID_CASES)
+def test_tensor_values_are_the_recorded_ones(fn, rec):
+    loose = rec["name"] in LIBM_DEPENDENT
+    for decay in GRID["decays"]:
+        differs = rec["tensor_differs"][repr(decay)]
+        for i, (step, value) in enumerate(zip(GRID["steps"], rec["values"][repr(decay)])):
+            want = differs.get(str(i), value)
+            got = fn.tensor_value(decay, _grid_step_tensor(step), GRID["total_steps"])
+            assert got.dtype == torch.float64 and got.dim() == 0
+            assert _same_value(got.item(), want, loose), (decay, step, got.item(), want)
+
+
+# Each schedule's two forms written out separately, as plain functions: the
+# float form with Python's math (numpy's exp for ExpDecay, as SuperGradients),
+# the tensor form with torch in float64.  Evaluated by the same libraries as
+# the schedules, they must agree with them bit for bit on any machine.
+def _float_form(name, p, decay, step, total):
+    if name == "constant":
+        return decay
+    if name == "threshold":
+        return min(decay, (1 + step) / (10 + step))
+    if name == "exp":
+        return float(decay * (1 - np.exp(-(min(step, total) / total) * p["beta"])))
+    if name == "power":
+        s = max(0, step - p["update_after_step"] - 1)
+        if s <= 0:
+            return 0.0
+        return max(min(1 - (1 + s / p["inv_gamma"]) ** -p["power"], decay), p["min_decay"])
+    assert name == "ramp"
+    return decay * (1 - math.exp(-step / p["tau"]))
+
+
+def _tensor_form(name, p, decay, step, total):
+    s = step.to(torch.float64)
+    if name == "constant":
+        return torch.full_like(s, decay)
+    if name == "threshold":
+        return torch.clamp((1 + s) / (10 + s), max=decay)
+    if name == "exp":
+        return decay * (1 - torch.exp(-(torch.clamp(s, max=total) / total) * p["beta"]))
+    if name == "power":
+        s = torch.clamp(s - (p["update_after_step"] + 1), min=0)
+        d = torch.clamp(torch.clamp(1 - (1 + s / p["inv_gamma"]) ** -p["power"], max=decay), min=p["min_decay"])
+        return torch.where(s <= 0, torch.zeros_like(d), d)
+    assert name == "ramp"
+    return decay * (1 - torch.exp(-s / p["tau"]))
+
+
+@pytest.mark.parametrize("fn,rec", GRID_CASES)
+def test_both_forms_equal_a_separate_transcription_bit_for_bit(fn, rec):
+    p = fn.get_params()
+    total = GRID["total_steps"]
+    for decay in GRID["decays"]:
+        for step in GRID["steps"]:
+            assert fn(decay, step, total) == _float_form(rec["name"], p, decay, step, total), (decay, step)
+            step_t = _grid_step_tensor(step)
+            got, want = fn.tensor_value(decay, step_t, total), _tensor_form(rec["name"], p, decay, step_t, total)
+            assert torch.equal(got, want), (decay, step, got.item(), want.item())
