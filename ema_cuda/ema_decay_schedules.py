@@ -41,12 +41,12 @@ or a non-finite one is an error, not an update.
 
 Tensor form.  ``ModelEMA(..., capturable=True)`` (for ``torch.compile`` and
 CUDA graphs) keeps the step in a device tensor and evaluates the schedule
-with :meth:`IDecayFunction.tensor_value`, which every built-in schedule
-implements with tensor operations in float64: the result equals the float
-value (bit for bit, except where ``exp``/``pow`` of the device's math
-library differ from the host's in the last place), and neither reading nor
-changing the step synchronises with the host.  A schedule of your own needs
-``tensor_value`` to be used that way.
+with :meth:`IDecayFunction.tensor_value`.  Every built-in schedule
+evaluates the formula of its float value there with tensor operations in
+float64: the result equals the float value (bit for bit, except where
+``exp``/``pow`` of the device's math library differ from the host's in the
+last place), and neither reading nor changing the step synchronises with
+the host.  A schedule of your own needs ``tensor_value`` to be used that way.
 
 ``python -m ema_cuda.ema_decay_schedules`` prints the built-in schedules'
 values; ``python -m ema_cuda.ema_decay_schedules out.png`` also plots them
@@ -62,7 +62,11 @@ from typing import Any, Dict, Optional, Type
 import torch
 
 try:  # SuperGradients evaluates ExpDecay with numpy's exp, which may differ from libm's in the last bit.
-    from numpy import exp as _sg_exp
+    from numpy import exp as _numpy_exp
+
+    def _sg_exp(x: float) -> float:
+        return float(_numpy_exp(x))
+
 except ImportError:  # pragma: no cover - numpy comes with torch in practice
     _sg_exp = math.exp
 
@@ -89,6 +93,13 @@ def _check_step(cls: str, step: Any) -> None:
         raise ValueError(f"{cls}: step must be >= 0, got {step}")
 
 
+def _check_total(cls: str, total_steps: Any, tensor_form: bool) -> None:
+    if tensor_form and isinstance(total_steps, torch.Tensor):
+        raise TypeError(f"{cls}.tensor_value: total_steps must be a Python number (it is fixed for a run), got a tensor")
+    if total_steps is None or isinstance(total_steps, bool) or not total_steps > 0:
+        raise ValueError(f"{cls}: total_steps must be > 0, got {total_steps}")
+
+
 def _step_f64(cls: str, step: Any) -> torch.Tensor:
     """``step`` as a 0-dim float64 tensor (on its own device when it is a tensor)."""
     if isinstance(step, torch.Tensor):
@@ -100,14 +111,54 @@ def _step_f64(cls: str, step: Any) -> torch.Tensor:
     return torch.tensor(float(step), dtype=torch.float64)
 
 
-def _check_total(cls: str, total_steps: Any) -> float:
-    if isinstance(total_steps, torch.Tensor):
-        raise TypeError(
-            f"{cls}.tensor_value: total_steps must be a Python number (it is fixed for a run), got a tensor"
-        )
-    if total_steps is None or isinstance(total_steps, bool) or not total_steps > 0:
-        raise ValueError(f"{cls}: total_steps must be > 0, got {total_steps}")
-    return total_steps
+# NOTE [one formula, two forms]
+# A built-in schedule writes its formula once, ``_formula(decay, step,
+# total_steps, m)``, with arithmetic and the few functions of a namespace
+# ``m``.  ``__call__`` passes the Python step and Python's functions (math,
+# min, max), so it returns the float the formula written with them gives;
+# ``tensor_value`` passes the step as a 0-dim float64 tensor and torch's
+# functions, so nothing reads the step back to the host (torch.compile traces
+# it, a CUDA graph captures it).  ``decay`` and the parameters stay Python
+# numbers in both forms: in the tensor form one operand of ``minimum`` and
+# ``maximum`` is a tensor and the other a bound, hence ``clamp``.
+
+
+class _FloatMath:
+    """The formula operations for a Python number step (NOTE [one formula, two forms])."""
+
+    exp = staticmethod(math.exp)
+    minimum = staticmethod(min)
+    maximum = staticmethod(max)
+
+    @staticmethod
+    def where(condition: bool, a: Any, b: Any) -> Any:
+        return a if condition else b
+
+
+class _SuperGradientsMath(_FloatMath):
+    """:class:`_FloatMath` with the exp SuperGradients' ExpDecay calls."""
+
+    exp = staticmethod(_sg_exp)
+
+
+class _TensorMath:
+    """The formula operations for a 0-dim float64 tensor step (NOTE [one formula, two forms])."""
+
+    exp = staticmethod(torch.exp)
+
+    @staticmethod
+    def minimum(a: Any, b: Any) -> torch.Tensor:
+        x, bound = (a, b) if isinstance(a, torch.Tensor) else (b, a)
+        return torch.clamp(x, max=bound)
+
+    @staticmethod
+    def maximum(a: Any, b: Any) -> torch.Tensor:
+        x, bound = (a, b) if isinstance(a, torch.Tensor) else (b, a)
+        return torch.clamp(x, min=bound)
+
+    @staticmethod
+    def where(condition: torch.Tensor, a: Any, b: torch.Tensor) -> torch.Tensor:
+        return torch.where(condition, a if isinstance(a, torch.Tensor) else torch.full_like(b, a), b)
 
 
 class IDecayFunction(ABC):
@@ -164,7 +215,39 @@ class IDecayFunction(ABC):
         return f"{type(self).__name__}({args})"
 
 
-class ConstantDecay(IDecayFunction):
+class _Formula(IDecayFunction):
+    """A schedule whose :meth:`_formula` gives both forms (NOTE [one formula, two forms]).
+
+    Only a Python step is checked: checking a tensor step would read it back to the host.
+    """
+
+    _needs_total_steps = False
+    _needs_nonnegative_step = False
+    _float_math: Type[_FloatMath] = _FloatMath
+
+    @abstractmethod
+    def _formula(self, decay: Any, step: Any, total_steps: Any, m: Any) -> Any:
+        """The decay at ``step``, written with ``m.exp``, ``m.minimum``, ``m.maximum``, ``m.where`` and arithmetic."""
+
+    def __call__(self, decay: float, step: int, total_steps: int) -> float:
+        name = type(self).__name__
+        if self._needs_total_steps:
+            _check_total(name, total_steps, tensor_form=False)
+        if self._needs_nonnegative_step:
+            _check_step(name, step)
+        return self._formula(decay, step, total_steps, self._float_math)
+
+    def tensor_value(self, decay: float, step: torch.Tensor, total_steps: Optional[int]) -> torch.Tensor:
+        name = type(self).__name__
+        if self._needs_total_steps:
+            _check_total(name, total_steps, tensor_form=True)
+        s = _step_f64(name, step)
+        value = self._formula(float(decay), s, total_steps, _TensorMath)
+        # A formula that ignores the step (ConstantDecay) gives a number.
+        return value if isinstance(value, torch.Tensor) else torch.full_like(s, value)
+
+
+class ConstantDecay(_Formula):
     """The same decay at every step: ``d = decay``.
 
     Use it when the EMA starts from weights that are already good (fine-tuning,
@@ -180,14 +263,11 @@ class ConstantDecay(IDecayFunction):
     def __init__(self, **kwargs):
         pass
 
-    def __call__(self, decay: float, step: int, total_steps: int) -> float:
+    def _formula(self, decay, step, total_steps, m):
         return decay
 
-    def tensor_value(self, decay, step, total_steps):
-        return torch.full_like(_step_f64("ConstantDecay", step), float(decay))
 
-
-class ThresholdDecay(IDecayFunction):
+class ThresholdDecay(_Formula):
     """``d = min(decay, (1 + step) / (10 + step))``: starts at 0.1 and follows 1 - 9 / (10 + step).
 
     The schedule of TensorFlow's ``ExponentialMovingAverage(num_updates=...)``
@@ -212,19 +292,16 @@ class ThresholdDecay(IDecayFunction):
     ``step`` must be >= 0.
     """
 
+    _needs_nonnegative_step = True
+
     def __init__(self, **kwargs):
         pass
 
-    def __call__(self, decay: float, step: int, total_steps: int) -> float:
-        _check_step("ThresholdDecay", step)
-        return min(decay, (1 + step) / (10 + step))
-
-    def tensor_value(self, decay, step, total_steps):
-        s = _step_f64("ThresholdDecay", step)
-        return torch.clamp((1 + s) / (10 + s), max=float(decay))
+    def _formula(self, decay, step, total_steps, m):
+        return m.minimum(decay, (1 + step) / (10 + step))
 
 
-class ExpDecay(IDecayFunction):
+class ExpDecay(_Formula):
     """``d = decay * (1 - exp(-beta * step / total_steps))``: a ramp over the fraction of training done.
 
     SuperGradients' default (with ``beta=15``).  The decay is 0 at step 0,
@@ -251,25 +328,21 @@ class ExpDecay(IDecayFunction):
     further as SuperGradients' formula would (by at most ``decay * exp(-beta)``, 3e-7 for beta=15).
     """
 
+    _needs_total_steps = True
+    _needs_nonnegative_step = True
+    _float_math = _SuperGradientsMath
+
     def __init__(self, beta: float = None, **kwargs):
         if beta is None:
             raise TypeError("ExpDecay needs `beta`, the ramp's steepness (SuperGradients' default is beta=15)")
         self.beta = _positive("ExpDecay", "beta", beta)
 
-    def __call__(self, decay: float, step: int, total_steps: int) -> float:
-        if not total_steps > 0:
-            raise ValueError(f"ExpDecay: total_steps must be > 0, got {total_steps}")
-        _check_step("ExpDecay", step)
-        x = min(step, total_steps) / total_steps
-        return float(decay * (1 - _sg_exp(-x * self.beta)))
-
-    def tensor_value(self, decay, step, total_steps):
-        total = _check_total("ExpDecay", total_steps)
-        x = torch.clamp(_step_f64("ExpDecay", step), max=total) / total
-        return float(decay) * (1 - torch.exp(-x * self.beta))
+    def _formula(self, decay, step, total_steps, m):
+        x = m.minimum(step, total_steps) / total_steps
+        return decay * (1 - m.exp(-x * self.beta))
 
 
-class PowerWarmupDecay(IDecayFunction):
+class PowerWarmupDecay(_Formula):
     """timm's and diffusers' warmup: ``d = clamp(1 - (1 + s / inv_gamma) ** -power, min_decay, decay)``.
 
     Here ``s = step - update_after_step - 1``; while ``s <= 0`` the decay is 0,
@@ -319,21 +392,14 @@ class PowerWarmupDecay(IDecayFunction):
             raise ValueError(f"PowerWarmupDecay: update_after_step must be an integer >= 0, got {update_after_step!r}")
         self.update_after_step = int(update_after_step)
 
-    def __call__(self, decay: float, step: int, total_steps: int) -> float:
-        s = max(0, step - self.update_after_step - 1)
-        if s <= 0:
-            return 0.0
+    def _formula(self, decay, step, total_steps, m):
+        s = m.maximum(step - self.update_after_step - 1, 0)
         d = 1 - (1 + s / self.inv_gamma) ** -self.power
-        return max(min(d, decay), self.min_decay)
-
-    def tensor_value(self, decay, step, total_steps):
-        s = torch.clamp(_step_f64("PowerWarmupDecay", step) - (self.update_after_step + 1), min=0)
-        d = 1 - (1 + s / self.inv_gamma) ** -self.power
-        d = torch.clamp(torch.clamp(d, max=float(decay)), min=self.min_decay)
-        return torch.where(s <= 0, torch.zeros_like(d), d)
+        # At s = 0 the formula gives 1 - 1 = 0, which min_decay would raise: the copy is explicit.
+        return m.where(s <= 0, 0.0, m.maximum(m.minimum(d, decay), self.min_decay))
 
 
-class RampDecay(IDecayFunction):
+class RampDecay(_Formula):
     """ultralytics' ramp: ``d = decay * (1 - exp(-step / tau))``.
 
     The decay climbs with a time constant of ``tau`` steps, whatever the length
@@ -354,15 +420,13 @@ class RampDecay(IDecayFunction):
     ======== ==========================
     """
 
+    _needs_nonnegative_step = True
+
     def __init__(self, tau: float = 2000, **kwargs):
         self.tau = _positive("RampDecay", "tau", tau)
 
-    def __call__(self, decay: float, step: int, total_steps: int) -> float:
-        _check_step("RampDecay", step)
-        return decay * (1 - math.exp(-step / self.tau))
-
-    def tensor_value(self, decay, step, total_steps):
-        return float(decay) * (1 - torch.exp(-_step_f64("RampDecay", step) / self.tau))
+    def _formula(self, decay, step, total_steps, m):
+        return decay * (1 - m.exp(-step / self.tau))
 
 
 #: Schedules by name, for ``ModelEMA.from_params(decay_type=...)``.  Add your own.

@@ -211,7 +211,7 @@ def test_bad_parameters_are_errors(make, match):
         make()
 
 
-@pytest.mark.parametrize("total", [0, -5])
+@pytest.mark.parametrize("total", [0, -5, None])
 def test_exp_needs_positive_total_steps(total):
     with pytest.raises(ValueError, match=f"total_steps must be > 0, got {total}"):
         ExpDecay(beta=15)(0.9999, 1, total)
