@@ -19,9 +19,14 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
+
+from benchmarks.methods import Method
+from benchmarks.report import fmt_time
+from benchmarks.runner import run_workload
+from benchmarks.workloads import Workload
 
 # Spins until its parent (the benchmark) is gone; the inner loop keeps the
 # parent check from costing anything measurable.
@@ -70,9 +75,8 @@ BUSY_METHODS = ("foreach", "fused_list", "fused")
 
 
 def run_busy(
-    workloads: Sequence[Any],
-    methods: Sequence[Any],
-    run_workload: Callable[..., Dict[str, Any]],
+    workloads: Sequence[Workload],
+    methods: Sequence[Method],
     threads: Sequence[int] = (1, 2),
     min_time: float = 0.3,
     repeats: int = 5,
@@ -106,7 +110,7 @@ def run_busy(
     return rows
 
 
-def busy_table(rows: List[Dict[str, Any]], fmt_time: Callable[[Any], str]) -> str:
+def busy_table(rows: List[Dict[str, Any]]) -> str:
     """Plain-text table: one line per (workload, threads, quiet/busy)."""
     head = (f"{'workload':<9} {'thr':>3} {'CPU':<5} {'foreach':>9} {'ema_update_':>11} {'FusedUpdater':>12} "
             f"{'fused x foreach':>15}")

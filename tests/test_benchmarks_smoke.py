@@ -16,6 +16,10 @@ if str(ROOT) not in sys.path:  # `pytest` without `python -m` does not add the r
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import bench_ema  # noqa: E402
+from benchmarks.end_to_end import run_end_to_end  # noqa: E402
+from benchmarks.methods import LIMIT_KEYS, METHODS, Method, Runner  # noqa: E402
+from benchmarks.report import e2e_table  # noqa: E402
+from benchmarks.runner import run_workload  # noqa: E402
 from benchmarks.workloads import WORKLOAD_NAMES, custom_workload, get_workload  # noqa: E402
 
 FAST = dict(min_time=0.002, repeats=2, log=lambda *_: None)
@@ -29,11 +33,11 @@ def _wrong_method(ctx):
         with torch.no_grad():
             torch._foreach_lerp_(ema, model, d)
 
-    return bench_ema.Runner(step, ema)
+    return Runner(step, ema)
 
 
 def _by_key(keys):
-    return [m for m in bench_ema.METHODS if m.key in keys]
+    return [m for m in METHODS if m.key in keys]
 
 
 def test_workload_shapes_match_the_architectures():
@@ -50,8 +54,8 @@ def test_check_catches_a_wrong_method_and_passes_the_others():
     wl = custom_workload("tiny", [(7, 5), (1000,), (3, 3, 3), (1,)])
     methods = _by_key(["sg_loop", "mul_add", "lerp_loop", "foreach", "averaged_model", "fused_list", "fused", "limit",
                        "limit_fused"])
-    methods.append(bench_ema.Method("wrong", "wrong on purpose", _wrong_method))
-    out = bench_ema.run_workload(wl, torch.device("cpu"), methods, **FAST)
+    methods.append(Method("wrong", "wrong on purpose", _wrong_method))
+    out = run_workload(wl, torch.device("cpu"), methods, **FAST)
     status = {k: r["status"] for k, r in out["methods"].items()}
     assert status.pop("wrong") == "wrong"
     assert out["methods"]["wrong"]["median_s"] is None  # a wrong answer is never timed
@@ -60,16 +64,16 @@ def test_check_catches_a_wrong_method_and_passes_the_others():
     assert fused["median_s"] > 0 and fused["fused_speedup"] == pytest.approx(1.0)
     # The limit is the fastest block of the faster limit row, so no limit
     # row's median can be above 100% of it.
-    limits = [out["methods"][k] for k in bench_ema.LIMIT_KEYS]
+    limits = [out["methods"][k] for k in LIMIT_KEYS]
     assert out["limit_s"] == min(r["min_s"] for r in limits)
-    assert out["limit_key"] in bench_ema.LIMIT_KEYS
+    assert out["limit_key"] in LIMIT_KEYS
     assert all(r["pct_of_limit"] <= 100.0 for r in limits)
     assert fused["x_naive"] == pytest.approx(out["methods"]["sg_loop"]["median_s"] / fused["median_s"])
 
 
 def test_mixed_dtypes_fp32_ema_of_bf16_model():
     wl = custom_workload("tiny_bf16", [(64, 3), (513,)], torch.float32, torch.bfloat16)
-    out = bench_ema.run_workload(wl, torch.device("cpu"), _by_key(["mul_add", "foreach", "fused", "limit"]), **FAST)
+    out = run_workload(wl, torch.device("cpu"), _by_key(["mul_add", "foreach", "fused", "limit"]), **FAST)
     assert {r["status"] for r in out["methods"].values()} == {"ok"}, out["methods"]
     assert out["methods"]["foreach"]["note"] == "cast+foreach"
 
@@ -107,19 +111,19 @@ def test_end_to_end_runs():
             torch.nn.Flatten(), torch.nn.Linear(4 * 8 * 8, 10),
         )
 
-    out = bench_ema.run_end_to_end(torch.device("cpu"), steps=2, batch=2, decay=0.99, log=lambda *_: None,
+    out = run_end_to_end(torch.device("cpu"), steps=2, batch=2, decay=0.99, log=lambda *_: None,
                                    model_fn=tiny)
     for key in ("none", "sg_loop", "fused"):
         assert out["variants"][key]["status"] == "ok"
         assert 0 <= out["variants"][key]["ema_share"] < 1
 
 
-    table = bench_ema.e2e_table(out)
+    table = e2e_table(out)
     assert "launches" not in table   # counted on CUDA only
     # A CUDA run's record carries launches per EMA update: the table shows them.
     out["variants"]["fused"]["launches"] = 1.0
     out["variants"]["sg_loop"]["launches"] = 12.0
-    rows = {line.split("|")[1].strip(): line for line in bench_ema.e2e_table(out).splitlines() if line.startswith("| ")}
+    rows = {line.split("|")[1].strip(): line for line in e2e_table(out).splitlines() if line.startswith("| ")}
     assert rows["EMA"].rstrip().endswith("launches / EMA update |")
     assert rows["FusedUpdater"].rstrip().endswith("| 1 |")
     assert rows["SG loop"].rstrip().endswith("| 12 |")
