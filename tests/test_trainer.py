@@ -41,6 +41,8 @@ def _params(**kw):
         "device": "cpu",
     }
     p.update(kw)
+    if not p["ema"] and "ema_params" not in kw:
+        del p["ema_params"]  # they would only draw the "no effect" warning
     return p
 
 
