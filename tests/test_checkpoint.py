@@ -13,6 +13,7 @@ from torch import nn
 
 from ema_cuda import checkpoint as ckpt_io
 from ema_cuda.checkpoint import CheckpointError, load_checkpoint, load_checkpoint_to_model, save_checkpoint
+from support import equal_states
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,16 +98,14 @@ def test_non_dict_checkpoint(tmp_path):
         load_checkpoint(path)
 
 
-def test_load_net_or_ema_net(tmp_path):
-    net, ema = _net(), _net()
-    path = save_checkpoint(_ckpt(net, ema), tmp_path / "c.pth")
+@pytest.mark.parametrize("kwargs, expected", [({}, "net"), ({"load_ema_as_net": True}, "ema_net")])
+def test_load_net_or_ema_net(tmp_path, kwargs, expected):
+    # The default is the raw weights, as in SuperGradients.
+    weights = {"net": _net(), "ema_net": _net()}
+    path = save_checkpoint(_ckpt(weights["net"], weights["ema_net"]), tmp_path / "c.pth")
     target = _net()
-    load_checkpoint_to_model(target, path)  # default: raw weights, as in SuperGradients
-    for k, v in net.state_dict().items():
-        assert torch.equal(target.state_dict()[k], v)
-    load_checkpoint_to_model(target, path, load_ema_as_net=True)
-    for k, v in ema.state_dict().items():
-        assert torch.equal(target.state_dict()[k], v)
+    load_checkpoint_to_model(target, path, **kwargs)
+    assert equal_states(target, weights[expected])
 
 
 def test_load_is_in_place(tmp_path):
@@ -140,15 +139,23 @@ def test_shape_mismatch_names_file_entry_key_and_leaves_model_untouched(tmp_path
         assert torch.equal(v, before[k]), k
 
 
-def test_missing_and_unexpected_keys(tmp_path):
-    path = save_checkpoint(_ckpt(_net()), tmp_path / "c.pth")
-    bigger = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2), nn.Linear(2, 2))
-    with pytest.raises(CheckpointError, match=r"c\.pth.*missing keys \['3\.weight', '3\.bias'\]"):
-        load_checkpoint_to_model(bigger, path)
-    smaller = nn.Sequential(nn.Linear(4, 3))
-    with pytest.raises(CheckpointError, match=r"unexpected keys \['1\.weight'"):
-        load_checkpoint_to_model(smaller, path)
-    load_checkpoint_to_model(bigger, path, strict=False)  # non-strict loads what matches
+@pytest.mark.parametrize(
+    "layers, match",
+    [
+        ((nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2), nn.Linear(2, 2)),
+         r"c\.pth.*missing keys \['3\.weight', '3\.bias'\]"),
+        ((nn.Linear(4, 3),), r"c\.pth.*unexpected keys \['1\.weight'"),
+    ],
+    ids=["bigger", "smaller"],
+)
+def test_missing_and_unexpected_keys(tmp_path, layers, match):
+    saved = _net()
+    path = save_checkpoint(_ckpt(saved), tmp_path / "c.pth")
+    model = nn.Sequential(*layers)
+    with pytest.raises(CheckpointError, match=match):
+        load_checkpoint_to_model(model, path)
+    load_checkpoint_to_model(model, path, strict=False)  # non-strict loads what matches
+    assert torch.equal(model[0].weight, saved[0].weight)
 
 
 def test_dataparallel_prefix_is_removed(tmp_path):
@@ -160,10 +167,15 @@ def test_dataparallel_prefix_is_removed(tmp_path):
     assert torch.equal(target[0].weight, net[0].weight)
 
 
-def test_pick_weights_key():
-    assert ckpt_io.pick_weights_key({"net": {}, "ema_net": {}}) == "ema_net"
-    assert ckpt_io.pick_weights_key({"net": {}}) == "net"
-    assert ckpt_io.pick_weights_key({"net": {}, "ema_net": None}) == "net"
+@pytest.mark.parametrize(
+    "checkpoint, expected",
+    [({"net": {}, "ema_net": {}}, "ema_net"), ({"net": {}}, "net"), ({"net": {}, "ema_net": None}, "net")],
+)
+def test_pick_weights_key(checkpoint, expected):
+    assert ckpt_io.pick_weights_key(checkpoint) == expected
+
+
+def test_pick_weights_key_without_weights_names_both_entries():
     with pytest.raises(CheckpointError, match="'ema_net'.*'net'"):
         ckpt_io.pick_weights_key({"epoch": 1})
 
@@ -198,7 +210,7 @@ _KILL_SCRIPT = textwrap.dedent(
     if where == "write":
         torch.save = half_then_hang
     elif where == "fsync":
-        ckpt_io.os.fsync = hang_in_fsync
+        os.fsync = hang_in_fsync
     ckpt_io.save_checkpoint(big, path)
     print("DONE", flush=True)
     """

@@ -9,6 +9,7 @@ from torch import nn
 
 from ema_cuda import models
 from ema_cuda.checkpoint import CheckpointError, save_checkpoint
+from support import equal_states
 
 
 def _perturbed(model, scale):
@@ -17,11 +18,6 @@ def _perturbed(model, scale):
             if t.is_floating_point():
                 t.add_(scale)
     return model
-
-
-def _same(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_builtins_forward_shapes():
@@ -33,37 +29,51 @@ def test_builtins_forward_shapes():
     assert {"digits_cnn", "mlp"} <= set(models.list_models())
 
 
-def test_get_prefers_ema_net_then_net(tmp_path):
+@pytest.mark.parametrize(
+    "entries, load_ema, expected",
+    [
+        (("net", "ema_net"), True, "ema_net"),
+        (("net",), True, "net"),
+        (("net", "ema_net"), False, "net"),
+    ],
+)
+def test_get_prefers_ema_net_then_net(tmp_path, entries, load_ema, expected):
     torch.manual_seed(0)
-    raw = _perturbed(models.get("digits_cnn", num_classes=4), 0.0)
-    ema = _perturbed(models.get("digits_cnn", num_classes=4), 0.5)
-
-    both = save_checkpoint({"net": raw.state_dict(), "ema_net": ema.state_dict()}, tmp_path / "both.pth")
-    loaded = models.get("digits_cnn", num_classes=4, checkpoint_path=both)
-    assert _same(loaded, ema) and loaded.loaded_checkpoint_key == "ema_net"
-
-    only_net = save_checkpoint({"net": raw.state_dict()}, tmp_path / "net.pth")
-    loaded = models.get("digits_cnn", num_classes=4, checkpoint_path=only_net)
-    assert _same(loaded, raw) and loaded.loaded_checkpoint_key == "net"
-
-    loaded = models.get("digits_cnn", num_classes=4, checkpoint_path=both, load_ema=False)
-    assert _same(loaded, raw) and loaded.loaded_checkpoint_key == "net"
+    weights = {"net": _perturbed(models.get("digits_cnn", num_classes=4), 0.0),
+               "ema_net": _perturbed(models.get("digits_cnn", num_classes=4), 0.5)}
+    path = save_checkpoint({k: weights[k].state_dict() for k in entries}, tmp_path / "c.pth")
+    loaded = models.get("digits_cnn", num_classes=4, checkpoint_path=path, load_ema=load_ema)
+    assert equal_states(loaded, weights[expected]) and loaded.loaded_checkpoint_key == expected
 
 
-def test_get_errors_name_file_and_key(tmp_path):
-    net = models.get("digits_cnn", num_classes=4)
-    path = save_checkpoint({"net": net.state_dict()}, tmp_path / "four.pth")
-    with pytest.raises(CheckpointError, match=r"four\.pth.*'net'.*'classifier\.weight'.*\(4, 64\).*\(10, 64\)"):
+def _four_classes(path):
+    save_checkpoint({"net": models.get("digits_cnn", num_classes=4).state_dict()}, path)
+
+
+def _no_weights(path):
+    save_checkpoint({"epoch": 1}, path)
+
+
+def _zeros(path):
+    path.write_bytes(b"\x00" * 100)
+
+
+@pytest.mark.parametrize(
+    "write, exc, match",
+    [
+        (_four_classes, CheckpointError, r"c\.pth.*'net'.*'classifier\.weight'.*\(4, 64\).*\(10, 64\)"),
+        (_no_weights, CheckpointError, r"c\.pth.*'ema_net'.*'net'"),
+        (_zeros, CheckpointError, r"c\.pth"),
+        (None, FileNotFoundError, r"c\.pth"),
+    ],
+    ids=["shape", "no-weights", "corrupt", "missing"],
+)
+def test_get_errors_name_file_and_key(tmp_path, write, exc, match):
+    path = tmp_path / "c.pth"
+    if write is not None:
+        write(path)
+    with pytest.raises(exc, match=match):
         models.get("digits_cnn", num_classes=10, checkpoint_path=path)
-    empty = save_checkpoint({"epoch": 1}, tmp_path / "empty.pth")
-    with pytest.raises(CheckpointError, match=r"empty\.pth.*'ema_net'.*'net'"):
-        models.get("digits_cnn", checkpoint_path=empty)
-    bad = tmp_path / "bad.pth"
-    bad.write_bytes(b"\x00" * 100)
-    with pytest.raises(CheckpointError, match=r"bad\.pth"):
-        models.get("digits_cnn", checkpoint_path=bad)
-    with pytest.raises(FileNotFoundError, match=r"missing\.pth"):
-        models.get("digits_cnn", checkpoint_path=tmp_path / "missing.pth")
 
 
 def test_unknown_name_lists_registered():

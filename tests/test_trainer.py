@@ -4,14 +4,12 @@ Everything runs on tiny synthetic data on the CPU so that the file finishes in
 seconds on a 2-core machine.
 """
 import json
-import math
-import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
 
 from ema_cuda import models
 from ema_cuda.checkpoint import load_checkpoint
@@ -27,45 +25,8 @@ from ema_cuda.training import (
     parse_training_params,
 )
 from ema_cuda.training.metrics import topk_correct
-
-N_FEATURES, N_CLASSES = 8, 3
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Other suites run beside this one on a 2-core machine; tiny models gain nothing from threads.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _data(n=40, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, N_FEATURES, generator=g)
-    y = ((x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()).clamp(max=N_CLASSES - 1)
-    return TensorDataset(x, y)
-
-
-def _loaders(batch_size=8, own_generator=True, n=40):
-    gen = torch.Generator().manual_seed(123) if own_generator else None
-    train = DataLoader(_data(n), batch_size=batch_size, shuffle=True, generator=gen)
-    valid = DataLoader(_data(24, seed=1), batch_size=16)
-    return train, valid
-
-
-class Net(nn.Module):
-    """Linear-BN-ReLU-Dropout-Linear: BN buffers (float and int) and dropout (RNG) exercise everything."""
-
-    def __init__(self, hidden=16, dropout=0.2):
-        super().__init__()
-        self.fc1 = nn.Linear(N_FEATURES, hidden)
-        self.bn = nn.BatchNorm1d(hidden)
-        self.drop = nn.Dropout(dropout)
-        self.fc2 = nn.Linear(hidden, N_CLASSES)
-
-    def forward(self, x):
-        return self.fc2(self.drop(F.relu(self.bn(self.fc1(x)))))
+from support import N_CLASSES, N_FEATURES, Net, dataset, equal_nested, equal_states, loaders, state
+from support import one_thread  # noqa: F401  (autouse: one torch thread for this module)
 
 
 def _params(**kw):
@@ -80,27 +41,9 @@ def _params(**kw):
         "device": "cpu",
     }
     p.update(kw)
+    if not p["ema"] and "ema_params" not in kw:
+        del p["ema_params"]  # they would only draw the "no effect" warning
     return p
-
-
-def _state(module):
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _equal_states(a, b):
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def _equal_nested(a, b):
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_equal_nested(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_equal_nested(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
-        return math.isnan(b)
-    return a == b
 
 
 @torch.no_grad()
@@ -149,7 +92,7 @@ def recording_decay(monkeypatch):
 
 
 def test_unknown_training_params_are_named_with_known_list(tmp_path):
-    train, valid = _loaders()
+    train, valid = loaders()
     with pytest.raises(ValueError) as exc:
         Trainer("x", tmp_path).train(Net(), _params(emma=True, foo_bar=1), train, valid)
     msg = str(exc.value)
@@ -190,13 +133,13 @@ def test_max_epochs_required_and_defaults():
 
 
 def test_fp16_on_cpu_is_an_error(tmp_path):
-    train, valid = _loaders()
+    train, valid = loaders()
     with pytest.raises(ValueError, match="mixed_precision.*fp16.*CUDA"):
         Trainer("x", tmp_path).train(Net(), _params(mixed_precision="fp16"), train, valid)
 
 
 def test_unknown_metric_to_watch(tmp_path):
-    train, valid = _loaders()
+    train, valid = loaders()
     with pytest.raises(ValueError, match="metric_to_watch.*'f1'.*accuracy"):
         Trainer("x", tmp_path).train(Net(), _params(metric_to_watch="f1", max_epochs=1), train, valid)
 
@@ -209,31 +152,23 @@ def test_schedule_sees_sg_steps_and_total_steps(tmp_path, recording_decay, accum
     # 5 batches per epoch, 2 epochs: total_steps = 10 batches.  The step is the
     # 1-based global index of the batch that completes an optimizer step;
     # windows end at the epoch boundary (batch 5 and 10 close short windows).
-    train, valid = _loaders(batch_size=8)
+    train, valid = loaders(batch_size=8)
     assert len(train) == 5
     model = Net()
     recording_decay.model = model
     trainer = Trainer("steps", tmp_path)
     steps_taken = []
-    real_step = None
+    # Count optimizer steps on an optimizer instance handed to the trainer.
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    real_step = optimizer.step
 
-    params = _params(batch_accumulate=accumulate, ema_params={"decay": 0.9, "decay_type": "recording"})
-    # Count optimizer steps by wrapping the optimizer the trainer builds.
-    orig_build = trainer._build_optimizer
+    def counted(*a, **k):
+        steps_taken.append(len(steps_taken) + 1)
+        return real_step(*a, **k)
 
-    def build(p, net):
-        opt, lrs = orig_build(p, net)
-        nonlocal real_step
-        real_step = opt.step
-
-        def counted(*a, **k):
-            steps_taken.append(len(steps_taken) + 1)
-            return real_step(*a, **k)
-
-        opt.step = counted
-        return opt, lrs
-
-    trainer._build_optimizer = build
+    optimizer.step = counted
+    params = _params(batch_accumulate=accumulate, ema_params={"decay": 0.9, "decay_type": "recording"},
+                     optimizer=optimizer, initial_lr=None, optimizer_params={})
     trainer.train(model, params, train, valid)
     assert recording_decay.calls == [(s, 10) for s in expected]
     assert len(steps_taken) == len(expected)  # exactly one EMA update per optimizer step
@@ -248,12 +183,12 @@ def test_accumulated_gradients_are_averaged(tmp_path):
     def run(batch_size, accumulate, name):
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(N_FEATURES, 6), nn.Tanh(), nn.Linear(6, N_CLASSES))
-        train = DataLoader(_data(16), batch_size=batch_size, shuffle=False)
-        valid = DataLoader(_data(8, seed=1), batch_size=8)
+        train = DataLoader(dataset(16), batch_size=batch_size, shuffle=False)
+        valid = DataLoader(dataset(8, seed=1), batch_size=8)
         Trainer(name, tmp_path).train(
             model, _params(max_epochs=1, ema=False, batch_accumulate=accumulate, optimizer_params={}), train, valid
         )
-        return _state(model)
+        return state(model)
 
     a, b = run(8, 1, "big"), run(4, 2, "acc")
     for k in a:
@@ -282,45 +217,62 @@ class ProbingTrainer(Trainer):
 
 
 def test_validation_uses_ema_weights(tmp_path):
-    train, valid = _loaders()
+    train, valid = loaders()
     trainer = ProbingTrainer("probe", tmp_path)
     trainer.train(Net(), _params(max_epochs=3), train, valid)
     assert trainer.checked == 3
 
 
-def test_training_weights_restored_bit_exact_after_validation(tmp_path):
-    train, valid = _loaders()
-    model = Net()
-    trainer = Trainer("restore", tmp_path)
-    seen = []
-    orig_validate, orig_evaluate = trainer._validate, trainer._evaluate
+class WatchingTrainer(Trainer):
+    """Records what the model holds at each forward, and checks it at each epoch end, against the state before validation."""
 
-    def evaluate(net, loader, desc, use_bar):
-        # What the model holds while being evaluated: raw weights, then the EMA's.
-        seen.append((desc, _equal_states(_state(net), _state(trainer.ema.ema))))
-        return orig_evaluate(net, loader, desc, use_bar)
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.seen = []  # per forward: "train", or in eval mode "raw" / "EMA" (the weights the model holds)
+        self.before_validation = None
+        self.checked = 0
 
-    def validate(net, loader, p, use_bar):
-        before = _state(net)
-        params_before = [(id(q), q.data_ptr()) for q in net.parameters()]
-        out = orig_validate(net, loader, p, use_bar)
-        assert _equal_states(_state(net), before)
-        assert [(id(q), q.data_ptr()) for q in net.parameters()] == params_before
+    def watch(self, model):
+        self.params_at_start = [(id(q), q.data_ptr()) for q in model.parameters()]
+
+        # A closure, not a bound method: the EMA's deep copy of the model keeps
+        # the hook, and copying a bound method would copy the trainer too.
+        def pre_forward(module, args):
+            if module.training:
+                self.seen.append("train")
+                return
+            if self.seen[-1] == "train":  # an epoch's first evaluation: nothing has touched the model yet
+                self.before_validation = state(module)
+            self.seen.append("EMA" if equal_states(module, self.ema.ema) else "raw")
+
+        model.register_forward_pre_hook(pre_forward)
+
+    def on_epoch_end(self, epoch, metrics):
+        assert equal_states(state(self.net), self.before_validation)
+        assert [(id(q), q.data_ptr()) for q in self.net.parameters()] == self.params_at_start
         # The optimizer state is still attached to the very same parameters.
-        assert all(q in trainer.optimizer.state for q in net.parameters())
-        assert net.training
-        return out
+        assert all(q in self.optimizer.state for q in self.net.parameters())
+        assert self.net.training
+        self.checked += 1
 
-    trainer._validate, trainer._evaluate = validate, evaluate
+
+def test_training_weights_restored_bit_exact_after_validation(tmp_path):
+    train, valid = loaders()
+    assert (len(train), len(valid)) == (5, 2)
+    model = Net()
+    trainer = WatchingTrainer("restore", tmp_path)
+    trainer.watch(model)
     trainer.train(model, _params(max_epochs=2), train, valid)
-    assert seen == [("valid (raw)", False), ("valid (EMA)", True)] * 2
+    assert trainer.checked == 2
+    # While being validated the model holds the raw weights, then the EMA's.
+    assert trainer.seen == (["train"] * 5 + ["raw"] * 2 + ["EMA"] * 2) * 2
 
 
 # --------------------------------------------------------------------------- end of training
 
 
 def test_end_of_training_model_holds_ema_in_place_and_trains_again(tmp_path):
-    train, valid = _loaders()
+    train, valid = loaders()
     model = Net()
     ids = [(id(q), q.data_ptr()) for q in model.parameters()]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
@@ -328,36 +280,36 @@ def test_end_of_training_model_holds_ema_in_place_and_trains_again(tmp_path):
     trainer.train(model, _params(optimizer=optimizer, initial_lr=None, optimizer_params={}), train, valid)
 
     assert [(id(q), q.data_ptr()) for q in model.parameters()] == ids
-    assert _equal_states(_state(model), _state(trainer.ema.ema))
+    assert equal_states(state(model), state(trainer.ema.ema))
     latest = load_checkpoint(tmp_path / "swap" / "ckpt_latest.pth")
-    assert _equal_states(latest["ema_net"], _state(model))
-    assert not _equal_states(latest["net"], _state(model))  # the raw weights stay in the checkpoint
+    assert equal_states(latest["ema_net"], state(model))
+    assert not equal_states(latest["net"], state(model))  # the raw weights stay in the checkpoint
     assert all(q in optimizer.state for q in model.parameters())
 
     # A second train() on the same model and optimizer starts from the EMA weights and works.
-    start = _state(model)
+    start = state(model)
     trainer2 = Trainer("swap2", tmp_path)
     trainer2.train(model, _params(optimizer=optimizer, initial_lr=None, optimizer_params={}), train, valid)
     assert [(id(q), q.data_ptr()) for q in model.parameters()] == ids
-    assert not _equal_states(_state(model), start)
-    assert _equal_states(_state(model), _state(trainer2.ema.ema))
+    assert not equal_states(state(model), start)
+    assert equal_states(state(model), state(trainer2.ema.ema))
     # The base rate survived the first run (the scheduler records it as 'initial_lr').
     assert trainer2.lr_scheduler.base_lrs == [0.1]
 
 
 def test_test_evaluates_ema(tmp_path):
-    train, valid = _loaders()
+    train, valid = loaders()
     model = Net()
     trainer = Trainer("test", tmp_path)
     trainer.train(model, _params(), train, valid)
     with torch.no_grad():  # move the model away from the EMA weights
         for q in model.parameters():
             q.add_(0.3)
-    moved = _state(model)
+    moved = state(model)
     ema_loss, ema_acc = _direct_eval(trainer.ema.ema, valid)
     out = trainer.test()
     assert out["loss"] == pytest.approx(ema_loss, rel=1e-6) and out["accuracy"] == pytest.approx(ema_acc)
-    assert _equal_states(_state(model), moved)  # restored after the EMA evaluation
+    assert equal_states(state(model), moved)  # restored after the EMA evaluation
     own_loss, _ = _direct_eval(model, valid)
     assert trainer.test(valid, use_ema=False)["loss"] == pytest.approx(own_loss, rel=1e-6)
 
@@ -366,7 +318,7 @@ def test_test_evaluates_ema(tmp_path):
 
 
 def test_checkpoint_keys_contents_and_metrics_log(tmp_path):
-    train, valid = _loaders()
+    train, valid = loaders()
     model = Net()
     trainer = Trainer("keys", tmp_path)
     history = trainer.train(model, _params(max_epochs=3), train, valid)
@@ -378,7 +330,7 @@ def test_checkpoint_keys_contents_and_metrics_log(tmp_path):
     assert latest["epoch"] == 3
     assert latest["metrics"] == history[-1]
     assert latest["acc"] == history[-1]["valid_accuracy"]
-    assert _equal_states(latest["ema_net"], _state(trainer.ema.ema))
+    assert equal_states(latest["ema_net"], state(trainer.ema.ema))
     assert latest["ema_state"]["num_updates"] == 15
     assert set(latest["net"]) == set(model.state_dict())
     assert latest["scheduler_state_dict"]["last_batch"] == 14
@@ -394,28 +346,20 @@ def test_checkpoint_keys_contents_and_metrics_log(tmp_path):
         assert {"valid_accuracy", "valid_raw_accuracy", "valid_loss", "valid_raw_loss", "train_loss", "lr"} <= set(line)
 
 
-def test_no_ema_means_no_ema_net_and_models_get_uses_net(tmp_path):
-    train, valid = _loaders()
-    model = models.get("mlp", in_features=N_FEATURES, num_classes=N_CLASSES, hidden_features=(16,))
-    Trainer("noema", tmp_path).train(model, _params(ema=False), train, valid)
-    latest = load_checkpoint(tmp_path / "noema" / "ckpt_latest.pth")
-    assert "ema_net" not in latest and "ema_state" not in latest
-    loaded = models.get("mlp", in_features=N_FEATURES, num_classes=N_CLASSES, hidden_features=(16,),
-                        checkpoint_path=tmp_path / "noema" / "ckpt_latest.pth")
-    assert loaded.loaded_checkpoint_key == "net" and _equal_states(_state(loaded), latest["net"])
-
-
-def test_models_get_loads_trained_ema(tmp_path):
-    train, valid = _loaders()
+@pytest.mark.parametrize("ema, key", [(False, "net"), (True, "ema_net")])
+def test_models_get_loads_the_ema_when_the_run_had_one_else_net(tmp_path, ema, key):
     kw = dict(in_features=N_FEATURES, num_classes=N_CLASSES, hidden_features=(16,))
     model = models.get("mlp", **kw)
-    trainer = Trainer("getema", tmp_path)
-    trainer.train(model, _params(), train, valid)
-    path = tmp_path / "getema" / "ckpt_latest.pth"
+    train, valid = loaders()
+    trainer = Trainer("get", tmp_path)
+    trainer.train(model, _params(ema=ema), train, valid)
+    path = tmp_path / "get" / "ckpt_latest.pth"
+    latest = load_checkpoint(path)
+    assert ("ema_net" in latest) == ("ema_state" in latest) == ema
     loaded = models.get("mlp", checkpoint_path=path, **kw)
-    assert loaded.loaded_checkpoint_key == "ema_net"
-    assert _equal_states(_state(loaded), _state(trainer.ema.ema))
-    assert _equal_states(_state(loaded), _state(model))  # the trained model holds the EMA too
+    assert loaded.loaded_checkpoint_key == key and equal_states(state(loaded), latest[key])
+    assert trainer.ema is None or equal_states(state(loaded), state(trainer.ema.ema))
+    assert equal_states(state(loaded), state(model))  # the trained model holds what models.get loads
 
 
 # --------------------------------------------------------------------------- resume
@@ -453,39 +397,39 @@ def test_resume_is_bit_identical(tmp_path, case):
 
     torch.manual_seed(7)
     model_a = Net()
-    init = _state(model_a)
-    train, valid = _loaders(own_generator=cfg["own_generator"])
+    init = state(model_a)
+    train, valid = loaders(own_generator=cfg["own_generator"])
     trainer_a = Trainer("a", tmp_path)
     history_a = trainer_a.train(model_a, params, train, valid)
 
     model_b = Net()
     model_b.load_state_dict(init)
-    train, valid = _loaders(own_generator=cfg["own_generator"])
+    train, valid = loaders(own_generator=cfg["own_generator"])
     with pytest.raises(Interrupt):
         StopAfter("b", tmp_path, stop_after=2).train(model_b, params, train, valid)
 
     # A "new process": fresh model (other initial weights), fresh loaders, fresh trainer.
     torch.manual_seed(999)
     model_c = Net()
-    train, valid = _loaders(own_generator=cfg["own_generator"])
+    train, valid = loaders(own_generator=cfg["own_generator"])
     trainer_c = Trainer("b", tmp_path)
     history_c = trainer_c.train(model_c, dict(params, resume=True), train, valid)
 
-    assert _equal_nested(history_c, history_a)
-    assert _equal_states(_state(model_c), _state(model_a))
-    assert _equal_states(_state(trainer_c.ema.ema), _state(trainer_a.ema.ema))
+    assert equal_nested(history_c, history_a)
+    assert equal_states(state(model_c), state(model_a))
+    assert equal_states(state(trainer_c.ema.ema), state(trainer_a.ema.ema))
     assert trainer_c.ema.num_updates == trainer_a.ema.num_updates
     a = load_checkpoint(tmp_path / "a" / "ckpt_latest.pth")
     c = load_checkpoint(tmp_path / "b" / "ckpt_latest.pth")
     for key in ("net", "ema_net", "ema_state", "optimizer_state_dict", "scheduler_state_dict", "rng_state", "epoch",
                 "best_metric", "metrics"):
-        assert _equal_nested(c[key], a[key]), key
+        assert equal_nested(c[key], a[key]), key
     lines = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines] == [1, 2, 3, 4]
 
 
 def test_resume_drops_log_lines_written_after_the_checkpoint(tmp_path):
-    train, valid = _loaders()
+    train, valid = loaders()
     params = _params(max_epochs=2)
     with pytest.raises(Interrupt):
         StopAfter("log", tmp_path, stop_after=1).train(Net(), params, train, valid)
@@ -500,19 +444,21 @@ def test_resume_drops_log_lines_written_after_the_checkpoint(tmp_path):
 
 
 def test_resume_without_ema_net_warns_and_recreates_from_net(tmp_path):
-    train, valid = _loaders()
+    train, valid = loaders()
     Trainer("late", tmp_path).train(Net(), _params(max_epochs=1, ema=False), train, valid)
     net_weights = load_checkpoint(tmp_path / "late" / "ckpt_latest.pth")["net"]
     model = Net()
     trainer = Trainer("late", tmp_path)
-    with pytest.warns(RuntimeWarning, match=r"no 'ema_net'.*re-created from the checkpoint's 'net'"):
+    with pytest.warns(RuntimeWarning, match=r"no 'ema_net'.*re-created from the checkpoint's 'net'") as record:
         trainer.train(model, _params(max_epochs=1, resume=True), train, valid)  # nothing left to train
-    assert _equal_states(_state(trainer.ema.ema), net_weights)
-    assert _equal_states(_state(model), net_weights)
+    # The warnings of a run point at the line that called train().
+    assert {w.filename for w in record if issubclass(w.category, RuntimeWarning)} == {__file__}
+    assert equal_states(state(trainer.ema.ema), net_weights)
+    assert equal_states(state(model), net_weights)
 
 
 def test_resume_without_checkpoint_names_path(tmp_path):
-    train, valid = _loaders()
+    train, valid = loaders()
     with pytest.raises(FileNotFoundError, match=r"nothing[/\\]ckpt_latest\.pth"):
         Trainer("nothing", tmp_path).train(Net(), _params(resume=True), train, valid)
 
@@ -521,31 +467,31 @@ def test_resume_without_checkpoint_names_path(tmp_path):
 
 
 def test_kd_teacher_unchanged_student_ema_and_models_get(tmp_path):
-    train, valid = _loaders()
+    train, valid = loaders()
     torch.manual_seed(3)
     teacher = Net(hidden=24, dropout=0.5)
     teacher.train()  # the trainer must switch it to eval itself
-    teacher_before = _state(teacher)
+    teacher_before = state(teacher)
     kw = dict(in_features=N_FEATURES, num_classes=N_CLASSES, hidden_features=(8,))
     student = models.get("mlp", **kw)
-    student_before = _state(student)
+    student_before = state(student)
     trainer = KDTrainer("kd", tmp_path)
     history = trainer.train(student, teacher, _params(max_epochs=2, loss_params={"temperature": 2.0,
                                                                                   "distillation_weight": 0.7}),
                             train, valid)
 
-    assert _equal_states(_state(teacher), teacher_before)  # BN running stats included
+    assert equal_states(state(teacher), teacher_before)  # BN running stats included
     assert not teacher.training and not any(q.requires_grad for q in teacher.parameters())
-    assert not _equal_states(_state(student), student_before)
+    assert not equal_states(state(student), student_before)
     assert trainer.ema.ema.teacher is teacher  # the EMA shares the teacher, never copies or averages it
-    assert _equal_states(_state(student), _state(trainer.ema.ema.student))  # end-of-training swap
+    assert equal_states(state(student), state(trainer.ema.ema.student))  # end-of-training swap
     assert {"valid_accuracy", "valid_raw_accuracy"} <= set(history[-1])
 
     latest = load_checkpoint(tmp_path / "kd" / "ckpt_latest.pth")
     assert set(latest["net"]) == set(student.state_dict())  # the student only
-    assert _equal_states(latest["ema_net"], _state(student))
+    assert equal_states(latest["ema_net"], state(student))
     loaded = models.get("mlp", checkpoint_path=tmp_path / "kd" / "ckpt_latest.pth", **kw)
-    assert loaded.loaded_checkpoint_key == "ema_net" and _equal_states(_state(loaded), _state(student))
+    assert loaded.loaded_checkpoint_key == "ema_net" and equal_states(state(loaded), state(student))
     # test() evaluates the student EMA through the distillation module; a bare
     # student reports its hard-label loss.
     assert trainer.test()["accuracy"] == pytest.approx(_direct_eval(trainer.ema.ema.student, valid)[1])
@@ -571,7 +517,7 @@ def test_kd_loss_formula():
 
 
 def test_kd_rejects_plain_loss_name(tmp_path):
-    train, valid = _loaders()
+    train, valid = loaders()
     with pytest.raises(ValueError, match="KDTrainer supports 'kd_loss'"):
         KDTrainer("kd", tmp_path).train(Net(), Net(), _params(loss="cross_entropy"), train, valid)
 
@@ -607,7 +553,7 @@ def test_metrics():
 
 def test_progress_bars_and_summary_lines(tmp_path, capsys):
     pytest.importorskip("tqdm")
-    train, valid = _loaders()
+    train, valid = loaders()
     Trainer("bars", tmp_path).train(Net(), _params(progress_bar=True, silent_mode=False), train, valid)
     captured = capsys.readouterr()
     assert "epoch 1/2" in captured.out + captured.err and "EMA" in captured.out + captured.err
@@ -616,7 +562,7 @@ def test_progress_bars_and_summary_lines(tmp_path, capsys):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fp16_with_scaler(tmp_path):
-    train, valid = _loaders()
+    train, valid = loaders()
     model = Net()
     trainer = Trainer("cuda", tmp_path)
     trainer.train(model, _params(device="cuda", mixed_precision=True), train, valid)
@@ -630,7 +576,7 @@ def test_cuda_fp16_with_scaler(tmp_path):
 
 
 def test_unknown_ema_params_key_fails_before_any_work(tmp_path):
-    train, valid = _loaders()
+    train, valid = loaders()
     params = _params(ema_params={"decay": 0.9, "decay_type": "constant", "ema_dtyp": "float32"})
     with pytest.raises(ValueError, match=r"training param 'ema_params': unknown argument 'ema_dtyp' "
                                          r"\(did you mean 'ema_dtype'\?\)"):
@@ -641,7 +587,7 @@ def test_unknown_ema_params_key_fails_before_any_work(tmp_path):
 
 
 def test_sg_recipe_with_another_schedules_key_warns_once_and_trains(tmp_path):
-    train, valid = _loaders()
+    train, valid = loaders()
     params = _params(max_epochs=1, ema_params={"decay": 0.8, "decay_type": "threshold", "beta": 15})
     with pytest.warns(UserWarning, match=r"ignoring beta=15") as record:
         trainer = Trainer("recipe", tmp_path)
@@ -651,7 +597,7 @@ def test_sg_recipe_with_another_schedules_key_warns_once_and_trains(tmp_path):
 
 
 def test_ema_params_without_ema_warns_once_naming_them(tmp_path):
-    train, valid = _loaders()
+    train, valid = loaders()
     params = _params(max_epochs=1, ema=False, ema_params={"decay": 0.8, "decay_type": "constant"})
     with pytest.warns(UserWarning, match=r"'ema_params' \{'decay': 0.8, 'decay_type': 'constant'\} is set but "
                                          r"'ema' is False") as record:
@@ -660,7 +606,7 @@ def test_ema_params_without_ema_warns_once_naming_them(tmp_path):
 
 
 def test_decay_horizon_longer_than_the_run_warns_once(tmp_path):
-    train, valid = _loaders()  # 5 batches per epoch, 2 epochs: 10 steps
+    train, valid = loaders()  # 5 batches per epoch, 2 epochs: 10 steps
     params = _params(ema_params={"decay": 0.999, "decay_type": "constant"})
     with pytest.warns(UserWarning, match=r"decay=0.999 averages over about 1/\(1-decay\) = 1000 steps, more than "
                                          r"the planned total_steps=10") as record:
@@ -671,7 +617,7 @@ def test_decay_horizon_longer_than_the_run_warns_once(tmp_path):
 def test_skipped_updates_count_survives_a_resume(tmp_path):
     from ema_cuda.checkpoint import save_checkpoint
 
-    train, valid = _loaders()
+    train, valid = loaders()
     params = _params(max_epochs=2, ema_params={"decay": 0.8, "decay_type": "constant", "skip_nonfinite": True})
     with pytest.raises(Interrupt):
         StopAfter("skips", tmp_path, stop_after=1).train(Net(), params, train, valid)
@@ -688,7 +634,7 @@ def test_skipped_updates_count_survives_a_resume(tmp_path):
 
 
 def test_compiled_model_checkpoints_plain_keys_and_resumes(tmp_path):
-    train, valid = _loaders()
+    train, valid = loaders()
     params = _params(max_epochs=2)
     torch.manual_seed(3)
     model = Net()
@@ -698,7 +644,7 @@ def test_compiled_model_checkpoints_plain_keys_and_resumes(tmp_path):
     ckpt = load_checkpoint(path)
     assert set(ckpt["net"]) == set(Net().state_dict()) == set(ckpt["ema_net"])
     loaded = models.get(Net, checkpoint_path=path)
-    assert loaded.loaded_checkpoint_key == "ema_net" and _equal_states(_state(loaded), ckpt["ema_net"])
+    assert loaded.loaded_checkpoint_key == "ema_net" and equal_states(state(loaded), ckpt["ema_net"])
     resumed = Net()
     trainer = Trainer("compiled", tmp_path)
     trainer.train(torch.compile(resumed, backend="eager"), dict(params, resume=True), train, valid)
@@ -710,17 +656,20 @@ def test_compiled_model_checkpoints_plain_keys_and_resumes(tmp_path):
 # --------------------------------------------------------------------------- issue 14: a second run of one name
 
 
-def test_second_run_of_an_experiment_is_refused_and_leaves_the_first_intact(tmp_path):
-    train, valid = _loaders()
+@pytest.mark.parametrize("save_model", [True, False])
+def test_second_run_of_an_experiment_is_refused_and_leaves_the_first_intact(tmp_path, save_model):
+    train, valid = loaders()
     Trainer("exp", tmp_path).train(Net(), _params(max_epochs=1), train, valid)
     d = tmp_path / "exp"
     before = {p.name: p.read_bytes() for p in d.iterdir()}
-    for params in (_params(max_epochs=1), _params(max_epochs=1, save_model=False)):
-        with pytest.raises(FileExistsError, match=r"already holds ckpt_latest.pth, ckpt_best.pth, metrics.jsonl of "
-                                                  r"an earlier run of experiment 'exp'.*'resume': True.*'overwrite': True"):
-            Trainer("exp", tmp_path).train(Net(), params, train, valid)
+    with pytest.raises(FileExistsError, match=r"already holds ckpt_latest.pth, ckpt_best.pth, metrics.jsonl of "
+                                              r"an earlier run of experiment 'exp'.*'resume': True.*'overwrite': True"):
+        Trainer("exp", tmp_path).train(Net(), _params(max_epochs=1, save_model=save_model), train, valid)
     assert {p.name: p.read_bytes() for p in d.iterdir()} == before
-    # A second train() of the same trainer is a second run too.
+
+
+def test_second_train_call_of_one_trainer_is_a_second_run(tmp_path):
+    train, valid = loaders()
     trainer = Trainer("exp2", tmp_path)
     trainer.train(Net(), _params(max_epochs=1), train, valid)
     with pytest.raises(FileExistsError):
@@ -728,7 +677,7 @@ def test_second_run_of_an_experiment_is_refused_and_leaves_the_first_intact(tmp_
 
 
 def test_overwrite_replaces_an_earlier_run(tmp_path):
-    train, valid = _loaders()
+    train, valid = loaders()
     Trainer("exp", tmp_path).train(Net(), _params(max_epochs=2), train, valid)
     history = Trainer("exp", tmp_path).train(Net(), _params(max_epochs=1, overwrite=True), train, valid)
     assert load_checkpoint(tmp_path / "exp" / "ckpt_latest.pth")["epoch"] == 1
@@ -739,7 +688,7 @@ def test_overwrite_replaces_an_earlier_run(tmp_path):
 
 
 def test_kd_with_a_compiled_student_checkpoints_the_plain_student(tmp_path):
-    train, valid = _loaders()
+    train, valid = loaders()
     torch.manual_seed(3)
     teacher = Net(hidden=24)
     kw = dict(in_features=N_FEATURES, num_classes=N_CLASSES, hidden_features=(8,))
@@ -748,7 +697,7 @@ def test_kd_with_a_compiled_student_checkpoints_the_plain_student(tmp_path):
     trainer.train(torch.compile(student, backend="eager"), teacher, _params(max_epochs=1), train, valid)
     latest = load_checkpoint(tmp_path / "kdc" / "ckpt_latest.pth")
     assert set(latest["net"]) == set(latest["ema_net"]) == set(student.state_dict())
-    assert _equal_states(latest["ema_net"], _state(student))  # the end-of-training copy reached the student
+    assert equal_states(latest["ema_net"], state(student))  # the end-of-training copy reached the student
     loaded = models.get("mlp", checkpoint_path=tmp_path / "kdc" / "ckpt_latest.pth", **kw)
-    assert loaded.loaded_checkpoint_key == "ema_net" and _equal_states(_state(loaded), _state(student))
+    assert loaded.loaded_checkpoint_key == "ema_net" and equal_states(state(loaded), state(student))
     torch._dynamo.reset()

@@ -19,9 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ema_cuda._modules import unwrap_model
+from ema_cuda.training.task import ClassificationTask
 from ema_cuda.training.trainer import Trainer
 
-__all__ = ["KDTrainer", "KDModule", "KDOutput", "KDLoss"]
+__all__ = ["KDTrainer", "KDTask", "KDModule", "KDOutput", "KDLoss"]
 
 
 class KDOutput(NamedTuple):
@@ -90,6 +91,46 @@ class KDLoss(nn.Module):
         return self.distillation_weight * soft + (1.0 - self.distillation_weight) * hard
 
 
+class KDTask(ClassificationTask):
+    """Distillation through a :class:`KDModule`: the student is what is optimised, averaged and checkpointed."""
+
+    def default_params(self) -> Dict[str, Any]:
+        return {"loss": "kd_loss"}
+
+    def build_named_loss(self, name: str, loss_params: Mapping[str, Any]) -> Callable[..., torch.Tensor]:
+        if name == "kd_loss":
+            return KDLoss(**loss_params)
+        raise ValueError(
+            f"training param 'loss': KDTrainer supports 'kd_loss' or a callable loss(kd_output, targets), got {name!r}"
+        )
+
+    def weights_module(self, net: nn.Module) -> nn.Module:
+        # The student may be compiled itself: checkpoints hold the plain student's keys.
+        return unwrap_model(unwrap_model(net).student)
+
+    def ema_weights_module(self, ema) -> nn.Module:
+        ema_model = ema.ema
+        return getattr(ema_model, "student", ema_model)
+
+    def trainable_parameters(self, net: nn.Module) -> List[nn.Parameter]:
+        return [p for p in unwrap_model(net).student.parameters() if p.requires_grad]
+
+    def build_ema(self, net: nn.Module, ema_params: Mapping[str, Any]):
+        from ema_cuda.ema import KDModelEMA
+
+        return KDModelEMA.from_params(net, **dict(ema_params))
+
+    def compute_loss(self, loss_fn: Callable[..., Any], outputs: Any, targets: torch.Tensor) -> torch.Tensor:
+        if not isinstance(outputs, KDOutput):
+            # A standalone student (e.g. ``test(model=student)``): there is no
+            # teacher output, so the loss reported is the hard-label one.
+            return F.cross_entropy(outputs.float(), targets)
+        return super().compute_loss(loss_fn, outputs, targets)
+
+    def logits(self, outputs: Any) -> torch.Tensor:
+        return outputs.student_output if isinstance(outputs, KDOutput) else outputs
+
+
 class KDTrainer(Trainer):
     """:class:`~ema_cuda.training.Trainer` for knowledge distillation (see the module docstring).
 
@@ -101,6 +142,8 @@ class KDTrainer(Trainer):
     ``trainer.student`` the student, which holds the EMA weights when EMA
     was on.
     """
+
+    task = KDTask()
 
     def __init__(self, experiment_name: str, ckpt_root_dir="checkpoints"):
         super().__init__(experiment_name, ckpt_root_dir)
@@ -122,39 +165,3 @@ class KDTrainer(Trainer):
             raise ValueError("KDTrainer.train: student and teacher are the same module")
         self.student, self.teacher = student, teacher
         return super().train(KDModule(student, teacher), training_params, train_loader, valid_loader)
-
-    def _default_params(self) -> Dict[str, Any]:
-        return {"loss": "kd_loss"}
-
-    def _build_named_loss(self, name: str, loss_params: Mapping[str, Any]) -> Callable[..., torch.Tensor]:
-        if name == "kd_loss":
-            return KDLoss(**loss_params)
-        raise ValueError(
-            f"training param 'loss': KDTrainer supports 'kd_loss' or a callable loss(kd_output, targets), got {name!r}"
-        )
-
-    def _weights_module(self, net: nn.Module) -> nn.Module:
-        # The student may be compiled itself: checkpoints hold the plain student's keys.
-        return unwrap_model(unwrap_model(net).student)
-
-    def _ema_weights_module(self) -> nn.Module:
-        ema_model = self.ema.ema
-        return getattr(ema_model, "student", ema_model)
-
-    def _trainable_parameters(self, net: nn.Module) -> List[nn.Parameter]:
-        return [p for p in unwrap_model(net).student.parameters() if p.requires_grad]
-
-    def _build_ema(self, net: nn.Module, ema_params: Mapping[str, Any]):
-        from ema_cuda.ema import KDModelEMA
-
-        return KDModelEMA.from_params(net, **dict(ema_params))
-
-    def _compute_loss(self, outputs: Any, targets: torch.Tensor) -> torch.Tensor:
-        if not isinstance(outputs, KDOutput):
-            # A standalone student (e.g. ``test(model=student)``): there is no
-            # teacher output, so the loss reported is the hard-label one.
-            return F.cross_entropy(outputs.float(), targets)
-        return super()._compute_loss(outputs, targets)
-
-    def _logits(self, outputs: Any) -> torch.Tensor:
-        return outputs.student_output if isinstance(outputs, KDOutput) else outputs

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, List, Optional
 
 from ema_cuda._fs import atomic_write
 
-__all__ = ["MetricsLog", "progress", "format_epoch_summary", "emit"]
+__all__ = ["MetricsLog", "METRICS_LOG_NAME", "progress", "format_epoch_summary", "emit"]
 
 logger = logging.getLogger("ema_cuda.training")
 

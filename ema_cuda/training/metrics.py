@@ -1,15 +1,16 @@
-"""Running metrics: mean loss and top-k accuracy.
+"""Running metrics (mean loss and top-k accuracy), and the watched metric that picks the best checkpoint.
 
 Totals stay on the device as tensors and are read once per epoch, so the
 training loop does not synchronise with the GPU after every batch.
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+import math
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 
-__all__ = ["MetricTracker", "topk_correct"]
+__all__ = ["MetricTracker", "topk_correct", "find_watched_key", "is_improvement"]
 
 
 def topk_correct(logits: torch.Tensor, targets: torch.Tensor, k: int = 1) -> torch.Tensor:
@@ -78,3 +79,24 @@ class MetricTracker:
                 name = "accuracy" if k == 1 else f"top{k}"
                 out[name] = float(self._correct[k].item()) / self.count
         return out
+
+
+def find_watched_key(record: Mapping[str, Any], metric_to_watch: str) -> str:
+    """The key of an epoch's ``record`` that ``metric_to_watch`` names: itself, or ``valid_<metric_to_watch>``."""
+    for key in (metric_to_watch, f"valid_{metric_to_watch}"):
+        if key in record:
+            return key
+    raise ValueError(
+        f"training param 'metric_to_watch': {metric_to_watch!r} is not a metric of this run; "
+        f"known metrics: {sorted(k[len('valid_'):] for k in record if k.startswith('valid_') and not k.startswith('valid_raw_'))} "
+        f"or any of {sorted(record)}"
+    )
+
+
+def is_improvement(value: float, best: Optional[float], greater_is_better: bool) -> bool:
+    """Whether ``value`` beats ``best``: a non-finite value never does, and anything finite beats no (or a non-finite) best."""
+    if not math.isfinite(value):
+        return False
+    if best is None or not math.isfinite(best):
+        return True
+    return value > best if greater_is_better else value < best

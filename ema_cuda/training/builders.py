@@ -1,0 +1,198 @@
+"""The objects a training run is made of, built from its :class:`~ema_cuda.training.TrainingParams`.
+
+Each function turns checked params into one object (the device, the autocast
+dtype, the loss, the optimizer, the learning-rate schedule, the model on its
+device and wrapped for DDP) and raises :class:`ValueError` naming the training
+param when they do not fit together.  Params are validated on their own in
+``params.py``; what is checked here needs the model, the device or the loader.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ema_cuda import distributed as dist_utils
+from ema_cuda.training.lr_schedules import LRScheduler
+from ema_cuda.training.params import TrainingParams
+from ema_cuda.training.task import ClassificationTask
+
+__all__ = [
+    "batches_per_epoch",
+    "is_sharded",
+    "refuse_sharded_model",
+    "loader_samplers",
+    "check_distributed_loader",
+    "resolve_device",
+    "resolve_amp_dtype",
+    "prepare_model",
+    "build_loss",
+    "build_optimizer",
+    "build_lr_scheduler",
+]
+
+
+def batches_per_epoch(train_loader: Any) -> int:
+    try:
+        n = len(train_loader)
+    except TypeError:
+        raise TypeError("Trainer.train: train_loader must have a length (len(train_loader))") from None
+    if n == 0:
+        raise ValueError("Trainer.train: train_loader is empty")
+    return n
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """True when the model's parameters are DTensors (FSDP2 / tensor parallel), which DDP cannot wrap."""
+    return any(hasattr(p, "device_mesh") and hasattr(p, "to_local") for p in model.parameters())
+
+
+def refuse_sharded_model(model: nn.Module) -> None:
+    if is_sharded(model):
+        raise ValueError(
+            "Trainer.train: the model's parameters are DTensors (sharded with FSDP2 fully_shard or tensor "
+            "parallelism); the Trainer drives DDP only. Keep an EMA of a sharded model with "
+            "ema_cuda.ShardedModelEMA in your own loop (see docs/distributed.md)"
+        )
+
+
+def loader_samplers(loader: Any) -> List[Any]:
+    """The loader's sampler and its batch sampler's sampler (where a ``DistributedSampler`` may sit)."""
+    return [s for s in (getattr(loader, "sampler", None), getattr(getattr(loader, "batch_sampler", None), "sampler", None))
+            if s is not None]
+
+
+def check_distributed_loader(train_loader: Any, batches_per_epoch: int) -> None:
+    """Every rank must make the same number of steps; a loader without a DistributedSampler is a warning.
+
+    A collective: call it on every rank.  Its warning points at the caller
+    of ``Trainer.train`` (see NOTE [warning frames] in ``trainer.py``).
+    """
+    lengths = dist_utils.all_gather_objects(batches_per_epoch)
+    if len(set(lengths)) > 1:
+        raise ValueError(
+            f"Trainer.train: the train loaders of the ranks have different lengths {lengths}; every rank must "
+            "make the same number of steps (DistributedSampler pads the data set so that they do)"
+        )
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    if isinstance(train_loader, DataLoader) and not isinstance(train_loader.dataset, torch.utils.data.IterableDataset):
+        if not any(isinstance(s, DistributedSampler) for s in loader_samplers(train_loader)):
+            warnings.warn(
+                f"Trainer.train: distributed over {dist_utils.get_world_size()} ranks but the train loader has no "
+                "DistributedSampler, so every rank iterates over the whole data set (the same batches, the "
+                "same result, world-size times the work); use DataLoader(..., sampler=DistributedSampler(dataset))",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
+def resolve_device(model: nn.Module, p: TrainingParams, distributed: bool) -> torch.device:
+    """``device`` when given, else where the model already is (if not the CPU), else CUDA if there is one."""
+    if p.device is not None:
+        return torch.device(p.device)
+    first = next(iter(model.parameters()), None)
+    if first is not None and first.device.type != "cpu":
+        return first.device
+    if torch.cuda.is_available():
+        if distributed:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", torch.cuda.current_device())))
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resolve_amp_dtype(p: TrainingParams, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype ``mixed_precision`` asks for on ``device`` (``None``: no autocast)."""
+    mp = p.mixed_precision
+    if mp is False:
+        return None
+    if mp is True:
+        return torch.float16 if device.type == "cuda" else torch.bfloat16
+    if mp == "bf16":
+        return torch.bfloat16
+    if device.type != "cuda":
+        raise ValueError(f"training param 'mixed_precision': 'fp16' needs a CUDA device, training is on {device}")
+    return torch.float16
+
+
+def prepare_model(model: nn.Module, device: torch.device, distributed: bool) -> nn.Module:
+    """The model on ``device``, wrapped in DDP in a distributed run (unless it is already, or is sharded)."""
+    model = model.to(device)
+    if distributed and not isinstance(model, nn.parallel.DistributedDataParallel) and not is_sharded(model):
+        # DDP broadcasts rank 0's weights and buffers here, so the EMA
+        # built from the wrapped model afterwards is the same on all ranks.
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" and device.index is not None else None
+        )
+    return model
+
+
+def build_loss(p: TrainingParams, device: torch.device, task: ClassificationTask) -> Callable[..., torch.Tensor]:
+    if isinstance(p.loss, str):
+        try:
+            loss = task.build_named_loss(p.loss, p.loss_params)
+        except TypeError as exc:
+            raise ValueError(f"training param 'loss_params' {dict(p.loss_params)!r} do not fit loss {p.loss!r}: {exc}") from exc
+    else:
+        if p.loss_params:
+            raise ValueError("training param 'loss_params' only applies when 'loss' is a name; got a loss object")
+        loss = p.loss
+    if isinstance(loss, nn.Module):
+        loss = loss.to(device)
+    return loss
+
+
+def build_optimizer(p: TrainingParams, net: nn.Module,
+                    task: ClassificationTask) -> Tuple[torch.optim.Optimizer, List[float]]:
+    """The optimizer (``p.optimizer`` itself when it is an instance) and each parameter group's base rate."""
+    if isinstance(p.optimizer, torch.optim.Optimizer):
+        opt = p.optimizer
+        if p.optimizer_params:
+            raise ValueError("training param 'optimizer_params' only applies when 'optimizer' is a name")
+        own = {id(t) for t in net.parameters()}
+        foreign = [i for g in opt.param_groups for i, t in enumerate(g["params"]) if id(t) not in own]
+        if foreign:
+            raise ValueError(
+                f"training param 'optimizer': the optimizer instance holds {len(foreign)} tensors that are not "
+                "parameters of the model being trained; build it on model.parameters()"
+            )
+        base_lrs = []
+        for g in opt.param_groups:
+            if p.initial_lr is not None:
+                g["initial_lr"] = float(p.initial_lr)
+            # 'initial_lr' (as torch's schedulers keep it) survives a previous run that left a decayed 'lr'.
+            base_lrs.append(float(g.setdefault("initial_lr", g["lr"])))
+        return opt, base_lrs
+    cls = getattr(torch.optim, p.optimizer)
+    params = task.trainable_parameters(net)
+    if not params:
+        raise ValueError("Trainer.train: the model has no parameters with requires_grad=True")
+    try:
+        opt = cls(params, lr=float(p.initial_lr), **dict(p.optimizer_params))
+    except TypeError as exc:
+        raise ValueError(
+            f"training param 'optimizer_params' {dict(p.optimizer_params)!r} do not fit optimizer "
+            f"{p.optimizer!r}: {exc}"
+        ) from exc
+    return opt, [float(p.initial_lr)] * len(opt.param_groups)
+
+
+def build_lr_scheduler(optimizer: torch.optim.Optimizer, p: TrainingParams, base_lrs: List[float],
+                       batches_per_epoch: int) -> LRScheduler:
+    if p.warmup_initial_lr is not None and p.initial_lr is None:
+        raise ValueError("training param 'warmup_initial_lr' needs 'initial_lr'")
+    return LRScheduler(
+        optimizer,
+        mode=p.lr_mode,
+        batches_per_epoch=batches_per_epoch,
+        max_epochs=p.max_epochs,
+        base_lrs=base_lrs,
+        lr_updates=p.lr_updates,
+        lr_decay_factor=p.lr_decay_factor,
+        cosine_final_lr_ratio=p.cosine_final_lr_ratio,
+        warmup_batches=p.lr_warmup_steps or p.lr_warmup_epochs * batches_per_epoch,
+        warmup_initial_lr=p.warmup_initial_lr,
+    )
