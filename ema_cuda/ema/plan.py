@@ -4,15 +4,18 @@ NOTE [plan validity] (Python side): a :class:`Plan` is built by
 :func:`build_plan` for one source module (the model, unwrapped) and one
 value of the ``buffers`` option, and reused by :meth:`PlanCache.get` while
 
-1. the source is the same object and ``buffers`` the same value;
+1. the source is the same object and ``buffers`` the same value (the
+   option decides which entries are averaged and which copied);
 2. both module trees still register the same objects: every parameter,
    buffer and child under the same name in the same registry, and no
-   registry grew or shrank (:func:`ema_cuda.ops.entries_unchanged`, about
-   10 ns per entry compiled);
+   registry grew or shrank.  The updaters hold tensor objects: a Parameter
+   replaced in its module (``load_state_dict(assign=True)``, a new child)
+   would otherwise go on being read in its stale form.  Tested by
+   :func:`ema_cuda.ops.entries_unchanged` (pointer compares in C++);
 3. every model entry still maps to the tensor it was paired through (a
    DTensor to the same local shard: FSDP may swap it);
-4. the copied model tensors keep their shapes (they are not in the fused
-   op's own check when they go through a cast);
+4. the copied model tensors keep their shapes (those that go through a
+   cast are not in the fused op's own check);
 5. every ``FusedUpdater`` of the plan is ``ready()``: the op's rule, NOTE
    [plan validity] in csrc/ema_update.h (address, element count, dtype,
    shape and dense layout of every pair).  An updater adapts to a storage

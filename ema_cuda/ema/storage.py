@@ -97,8 +97,9 @@ def check_no_overlap(where: str, keyed: Sequence[Tuple[str, torch.Tensor]]) -> N
     """Distinct model tensors that overlap in memory (views of one another) cannot be packed separately."""
     pair = next(overlapping_pairs([t for _, t in keyed]), None)
     if pair is not None:
+        first, second = sorted(pair)  # named in the model's order
         raise ValueError(
-            f"{where}: model entries {keyed[pair[0]][0]!r} and {keyed[pair[1]][0]!r} are different tensors that "
+            f"{where}: model entries {keyed[first][0]!r} and {keyed[second][0]!r} are different tensors that "
             "overlap in memory; tie weights by sharing one Parameter instead"
         )
 
