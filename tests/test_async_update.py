@@ -10,7 +10,6 @@ import gc
 import pytest
 import torch
 from torch import nn
-
 from torch.optim.optimizer import _global_optimizer_pre_hooks
 
 from ema_cuda import ModelEMA, ops

@@ -140,3 +140,18 @@ def test_an_unpickled_ema_pickles_and_copies_again(name):
     for b in (again, copied):
         continue_run(b["ema"], b["model"], b["next_step"])
         assert_same_state(b["ema"].state_dict(), expected()[name], EXACT)
+
+
+def test_a_pickled_async_ema_of_the_old_layout_gets_its_own_executor_and_continues(monkeypatch):
+    # Its ema.ema carries the old forward pre-hook class (ema_cuda.ema._WaitHook); the stream API is run on
+    # the host here (the fixture was made the same way).
+    from ema_cuda.ema.executors import SideStreamExecutor, WaitHook
+
+    monkeypatch.setattr(SideStreamExecutor, "default_streams", fixtures.HostStreams())
+    blob = torch.load(os.path.join(DATA, "pickled_async_v1.pt"), weights_only=False)
+    ema, model = blob["ema"], blob["model"]
+    hooks = [h for h in ema.ema._forward_pre_hooks.values() if isinstance(h, WaitHook)]
+    assert ema.async_update and len(hooks) == 1 and hooks[0].ref() is ema._executor
+    continue_run(ema, model, blob["next_step"])
+    want = torch.load(os.path.join(DATA, "expected_async_v1.pt"), weights_only=True)["async"]
+    assert_same_state(ema.state_dict(), want, EXACT)

@@ -5,15 +5,17 @@ The committed files were written by ema_cuda before the EMA layer became the
 so they hold what users' files of that time hold: a saved
 ``ModelEMA.state_dict()``, a training checkpoint written by
 ``ema_cuda.checkpoint.save_checkpoint``, and whole EMA objects saved with
-``torch.save`` (pickles of the old attribute layout).  For each EMA,
-``expected_v1.pt`` records the state_dict it reaches after
-``CONTINUE_STEPS`` more updates on the old code, so a test can tell that the
-new code continues it identically.
+``torch.save`` (pickles of the old attribute layout, one of them an
+``async_update`` EMA made on the host with :class:`HostStreams`).  For each
+EMA, ``expected_v1.pt`` (``expected_async_v1.pt``) records the state_dict it
+reaches after ``CONTINUE_STEPS`` more updates on the old code, so a test can
+tell that the new code continues it identically.
 
-Do not regenerate them to make a test pass: they are the old format.  Run
-``python tests/data/make_fixtures.py`` from the repository root only to add a
-fixture for a new format (with a new file name).  Only torch.nn modules and
-ema_cuda classes are pickled, so loading needs no test module.
+They are the old format: do not regenerate them.  This script ran on the
+single-module code (``python tests/data/make_fixtures.py`` from the root of
+such a checkout; the asynchronous case replaces that module's ``_STREAMS``);
+the tests import its model, steps and :class:`HostStreams`.  Only torch.nn
+modules and ema_cuda classes are pickled, so loading needs no test module.
 """
 from __future__ import annotations
 
@@ -66,6 +68,58 @@ def run(ema, model: nn.Module, start: int, stop: int) -> None:
             ema.update(model, step, TOTAL)
 
 
+class HostStreams:
+    """The stream API of the asynchronous update, run on the host at once: lets an ``async_update`` EMA be
+    built, pickled and loaded on a CPU (the real streams need CUDA)."""
+
+    class _Stream:
+        def wait_stream(self, other: object) -> None:
+            pass
+
+        def wait_event(self, event: object) -> None:
+            pass
+
+    class _Event:
+        def record(self, stream: object) -> None:
+            pass
+
+    def supports(self, device: torch.device) -> bool:
+        return True
+
+    def side_stream(self, device: torch.device) -> object:
+        return self._Stream()
+
+    def current_stream(self, device: torch.device) -> object:
+        return self._Stream()
+
+    def stream(self, stream: object) -> object:
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def new_event(self) -> object:
+        return self._Event()
+
+    def record_stream(self, tensor: torch.Tensor, stream: object) -> None:
+        pass
+
+
+def write_async_fixture() -> None:
+    """An ``async_update`` EMA pickled by the single-module EMA (its module global ``_STREAMS`` replaced by
+    :class:`HostStreams`): its ``ema.ema`` carries the old forward pre-hook class ``ema_cuda.ema._WaitHook``."""
+    import ema_cuda.ema as single_module
+    from ema_cuda import ModelEMA
+    from ema_cuda.ema_decay_schedules import ThresholdDecay
+
+    single_module._STREAMS = HostStreams()
+    model = make_model()
+    ema = ModelEMA(model, 0.9, ThresholdDecay(), async_update=True)
+    run(ema, model, 1, 5)
+    torch.save({"ema": ema, "model": model, "next_step": 5}, os.path.join(HERE, "pickled_async_v1.pt"))
+    run(ema, model, 5, 5 + CONTINUE_STEPS)
+    torch.save({"async": ema.state_dict()}, os.path.join(HERE, "expected_async_v1.pt"))
+
+
 def main() -> None:
     from ema_cuda import KDModelEMA, ModelEMA
     from ema_cuda.checkpoint import save_checkpoint
@@ -105,6 +159,7 @@ def main() -> None:
         run(ema, model, 5, 5 + CONTINUE_STEPS)
         expected[name] = ema.state_dict()
     torch.save(expected, os.path.join(HERE, "expected_v1.pt"))
+    write_async_fixture()
 
 
 if __name__ == "__main__":
