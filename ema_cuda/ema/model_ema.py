@@ -368,7 +368,9 @@ class ModelEMA:
             with torch.no_grad():
                 torch._foreach_copy_([m for m, _ in plan.pairs], [e for _, e in plan.pairs])
 
-    def update_attr(self, model: nn.Module, include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None) -> None:
+    def update_attr(
+        self, model: nn.Module, include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None
+    ) -> None:
         """Copies the model's plain attributes (not weights or buffers) onto ``ema.ema``.
 
         Detection models keep state such as anchors, strides or class names in

@@ -314,9 +314,12 @@ def from_params_arguments(
     decay_cls = _registered("ModelEMA.from_params", decay_type)
     schedule_kwargs, misplaced = _split_schedule_kwargs(where, decay_type, decay_cls, kwargs)
     if misplaced:
-        listed = ", ".join(f"{k}={kwargs[k]!r} (a parameter of {' / '.join(map(repr, v))})" for k, v in misplaced.items())
+        listed = ", ".join(
+            f"{k}={kwargs[k]!r} (a parameter of {' / '.join(map(repr, v))})" for k, v in misplaced.items()
+        )
+        pronoun = "them" if len(misplaced) > 1 else "it"
         warnings.warn(
-            f"{where}: ignoring {listed}: decay_type {decay_type!r} does not take {'them' if len(misplaced) > 1 else 'it'}",
+            f"{where}: ignoring {listed}: decay_type {decay_type!r} does not take {pronoun}",
             UserWarning,
             stacklevel=stacklevel,
         )
@@ -324,7 +327,7 @@ def from_params_arguments(
 
 
 def check_ema_params(params: Dict[str, Any], where: str = "ema_params") -> None:
-    """Raises the error :meth:`ModelEMA.from_params` would raise for an unknown key of ``params``, without building anything.
+    """Raises the error :meth:`ModelEMA.from_params` would raise for an unknown key of ``params``, building nothing.
 
     Lets a configuration (the Trainer's ``ema_params``) be checked before
     any work starts.  Warnings (defaults, misplaced keys) are left to
@@ -349,7 +352,9 @@ def _saved_schedule(where: str, info: Optional[Mapping[str, Any]], current: Any)
         return current, None
     if saved_name in EMA_DECAY_FUNCTIONS:
         rebuilt = EMA_DECAY_FUNCTIONS[saved_name](**saved_params)
-        return rebuilt, f"{where}: the saved decay schedule {saved_name!r} {saved_params} replaces the current {current!r}"
+        return rebuilt, (
+            f"{where}: the saved decay schedule {saved_name!r} {saved_params} replaces the current {current!r}"
+        )
     return current, (
         f"{where}: the saved decay schedule {saved_name!r} is not registered in EMA_DECAY_FUNCTIONS; keeping the "
         f"current {current!r}"

@@ -129,14 +129,18 @@ def build_plan(where: str, src: nn.Module, ema_root: nn.Module, buffers: str, sp
     if missing or unexpected:
         parts = [f"missing from the model: {_names(missing)}"] if missing else []
         parts += [f"not in the EMA: {_names(unexpected)}"] if unexpected else []
-        raise RuntimeError(f"{where}: the model does not match the EMA ({'; '.join(parts)}); entries are paired by name")
+        raise RuntimeError(
+            f"{where}: the model does not match the EMA ({'; '.join(parts)}); entries are paired by name"
+        )
 
     # Group keys by EMA tensor: tied weights are one tensor under several names.
     groups: Dict[int, Tuple[torch.Tensor, List[str], bool]] = {}
     for key, _, _, e, is_param in e_entries:
         m = map_tensor(model_by_key[key].tensor)
         if m.shape != e.shape:
-            raise RuntimeError(f"{where}: entry {key!r} has shape {list(m.shape)} in the model but {list(e.shape)} in the EMA")
+            raise RuntimeError(
+                f"{where}: entry {key!r} has shape {list(m.shape)} in the model but {list(e.shape)} in the EMA"
+            )
         if m.is_floating_point() != e.is_floating_point():
             raise RuntimeError(f"{where}: entry {key!r} has dtype {m.dtype} in the model but {e.dtype} in the EMA")
         if m.device != e.device:

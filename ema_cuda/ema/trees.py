@@ -160,7 +160,9 @@ class ShardedTree(ReplicatedTree):
             if local.is_floating_point():
                 floating.append((id(t), local))
         if not self.specs:
-            raise TypeError(f"{self.where}: the model has no DTensor parameters or buffers (it is not sharded); use ModelEMA")
+            raise TypeError(
+                f"{self.where}: the model has no DTensor parameters or buffers (it is not sharded); use ModelEMA"
+            )
         locals_ = [t for _, t in floating]
         views = flat_views([(t.shape, t.stride(), ema_dtype or t.dtype, t.device) for t in locals_], locals_)
         copies: Dict[int, torch.Tensor] = {}
