@@ -1,4 +1,5 @@
-"""The one place that knows how training wrappers nest a model, and the key prefixes they leave.
+"""The one place that knows how training wrappers nest a model, the key prefixes they leave, and how a
+module tree registers its state.
 
 Every part of the package that needs "the user's model" (the EMA, the
 Trainer, checkpoints, the model registry) calls :func:`unwrap_model`, so that
@@ -6,14 +7,17 @@ they all agree on which module holds the weights and on the names of its
 ``state_dict`` keys.  A checkpoint never holds wrapper prefixes because its
 weights always come from the unwrapped module; :func:`strip_wrapper_prefixes`
 reads checkpoints written by other code that saved the wrapper itself.
+:func:`state_entries` walks a module tree as ``state_dict`` does, for the
+EMA and the distributed helpers.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Mapping
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Tuple
 
+import torch
 from torch import nn
 
-__all__ = ["unwrap_model", "strip_wrapper_prefixes", "WRAPPER_PREFIXES"]
+__all__ = ["unwrap_model", "strip_wrapper_prefixes", "WRAPPER_PREFIXES", "Entry", "state_entries"]
 
 #: Key prefixes of wrappers that hold the model as an attribute:
 #: ``module.`` (DataParallel, DistributedDataParallel) and ``_orig_mod.``
@@ -63,3 +67,41 @@ def strip_wrapper_prefixes(state_dict: Mapping[str, Any], model_keys: Iterable[s
         else:
             return out
     return out
+
+
+class Entry(NamedTuple):
+    """A tensor of a module tree's ``state_dict``, with where it is registered."""
+
+    key: str  # its state_dict key
+    owner: Dict[str, Any]  # the registry holding it: a module's _parameters or _buffers
+    name: str  # its name in that registry
+    tensor: torch.Tensor
+    is_param: bool
+
+
+def state_entries(root: nn.Module) -> Tuple[List[Entry], List[nn.Module]]:
+    """The tensors of ``root.state_dict()`` with their keys and owners, and the modules visited.
+
+    Walks the module tree the way ``state_dict`` does (parameters, persistent
+    buffers, children; shared modules and tied tensors appear under every
+    name), but returns the live objects and where they are registered, so
+    that a later step can check cheaply that nothing was replaced.
+    """
+    entries: List[Entry] = []
+    modules: List[nn.Module] = []
+
+    def visit(module: nn.Module, prefix: str) -> None:
+        modules.append(module)
+        for name, p in module._parameters.items():
+            if p is not None:
+                entries.append(Entry(prefix + name, module._parameters, name, p, True))
+        skip = module._non_persistent_buffers_set
+        for name, b in module._buffers.items():
+            if b is not None and name not in skip:
+                entries.append(Entry(prefix + name, module._buffers, name, b, False))
+        for name, child in module._modules.items():
+            if child is not None:
+                visit(child, prefix + name + ".")
+
+    visit(root, "")
+    return entries, modules

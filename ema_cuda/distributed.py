@@ -117,11 +117,6 @@ def all_gather_objects(obj: Any, group: Optional[Any] = None) -> List[Any]:
     return out
 
 
-def _averaged_module(ema: Any) -> torch.nn.Module:
-    # The module whose state the EMA averages (the student for KDModelEMA).
-    return getattr(ema, "_covered", None) or ema.ema
-
-
 def broadcast_ema_buffers(ema: Any, src: int = 0, group: Optional[Any] = None) -> None:
     """Copies the EMA's buffers (BatchNorm statistics and counters) from rank ``src`` to every rank.
 
@@ -132,11 +127,11 @@ def broadcast_ema_buffers(ema: Any, src: int = 0, group: Optional[Any] = None) -
     """
     if not is_distributed():
         return
-    from ema_cuda.ema import _state_entries
+    from ema_cuda._modules import state_entries
 
     seen = set()
     buffers = []
-    for _, _, _, t, is_param in _state_entries(_averaged_module(ema))[0]:
+    for _, _, _, t, is_param in state_entries(ema.averaged_module)[0]:
         if not is_param and id(t) not in seen:
             seen.add(id(t))
             buffers.append(t)

@@ -26,14 +26,14 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from ema_cuda._fs import atomic_write
-from ema_cuda.ema import ModelEMA, _flat_views, _is_dense, _is_dtensor, _local_shard, _state_entries
-from ema_cuda.ops import SUPPORTED_DTYPES
+from ema_cuda.ema import ModelEMA
+from ema_cuda.ema.trees import ShardSpec, ShardedTree, is_dtensor, local_shard
 
 __all__ = [
     "ShardedModelEMA",
@@ -74,94 +74,7 @@ class ShardedModelEMA(ModelEMA):
     ranks; :func:`ema_cuda.distributed.broadcast_ema_buffers` makes them agree.
     """
 
-    def _copy_module(self, src: nn.Module) -> nn.Module:
-        entries, _ = _state_entries(src)
-        shards: Dict[int, torch.Tensor] = {}
-        floating: List[Tuple[int, torch.Tensor]] = []
-        self._specs: Dict[str, Tuple[Any, Any, torch.Size, Tuple[int, ...]]] = {}
-        for key, _, _, t, _ in entries:
-            if isinstance(t, nn.parameter.UninitializedTensorMixin):
-                raise ValueError(f"ShardedModelEMA: model entry {key!r} is not initialised yet (a lazy module)")
-            if _is_dtensor(t):
-                self._specs[key] = (t.device_mesh, tuple(t.placements), t.shape, tuple(t.stride()))
-            if id(t) in shards:
-                continue
-            local = _local_shard(t)
-            shards[id(t)] = local
-            if not local.is_floating_point():
-                continue
-            if local.dtype not in SUPPORTED_DTYPES:
-                raise ValueError(
-                    f"ShardedModelEMA: model entry {key!r} has dtype {local.dtype}; the fused update supports "
-                    f"{[str(d) for d in SUPPORTED_DTYPES]}"
-                )
-            if not _is_dense(local):
-                raise ValueError(f"ShardedModelEMA: the local shard of model entry {key!r} is not dense")
-            floating.append((id(t), local))
-        if not self._specs:
-            raise TypeError(
-                "ShardedModelEMA: the model has no DTensor parameters or buffers (it is not sharded); use ModelEMA"
-            )
-
-        views = _flat_views(
-            [(t.shape, t.stride(), self.ema_dtype or t.dtype, t.device) for _, t in floating],
-            [t for _, t in floating],
-        )
-        copies: Dict[int, torch.Tensor] = {}
-        with torch.no_grad():
-            for (ident, local), view in zip(floating, views):
-                view.copy_(local)
-                copies[ident] = view
-            for ident, local in shards.items():
-                if ident not in copies:  # integer buffers
-                    copies[ident] = local.detach().clone()
-
-        mirrors: Dict[int, nn.Module] = {}
-        params: Dict[int, nn.Parameter] = {}
-
-        def mirror(module: nn.Module) -> nn.Module:
-            # A plain module with the same names, holding the shard copies
-            # (shared modules and tied tensors stay shared).
-            if id(module) in mirrors:
-                return mirrors[id(module)]
-            m = nn.Module()
-            mirrors[id(module)] = m
-            for name, p in module._parameters.items():
-                if p is not None:
-                    # A parameter tied in the model is one Parameter here too.
-                    if id(p) not in params:
-                        params[id(p)] = nn.Parameter(copies[id(p)], requires_grad=False)
-                    m._parameters[name] = params[id(p)]
-            skip = module._non_persistent_buffers_set
-            for name, b in module._buffers.items():
-                if b is not None and name not in skip:
-                    m._buffers[name] = copies[id(b)]
-            for name, child in module._modules.items():
-                if child is not None:
-                    m._modules[name] = mirror(child)
-            return m
-
-        return mirror(src).eval()
-
-    def _model_tensor(self, t: torch.Tensor) -> torch.Tensor:
-        return _local_shard(t)
-
-    def _model_is_finite(self, plan) -> bool:
-        # Each rank sees only its shards: the ranks agree on skipping through
-        # one 1-element all-reduce (the only communication of an update, and
-        # only with skip_nonfinite=True), else their EMAs would drift apart.
-        finite = super()._model_is_finite(plan)
-        dist = _dist()
-        if dist is None:
-            return finite
-        device = plan.finite_check[0].device if plan.finite_check else torch.device("cpu")
-        if dist.get_backend() == "nccl" and device.type != "cuda":
-            device = torch.device("cuda", torch.cuda.current_device())
-        flag = torch.tensor([0 if finite else 1], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return not bool(flag.item())
-
-    # ------------------------------------------------------------------ evaluation
+    _tree_type = ShardedTree
 
     @contextmanager
     def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -172,21 +85,8 @@ class ShardedModelEMA(ModelEMA):
         values copied back on exit, also when the block raises.  Call it on
         every rank, like the forward passes inside it.
         """
-        self.wait()
-        plan = self._ensure_plan(self._source(model))
-        model_side = [m for m, _ in plan.pairs]
-        self._swap_depth += 1
-        try:
-            with torch.no_grad():
-                saved = [m.clone() for m in model_side]
-                torch._foreach_copy_(model_side, [e for _, e in plan.pairs])
-            try:
-                yield model
-            finally:
-                with torch.no_grad():
-                    torch._foreach_copy_(model_side, saved)
-        finally:
-            self._swap_depth -= 1
+        with super().swapped(model) as m:
+            yield m
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -204,7 +104,7 @@ class ShardedModelEMA(ModelEMA):
         state = super().state_dict()
         weights = {}
         for key, t in state["ema"].items():
-            spec = self._specs.get(key)
+            spec = self._tree.specs.get(key)
             if spec is None:
                 weights[key] = t
             else:
@@ -224,9 +124,9 @@ class ShardedModelEMA(ModelEMA):
         if isinstance(state, dict) and isinstance(state.get("ema"), dict):
             weights = {}
             for key, v in state["ema"].items():
-                spec = self._specs.get(key)
-                if _is_dtensor(v):
-                    v = _local_shard(v)
+                spec = self._tree.specs.get(key)
+                if is_dtensor(v):
+                    v = local_shard(v)
                 elif spec is not None and isinstance(v, torch.Tensor) and v.shape == spec[2]:
                     v = _cut_shard(v, spec)
                 weights[key] = v
@@ -240,7 +140,7 @@ class ShardedModelEMA(ModelEMA):
         )
 
 
-def _cut_shard(full: torch.Tensor, spec: Tuple[Any, Any, torch.Size, Tuple[int, ...]]) -> torch.Tensor:
+def _cut_shard(full: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
     """This rank's piece of a full tensor, for a DTensor layout ``spec``."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 

@@ -5,13 +5,15 @@ the CUDA stream API (the same code paths call it); the tests at the end run
 the real thing and need a GPU (skipped without one)."""
 import contextlib
 import copy
+import gc
 
 import pytest
 import torch
 from torch import nn
+from torch.optim.optimizer import _global_optimizer_pre_hooks
 
-import ema_cuda.ema as ema_module
 from ema_cuda import ModelEMA, ops
+from ema_cuda.ema.executors import SideStreamExecutor, WaitHook
 from ema_cuda.ema_decay_schedules import ConstantDecay, ThresholdDecay
 from conftest import requires_cuda
 
@@ -90,7 +92,7 @@ class FakeStreams:
 @pytest.fixture
 def fake(monkeypatch):
     streams = FakeStreams()
-    monkeypatch.setattr(ema_module, "_STREAMS", streams)
+    monkeypatch.setattr(SideStreamExecutor, "default_streams", streams)
     calls = []
     update = ops.FusedUpdater.update
 
@@ -138,7 +140,8 @@ def test_parameters_go_to_the_side_stream_after_it_waits_and_buffers_stay(fake):
         assert ("side", n_params) in fake.calls
         # BatchNorm's running statistics (written by the next forward pass) on the current stream.
         assert ("main", 2) in fake.calls
-        assert ema._pending is not None and ema in ema_module._PENDING
+        # An update in flight, which this EMA's optimizer step pre-hook waits for.
+        assert ema._executor.pending is not None and ema._executor.hook.id in _global_optimizer_pre_hooks
     ema.wait()
     for key, v in ref.ema.state_dict().items():
         assert torch.equal(ema.ema.state_dict()[key], v), key
@@ -164,7 +167,7 @@ def test_every_read_of_the_ema_waits_for_the_update_in_flight(fake, read):
     fake.log.clear()
     READS[read](ema, model)
     assert fake.log[0] == ("wait_event", "main", event)
-    assert ema._pending is None and ema not in ema_module._PENDING
+    assert ema._executor.pending is None  # nothing left for the optimizer step pre-hook to wait for
     fake.log.clear()
     ema.wait()  # nothing in flight any more: nothing to wait for
     assert fake.log == []
@@ -183,7 +186,16 @@ def test_the_next_optimizer_step_waits_for_the_update(fake):
     train_step(model, opt, 2)
     # The wait was issued before the step (the global pre-hook runs before the optimizer's own).
     assert seen_at_step[-1] == [("wait_event", "main", event)]
-    assert ema._pending is None
+    assert ema._executor.pending is None
+
+
+def test_the_optimizer_hook_goes_with_its_ema(fake):
+    ema = ModelEMA(make_net(), 0.9, ConstantDecay(), async_update=True)
+    hook = ema._executor.hook.id
+    assert hook in _global_optimizer_pre_hooks
+    del ema
+    gc.collect()
+    assert hook not in _global_optimizer_pre_hooks
 
 
 def test_a_copy_of_an_async_ema_waits_for_its_own_updates(fake):
@@ -191,14 +203,14 @@ def test_a_copy_of_an_async_ema_waits_for_its_own_updates(fake):
     ema = ModelEMA(model, 0.9, ConstantDecay(), async_update=True)
     ema.update(model, 1, 10)
     twin = copy.deepcopy(ema)
-    assert twin._pending is None and twin._side_stream is None
-    hooks = [h for h in twin.ema._forward_pre_hooks.values() if isinstance(h, ema_module._WaitHook)]
-    assert len(hooks) == 1 and hooks[0].ref() is twin
+    assert twin._executor.pending is None and twin._executor.stream is None
+    hooks = [h for h in twin.ema._forward_pre_hooks.values() if isinstance(h, WaitHook)]
+    assert len(hooks) == 1 and hooks[0].ref() is twin._executor
     twin.update(model, 2, 10)
     fake.log.clear()
     twin.ema(torch.randn(2, 6))
     assert fake.log == [("wait_event", "main", fake.events)]
-    assert ema._pending is not None  # the original's update is still its own to wait for
+    assert ema._executor.pending is not None  # the original's update is still its own to wait for
 
 
 # ---------------------------------------------------------------- on a GPU
@@ -206,9 +218,7 @@ def test_a_copy_of_an_async_ema_waits_for_its_own_updates(fake):
 
 def _delay_side_stream(ema, cycles=50_000_000):
     """Queues a long sleep on the EMA's side stream, so that a missing wait shows up as a wrong result."""
-    if ema._side_stream is None:
-        ema._side_stream = torch.cuda.Stream()
-    with torch.cuda.stream(ema._side_stream):
+    with torch.cuda.stream(ema._executor.side_stream()):
         torch.cuda._sleep(cycles)
 
 

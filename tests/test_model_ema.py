@@ -218,7 +218,7 @@ def test_one_fused_call_per_update_and_plan_reused(monkeypatch):
     # num_batches_tracked is copied inside that call, not by a second op
     # (the fallback's FusedUpdater makes it a foreach copy of its own).
     assert len(foreach_copies) == (0 if ops.backend() == "compiled" else 10)
-    assert ema._plan.updater.copy_ema == [ema.ema.bn.num_batches_tracked]
+    assert ema._plans.current.main.copy_ema == [ema.ema.bn.num_batches_tracked]
     assert torch.equal(ema.ema.bn.num_batches_tracked, model.bn.num_batches_tracked)
 
 
@@ -231,9 +231,9 @@ def test_copied_buffers_that_change_dtype_are_cast():
     for step in range(1, 4):
         train_step(model, gen, scale=0.01)
         ema.update(model, step, 10)
-    plan = ema._plan
-    assert plan.updater.copy_ema == [ema.ema.bn.num_batches_tracked]
-    assert {id(t) for t in plan.foreach_copy_ema} == {id(ema.ema.bn.running_mean), id(ema.ema.bn.running_var)}
+    plan = ema._plans.current
+    assert plan.main.copy_ema == [ema.ema.bn.num_batches_tracked]
+    assert {id(t) for t in plan.cast_ema} == {id(ema.ema.bn.running_mean), id(ema.ema.bn.running_var)}
     assert ema.ema.bn.running_mean.dtype == torch.float32
     assert torch.equal(ema.ema.bn.running_mean, model.bn.running_mean.float())
     assert torch.equal(ema.ema.bn.running_var, model.bn.running_var.float())
@@ -877,10 +877,10 @@ def test_cached_plan_is_rebuilt_exactly_when_the_module_trees_change(change):
     model = Net()
     ema = ModelEMA(model, 0.5, ConstantDecay())
     ema.update(model, 1, 10)
-    plan = ema._plan
+    plan = ema._plans.current
     _TREE_CHANGES[change](model)
     ema.update(model, 2, 10)
-    assert (ema._plan is plan) == (change in ("nothing", "values in place"))
+    assert (ema._plans.current is plan) == (change in ("nothing", "values in place"))
 
 
 def test_a_deleted_entry_is_noticed():
