@@ -31,7 +31,7 @@ def test_emulated_cuda_path_is_bit_identical_to_the_cpu_kernel(ema_dtype, model_
     ema, model = make_pairs(SIZES, ema_dtype, model_dtype)
     emulated = snapshot(ema)
     ops.ema_update_(ema, model, decay)
-    torch.ops.ema_cuda._emulate_cuda_update_(emulated, model, [], [], decay, 4096, 64, sm_count=3)
+    torch.ops.ema_cuda_testing.emulate_cuda_update_(emulated, model, [], [], decay, 4096, 64, sm_count=3)
     assert_bit_identical(emulated, ema)
 
 
@@ -43,8 +43,8 @@ def test_emulated_decay_read_through_a_pointer_matches_the_float(decay_dtype):
     ema, model = make_pairs(SIZES, torch.float32, torch.bfloat16)
     by_value = snapshot(ema)
     d = torch.tensor(0.9993, dtype=decay_dtype)
-    torch.ops.ema_cuda._emulate_cuda_update_(ema, model, [], [], 0.0, 4096, 64, sm_count=2, decay_tensor=d)
-    torch.ops.ema_cuda._emulate_cuda_update_(by_value, model, [], [], float(d), 4096, 64, sm_count=2)
+    torch.ops.ema_cuda_testing.emulate_cuda_update_(ema, model, [], [], 0.0, 4096, 64, sm_count=2, decay_tensor=d)
+    torch.ops.ema_cuda_testing.emulate_cuda_update_(by_value, model, [], [], float(d), 4096, 64, sm_count=2)
     assert_bit_identical(ema, by_value)
 
 
@@ -56,7 +56,7 @@ def test_emulation_runs_the_real_grid(sm_count):
     ema, model = make_pairs([5000] * 9 + [3])
     ref = snapshot(ema)
     ops.ema_update_(ref, model, 0.5)
-    torch.ops.ema_cuda._emulate_cuda_update_(ema, model, [], [], 0.5, 1024, 32, sm_count=sm_count)
+    torch.ops.ema_cuda_testing.emulate_cuda_update_(ema, model, [], [], 0.5, 1024, 32, sm_count=sm_count)
     assert_bit_identical(ema, ref)
 
 
@@ -84,12 +84,12 @@ def test_indices_above_2_to_the_31(kernel):
         ema[lo - 1] = 42.0               # just before the rows run: never written
         expected = (ema[lo:] * 0.5 + model[lo:].float() * 0.5).clone()
         if kernel == "cpu":
-            torch.ops.ema_cuda._cpu_update_range_([ema], [model], 0.5, lo, BIG)
+            torch.ops.ema_cuda_testing.cpu_update_range_([ema], [model], 0.5, lo, BIG)
         else:
-            rows = torch.ops.ema_cuda._plan_chunks([BIG], 1 << 16)
+            rows = torch.ops.ema_cuda_testing.plan_chunks([BIG], 1 << 16)
             n = rows.shape[0]
             assert int(rows[n - 2, 1]) == lo == 2**31
-            torch.ops.ema_cuda._emulate_cuda_update_(
+            torch.ops.ema_cuda_testing.emulate_cuda_update_(
                 [ema], [model], [], [], 0.5, 1 << 16, 64, sm_count=132, first_chunk=n - 2, end_chunk=n
             )
         assert torch.equal(ema[lo:], expected)
