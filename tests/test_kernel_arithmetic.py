@@ -1,7 +1,7 @@
 """The kernels' arithmetic (NOTE [update arithmetic] in csrc/multi_tensor.h):
 the CUDA path (run on the CPU by the host emulation) and the CPU kernel give
 the same bits for every dtype pair; the pure-PyTorch fallback agrees within
-the bound ``ops._fallback_apply`` states; 64-bit element indices above 2^31
+the bound ``ema_cuda._fallback.apply`` states; 64-bit element indices above 2^31
 in both kernels, on tensors whose pages are never touched but for the rows
 run; the CPU kernel's work pool in a forked child."""
 import mmap
@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from ema_cuda import _fallback
 from ema_cuda import ops
 from conftest import DTYPES, requires_compiled
 
@@ -105,7 +106,7 @@ def test_indices_above_2_to_the_31(kernel):
 @pytest.mark.parametrize("model_dtype", DTYPES)
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_fallback_agrees_with_the_kernel_within_the_stated_bound(ema_dtype, model_dtype, as_tensor):
-    # The bound of ops._fallback_apply: 2u(|e|d + |m|w) in the accumulation
+    # The bound of _fallback.apply: 2u(|e|d + |m|w) in the accumulation
     # dtype, plus one unit in the last place of a narrower EMA dtype.
     decay = 0.9137
     ema, model = make_pairs([4099, 70_000], ema_dtype, model_dtype)
@@ -115,7 +116,7 @@ def test_fallback_agrees_with_the_kernel_within_the_stated_bound(ema_dtype, mode
     fallback = snapshot(ema)
     ops.ema_update_(ema, model, decay)
     d = torch.tensor(decay, dtype=torch.float64) if as_tensor else decay
-    ops._fallback_apply(fallback, model, d)
+    _fallback.apply(fallback, model, d)
     acc = torch.float64 if torch.float64 in (ema_dtype, model_dtype) else torch.float32
     u = _unit_roundoff(acc)
     for e0, m, k, f in zip(start, model, ema, fallback):
@@ -135,7 +136,7 @@ def test_neither_backend_overflows_near_the_largest_float(dtype):
     model = [torch.tensor([-big, big, big], dtype=dtype)]
     fallback = snapshot(ema)
     ops.ema_update_(ema, model, 0.5)
-    ops._fallback_apply(fallback, model, 0.5)
+    _fallback.apply(fallback, model, 0.5)
     for out in (ema[0], fallback[0]):
         assert torch.isfinite(out).all(), out
     if dtype == torch.float32:

@@ -20,7 +20,7 @@ def _pairs(n_tensors=50, size=1234, ema_dtype=torch.float32, model_dtype=torch.b
 def _ref(ema, model, d):
     """What the CPU kernel computes from these tensors: NOTE [update
     arithmetic] makes the GPU result the same bits (the fallback backend is
-    held to the bound of ops._fallback_apply instead)."""
+    held to the bound of ema_cuda._fallback.apply instead)."""
     cpu = [e.detach().cpu().clone() for e in ema]
     ops.ema_update_(cpu, [m.detach().cpu() for m in model], float(d))
     return cpu
