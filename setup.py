@@ -35,6 +35,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # newest architecture carries +PTX so that a newer GPU can still JIT the kernel.
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 BUILD_INFO = os.path.join(HERE, "ema_cuda", "_build_info.py")
+# Sources under csrc/: those of every build, then the CUDA kernel, or in a
+# build without CUDA the stand-in that says so.
+SOURCES = [
+    "schema.cpp",
+    "checks.cpp",
+    "plan.cpp",
+    "cpu/ema_update_cpu.cpp",
+    "testing.cpp",
+    "python_module.cpp",
+]
+CUDA_SOURCES = ["cuda/ema_update_cuda.cu"]
+NO_CUDA_SOURCES = ["cuda/no_cuda.cpp"]
 
 
 def _flag(name: str) -> bool:
@@ -101,7 +113,9 @@ def _extensions():
         # A private CPU_CAPABILITY namespace keeps our at::vec instantiations
         # apart from libtorch's own.
         cxx += ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2", "-DCPU_CAPABILITY=ema_avx2"]
-    sources = [os.path.join("csrc", f) for f in ("ema_update.cpp", "bindings.cpp")]
+    def sources(names):
+        return [os.path.join("csrc", *name.split("/")) for name in SOURCES + names]
+
     kwargs = dict(
         name="ema_cuda._C",
         include_dirs=[os.path.join(HERE, "csrc")],
@@ -115,12 +129,11 @@ def _extensions():
         print(f"ema_cuda: building CPU + CUDA kernels (TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', 'auto')}, CUDA_HOME={cuda_home})")
         return [
             cpp_extension.CUDAExtension(
-                sources=sources + [os.path.join("csrc", "ema_update_cuda.cu")],
+                sources=sources(CUDA_SOURCES),
                 # The architectures built, for the "no kernel image" error:
                 # separators that survive a shell command line, turned back
                 # into a string by the preprocessor.
                 define_macros=[
-                    ("EMA_CUDA_WITH_CUDA", "1"),
                     ("EMA_CUDA_ARCH_LIST_RAW", _arch_list_token(os.environ.get("TORCH_CUDA_ARCH_LIST", "auto"))),
                 ],
                 extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
@@ -128,7 +141,7 @@ def _extensions():
             )
         ]
     print("ema_cuda: building the CPU kernel only")
-    return [cpp_extension.CppExtension(sources=sources, extra_compile_args={"cxx": cxx}, **kwargs)]
+    return [cpp_extension.CppExtension(sources=sources(NO_CUDA_SOURCES), extra_compile_args={"cxx": cxx}, **kwargs)]
 
 
 def write_build_info(path: str = BUILD_INFO) -> None:

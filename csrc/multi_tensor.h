@@ -2,9 +2,10 @@
 //
 // Everything here is plain C++ that compiles both for the host and, under nvcc,
 // for the device.  The CUDA kernel calls `chunk_body` with (threadIdx.x,
-// blockDim.x); the host emulation op (`_emulate_cuda_update_`) calls the very
-// same function in a loop over blocks and threads, so the index arithmetic of
-// the CUDA path is exercised by the CPU test-suite on machines without a GPU.
+// blockDim.x); the host emulation (the test-only op
+// `ema_cuda_testing::emulate_cuda_update_`, testing.cpp) calls the very same
+// function in a loop over blocks and threads, so the index arithmetic of the
+// CUDA path is exercised by the CPU test-suite on machines without a GPU.
 #pragma once
 
 #include <algorithm>
@@ -15,21 +16,10 @@
 #include <vector>
 
 #include <c10/macros/Macros.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
+
+#include "dtypes.h"
 
 namespace ema_cuda {
-
-// dtype codes stored in the table (one byte each).  The first kNumDTypes
-// are the averaged floating dtypes; kBytes marks a pair that is copied
-// verbatim (ema := model, both of one dtype, e.g. an integer buffer), whose
-// `numel` then counts bytes.
-enum DTypeCode : int8_t { kF32 = 0, kF64 = 1, kBF16 = 2, kF16 = 3, kBytes = 4 };
-constexpr int kNumDTypes = 4;
-
-inline int dtype_size(int code) {
-  return code == kF64 ? 8 : (code == kF32 ? 4 : (code == kBytes ? 1 : 2));
-}
 
 // One row per (ema, model) pair.  32 bytes.
 struct TensorEntry {
@@ -314,27 +304,33 @@ C10_HOST_DEVICE inline void chunk_body(const TensorEntry& t, int64_t start,
 
 // Maps a dtype code to its C++ type and calls f(E{}, M{}) -- shared by the
 // CUDA kernel and the host emulation so both dispatch identically.  A kBytes
-// row (both codes kBytes) calls f(Byte{}, Byte{}).
+// row (both codes kBytes) calls f(Byte{}, Byte{}).  The cases come from the
+// dtype table (dtypes.h).
+template <typename E, typename F>
+C10_HOST_DEVICE inline void dispatch_model(int model_dtype, F& f) {
+  switch (model_dtype) {
+#define EMA_CUDA_MODEL_CASE(code, T, S) \
+  case code:                            \
+    f(E{}, T{});                        \
+    break;
+    EMA_CUDA_FOR_EACH_DTYPE(EMA_CUDA_MODEL_CASE)
+#undef EMA_CUDA_MODEL_CASE
+  }
+}
+
 template <typename F>
 C10_HOST_DEVICE inline void dispatch_pair(int ema_dtype, int model_dtype, F&& f) {
-  if (ema_dtype == kBytes) {
-    f(Byte{}, Byte{});
-    return;
-  }
-#define EMA_CUDA_MODEL_CASES(E)                                   \
-  switch (model_dtype) {                                          \
-    case kF32: f(E{}, float{}); break;                            \
-    case kF64: f(E{}, double{}); break;                           \
-    case kBF16: f(E{}, c10::BFloat16{}); break;                   \
-    default: f(E{}, c10::Half{}); break;                          \
-  }
   switch (ema_dtype) {
-    case kF32: EMA_CUDA_MODEL_CASES(float) break;
-    case kF64: EMA_CUDA_MODEL_CASES(double) break;
-    case kBF16: EMA_CUDA_MODEL_CASES(c10::BFloat16) break;
-    default: EMA_CUDA_MODEL_CASES(c10::Half) break;
+#define EMA_CUDA_EMA_CASE(code, T, S)   \
+  case code:                            \
+    dispatch_model<T>(model_dtype, f);  \
+    break;
+    EMA_CUDA_FOR_EACH_DTYPE(EMA_CUDA_EMA_CASE)
+#undef EMA_CUDA_EMA_CASE
+    default:  // kBytes
+      f(Byte{}, Byte{});
+      break;
   }
-#undef EMA_CUDA_MODEL_CASES
 }
 
 // The decay, either a value baked into the launch or a pointer to a 0-dim

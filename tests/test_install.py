@@ -96,6 +96,17 @@ def test_claimed_torch_minimum_is_the_one_ci_tests():
     assert f"torch>={claimed}" in build_requires
 
 
+def test_every_csrc_source_is_compiled_in_some_build():
+    # A file left out of setup.py's lists is compiled by no build, and nothing
+    # else would say so: its ops would just be missing (a TORCH_LIBRARY_IMPL
+    # that is never compiled is no link error).
+    setup = _load_setup_py()
+    on_disk = sorted(p.relative_to(REPO / "csrc").as_posix() for p in (REPO / "csrc").rglob("*") if p.suffix in (".cpp", ".cu"))
+    listed = setup.SOURCES + setup.CUDA_SOURCES + setup.NO_CUDA_SOURCES
+    assert sorted(listed) == on_disk
+    assert len(set(listed)) == len(listed)
+
+
 # ------------------------------------------------------------------ what the build records
 
 

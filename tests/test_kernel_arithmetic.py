@@ -1,7 +1,7 @@
 """The kernels' arithmetic (NOTE [update arithmetic] in csrc/multi_tensor.h):
 the CUDA path (run on the CPU by the host emulation) and the CPU kernel give
 the same bits for every dtype pair; the pure-PyTorch fallback agrees within
-the bound ``ops._fallback_apply`` states; 64-bit element indices above 2^31
+the bound ``ema_cuda._fallback.apply`` states; 64-bit element indices above 2^31
 in both kernels, on tensors whose pages are never touched but for the rows
 run; the CPU kernel's work pool in a forked child."""
 import mmap
@@ -11,6 +11,7 @@ import os
 import pytest
 import torch
 
+from ema_cuda import _fallback
 from ema_cuda import ops
 from conftest import DTYPES, requires_compiled
 
@@ -31,7 +32,7 @@ def test_emulated_cuda_path_is_bit_identical_to_the_cpu_kernel(ema_dtype, model_
     ema, model = make_pairs(SIZES, ema_dtype, model_dtype)
     emulated = snapshot(ema)
     ops.ema_update_(ema, model, decay)
-    torch.ops.ema_cuda._emulate_cuda_update_(emulated, model, [], [], decay, 4096, 64, sm_count=3)
+    torch.ops.ema_cuda_testing.emulate_cuda_update_(emulated, model, [], [], decay, 4096, 64, sm_count=3)
     assert_bit_identical(emulated, ema)
 
 
@@ -43,8 +44,8 @@ def test_emulated_decay_read_through_a_pointer_matches_the_float(decay_dtype):
     ema, model = make_pairs(SIZES, torch.float32, torch.bfloat16)
     by_value = snapshot(ema)
     d = torch.tensor(0.9993, dtype=decay_dtype)
-    torch.ops.ema_cuda._emulate_cuda_update_(ema, model, [], [], 0.0, 4096, 64, sm_count=2, decay_tensor=d)
-    torch.ops.ema_cuda._emulate_cuda_update_(by_value, model, [], [], float(d), 4096, 64, sm_count=2)
+    torch.ops.ema_cuda_testing.emulate_cuda_update_(ema, model, [], [], 0.0, 4096, 64, sm_count=2, decay_tensor=d)
+    torch.ops.ema_cuda_testing.emulate_cuda_update_(by_value, model, [], [], float(d), 4096, 64, sm_count=2)
     assert_bit_identical(ema, by_value)
 
 
@@ -56,7 +57,7 @@ def test_emulation_runs_the_real_grid(sm_count):
     ema, model = make_pairs([5000] * 9 + [3])
     ref = snapshot(ema)
     ops.ema_update_(ref, model, 0.5)
-    torch.ops.ema_cuda._emulate_cuda_update_(ema, model, [], [], 0.5, 1024, 32, sm_count=sm_count)
+    torch.ops.ema_cuda_testing.emulate_cuda_update_(ema, model, [], [], 0.5, 1024, 32, sm_count=sm_count)
     assert_bit_identical(ema, ref)
 
 
@@ -84,12 +85,12 @@ def test_indices_above_2_to_the_31(kernel):
         ema[lo - 1] = 42.0               # just before the rows run: never written
         expected = (ema[lo:] * 0.5 + model[lo:].float() * 0.5).clone()
         if kernel == "cpu":
-            torch.ops.ema_cuda._cpu_update_range_([ema], [model], 0.5, lo, BIG)
+            torch.ops.ema_cuda_testing.cpu_update_range_([ema], [model], 0.5, lo, BIG)
         else:
-            rows = torch.ops.ema_cuda._plan_chunks([BIG], 1 << 16)
+            rows = torch.ops.ema_cuda_testing.plan_chunks([BIG], 1 << 16)
             n = rows.shape[0]
             assert int(rows[n - 2, 1]) == lo == 2**31
-            torch.ops.ema_cuda._emulate_cuda_update_(
+            torch.ops.ema_cuda_testing.emulate_cuda_update_(
                 [ema], [model], [], [], 0.5, 1 << 16, 64, sm_count=132, first_chunk=n - 2, end_chunk=n
             )
         assert torch.equal(ema[lo:], expected)
@@ -105,7 +106,7 @@ def test_indices_above_2_to_the_31(kernel):
 @pytest.mark.parametrize("model_dtype", DTYPES)
 @pytest.mark.parametrize("as_tensor", [False, True])
 def test_fallback_agrees_with_the_kernel_within_the_stated_bound(ema_dtype, model_dtype, as_tensor):
-    # The bound of ops._fallback_apply: 2u(|e|d + |m|w) in the accumulation
+    # The bound of _fallback.apply: 2u(|e|d + |m|w) in the accumulation
     # dtype, plus one unit in the last place of a narrower EMA dtype.
     decay = 0.9137
     ema, model = make_pairs([4099, 70_000], ema_dtype, model_dtype)
@@ -115,7 +116,7 @@ def test_fallback_agrees_with_the_kernel_within_the_stated_bound(ema_dtype, mode
     fallback = snapshot(ema)
     ops.ema_update_(ema, model, decay)
     d = torch.tensor(decay, dtype=torch.float64) if as_tensor else decay
-    ops._fallback_apply(fallback, model, d)
+    _fallback.apply(fallback, model, d)
     acc = torch.float64 if torch.float64 in (ema_dtype, model_dtype) else torch.float32
     u = _unit_roundoff(acc)
     for e0, m, k, f in zip(start, model, ema, fallback):
@@ -135,7 +136,7 @@ def test_neither_backend_overflows_near_the_largest_float(dtype):
     model = [torch.tensor([-big, big, big], dtype=dtype)]
     fallback = snapshot(ema)
     ops.ema_update_(ema, model, 0.5)
-    ops._fallback_apply(fallback, model, 0.5)
+    _fallback.apply(fallback, model, 0.5)
     for out in (ema[0], fallback[0]):
         assert torch.isfinite(out).all(), out
     if dtype == torch.float32:

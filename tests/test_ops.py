@@ -32,9 +32,15 @@ def reference(ema, model, decay):
     return [e.double() * decay + m.double() * (1.0 - decay) for e, m in zip(ema, model)]
 
 
+def tolerance(dtype):
+    """TOL, or for a dtype it does not list one rounding to that dtype."""
+    eps = torch.finfo(dtype).eps
+    return TOL.get(dtype, dict(rtol=eps, atol=eps))
+
+
 def check(ema, ref):
     for i, (e, r) in enumerate(zip(ema, ref)):
-        assert_close(e.double(), r, **TOL[e.dtype], msg=lambda m, i=i: f"tensor {i}: {m}")
+        assert_close(e.double(), r, **tolerance(e.dtype), msg=lambda m, i=i: f"tensor {i}: {m}")
 
 
 def snapshot(tensors):
@@ -73,7 +79,7 @@ def test_cuda_kernel_was_compiled():
     # extension must then contain the CUDA kernel, GPU or not.
     assert ops.backend() == "compiled"
     assert ops.cuda_kernel_available()
-    assert torch.ops.ema_cuda._cuda_compiled()
+    assert torch.ops.ema_cuda_testing.cuda_compiled()
 
 
 def test_fallback_warns_once_and_reports_itself():
@@ -392,41 +398,41 @@ def test_mixed_devices_are_rejected_by_the_meta_kernel():
 
 @requires_compiled
 def test_plan_is_cached_then_rebuilt_when_a_tensor_changes():
-    torch.ops.ema_cuda._clear_plan_cache()
+    torch.ops.ema_cuda_testing.clear_plan_cache()
     ema, model = make_pairs([100, 200])
     ops.ema_update_(ema, model, 0.5)
     ops.ema_update_(ema, model, 0.5)
-    builds, hits, *_ = torch.ops.ema_cuda._plan_cache_stats()
+    builds, hits, *_ = torch.ops.ema_cuda_testing.plan_cache_stats()
     assert (builds, hits) == (1, 1)
     model[1] = torch.randn(200)          # a replaced tensor: new signature
     ref = reference(ema, model, 0.5)
     ops.ema_update_(ema, model, 0.5)
     check(ema, ref)
-    builds, hits, *_ = torch.ops.ema_cuda._plan_cache_stats()
+    builds, hits, *_ = torch.ops.ema_cuda_testing.plan_cache_stats()
     assert (builds, hits) == (2, 1)
 
 
 @requires_compiled
 def test_plan_cache_is_bounded():
-    torch.ops.ema_cuda._clear_plan_cache()
+    torch.ops.ema_cuda_testing.clear_plan_cache()
     keep = []      # alive, so no address is reused by a later pair
     for _ in range(100):
         ema, model = make_pairs([10])
         keep.append((ema, model))
         ops.ema_update_(ema, model, 0.5)
-    assert torch.ops.ema_cuda._plan_cache_stats()[2] == 64
+    assert torch.ops.ema_cuda_testing.plan_cache_stats()[2] == 64
 
 
 @requires_compiled
 def test_a_steady_loop_over_many_lists_never_rebuilds():
     # Several EMAs / parameter groups per step, each its own lists: after the
     # first step every call finds its plan.
-    torch.ops.ema_cuda._clear_plan_cache()
+    torch.ops.ema_cuda_testing.clear_plan_cache()
     lists = [make_pairs([10, 20]) for _ in range(40)]
     for _ in range(3):
         for ema, model in lists:
             ops.ema_update_(ema, model, 0.5)
-    builds, hits, *_ = torch.ops.ema_cuda._plan_cache_stats()
+    builds, hits, *_ = torch.ops.ema_cuda_testing.plan_cache_stats()
     assert (builds, hits) == (40, 80)
 
 
@@ -766,7 +772,7 @@ def test_emulated_cuda_path_every_dtype_pair(chunk, threads, blocks, ema_dtype, 
     sizes = [0, 1, 7, chunk - 1, chunk, chunk + 1, 2 * chunk + 3, 1001]
     ema, model = make_pairs(sizes, ema_dtype, model_dtype)
     ref = reference(ema, model, 0.75)
-    torch.ops.ema_cuda._emulate_cuda_update_(ema, model, [], [], 0.75, chunk, threads, sm_count=blocks)
+    torch.ops.ema_cuda_testing.emulate_cuda_update_(ema, model, [], [], 0.75, chunk, threads, sm_count=blocks)
     check(ema, ref)
 
 
@@ -784,7 +790,7 @@ def test_emulated_cuda_path_copies_bytes(chunk, threads, blocks, eoff, moff):
     outside = [torch.cat([b[:eoff], b[eoff + n:]]).clone() for b, n in zip(ebufs, sizes)]
     ema, model = make_pairs([chunk + 3, 5])
     ref = reference(ema, model, 0.4)
-    torch.ops.ema_cuda._emulate_cuda_update_(ema, model, copy_ema, copy_model, 0.4, chunk, threads, sm_count=blocks)
+    torch.ops.ema_cuda_testing.emulate_cuda_update_(ema, model, copy_ema, copy_model, 0.4, chunk, threads, sm_count=blocks)
     check(ema, ref)
     assert_bit_identical(copy_ema, copy_model)
     for b, n, o in zip(ebufs, sizes, outside):
@@ -816,10 +822,10 @@ def test_emulated_cuda_path_misaligned(eoff, moff, ema_dtype, model_dtype, chunk
     outside = torch.cat([ebuf[:eoff], ebuf[eoff + n:]]).clone()
     cpu = e.clone()
     ops.ema_update_([cpu], [m], 0.3)
-    head, width = torch.ops.ema_cuda._vector_head(e.data_ptr(), m.data_ptr(), e.dtype, m.dtype)
+    head, width = torch.ops.ema_cuda_testing.vector_head(e.data_ptr(), m.data_ptr(), e.dtype, m.dtype)
     assert width == 16 // min(e.element_size(), m.element_size())
     assert head == _expected_head(e.data_ptr(), m.data_ptr(), e.element_size(), m.element_size(), width)
-    torch.ops.ema_cuda._emulate_cuda_update_([e], [m], [], [], 0.3, chunk, 32, sm_count=3)
+    torch.ops.ema_cuda_testing.emulate_cuda_update_([e], [m], [], [], 0.3, chunk, 32, sm_count=3)
     assert_bit_identical([e], [cpu])
     # Neighbours outside the view are untouched.
     assert torch.equal(torch.cat([ebuf[:eoff], ebuf[eoff + n:]]), outside)
@@ -827,7 +833,7 @@ def test_emulated_cuda_path_misaligned(eoff, moff, ema_dtype, model_dtype, chunk
 
 @requires_compiled
 def test_vector_head_arithmetic():
-    vh = torch.ops.ema_cuda._vector_head
+    vh = torch.ops.ema_cuda_testing.vector_head
     assert vh(0x1000, 0x2000, torch.float32, torch.float32) == [0, 4]
     assert vh(0x1004, 0x2004, torch.float32, torch.float32) == [3, 4]
     assert vh(0x1004, 0x2008, torch.float32, torch.float32) == [-1, 4]   # never aligned together
@@ -840,7 +846,7 @@ def test_vector_head_arithmetic():
 
 @requires_compiled
 def test_vector_choice_falls_back_to_8_and_4_byte_vectors():
-    vc = torch.ops.ema_cuda._vector_choice
+    vc = torch.ops.ema_cuda_testing.vector_choice
     f32, bf16, f64 = torch.float32, torch.bfloat16, torch.float64
     assert vc(0x1000, 0x2000, f32, f32) == [16, 0]
     assert vc(0x1004, 0x200C, f32, f32) == [8, 1]      # 16-byte never together, 8-byte at element 1
@@ -861,7 +867,7 @@ def test_every_pair_offset_gets_the_widest_vector_it_can(ema_dtype, model_dtype)
     for eoff in range(16 // es):
         for moff in range(16 // ms):
             e, m = ebuf[eoff:eoff + 257], mbuf[moff:moff + 257]
-            vb, head = torch.ops.ema_cuda._vector_choice(e.data_ptr(), m.data_ptr(), e.dtype, m.dtype)
+            vb, head = torch.ops.ema_cuda_testing.vector_choice(e.data_ptr(), m.data_ptr(), e.dtype, m.dtype)
             expected = [0, -1]
             for width in (16, 8, 4):
                 n = width // min(es, ms)
@@ -874,7 +880,7 @@ def test_every_pair_offset_gets_the_widest_vector_it_can(ema_dtype, model_dtype)
             assert [vb, head] == expected, (eoff, moff)
             cpu = e.clone()
             ops.ema_update_([cpu], [m], 0.3)
-            torch.ops.ema_cuda._emulate_cuda_update_([e], [m], [], [], 0.3, 64, 8, sm_count=2)
+            torch.ops.ema_cuda_testing.emulate_cuda_update_([e], [m], [], [], 0.3, 64, 8, sm_count=2)
             assert_bit_identical([e], [cpu])
 
 
@@ -882,7 +888,7 @@ def test_every_pair_offset_gets_the_widest_vector_it_can(ema_dtype, model_dtype)
 def test_plan_chunks_use_64_bit_offsets():
     big = 3_000_000_000            # > 2^31 elements: no machine here can allocate it
     chunk = 1 << 16
-    rows = torch.ops.ema_cuda._plan_chunks([5, big, 0, chunk], chunk)
+    rows = torch.ops.ema_cuda_testing.plan_chunks([5, big, 0, chunk], chunk)
     tensor, start, length = rows.unbind(1)
     assert rows.shape[0] == 1 + math.ceil(big / chunk) + 0 + 1
     mine = tensor == 1

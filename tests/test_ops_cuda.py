@@ -20,7 +20,7 @@ def _pairs(n_tensors=50, size=1234, ema_dtype=torch.float32, model_dtype=torch.b
 def _ref(ema, model, d):
     """What the CPU kernel computes from these tensors: NOTE [update
     arithmetic] makes the GPU result the same bits (the fallback backend is
-    held to the bound of ops._fallback_apply instead)."""
+    held to the bound of ema_cuda._fallback.apply instead)."""
     cpu = [e.detach().cpu().clone() for e in ema]
     ops.ema_update_(cpu, [m.detach().cpu() for m in model], float(d))
     return cpu
@@ -186,7 +186,7 @@ def test_a_graph_outlives_the_updater_and_the_cache_that_built_its_table():
         e2, m2 = _pairs(2, 10)
         keep.append((e2, m2))
         ops.ema_update_(e2, m2, 0.5)
-    torch.ops.ema_cuda._clear_plan_cache()
+    torch.ops.ema_cuda_testing.clear_plan_cache()
     junk = [torch.full((4096,), -1, dtype=torch.uint8, device="cuda") for _ in range(64)]
     ref = _ref(ema, model, torch.tensor(0.9).item())
     g.replay()
@@ -215,7 +215,7 @@ def test_a_table_uploaded_on_one_stream_is_waited_for_on_another():
     # NOTE [table upload]: the plan is built (its tables copied without
     # blocking) on a stream held back by a long sleep; the first launch on
     # another stream must wait for that copy, not read an unfilled table.
-    torch.ops.ema_cuda._clear_plan_cache()
+    torch.ops.ema_cuda_testing.clear_plan_cache()
     ema, model = _pairs(7, 5000)
     ref = _ref(ema, model, 0.3)
     torch.cuda.synchronize()

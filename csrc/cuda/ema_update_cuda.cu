@@ -1,11 +1,14 @@
-// CUDA kernel of the fused EMA op: every tensor of both lists in one launch,
-// driven by the cached device-side chunk table (see multi_tensor.h).
-#include "ema_update.h"
+// CUDA backend of the fused EMA op: the kernel (every tensor of both lists
+// in one launch, driven by the cached device-side chunk table; its body is
+// multi_tensor.h's, shared with the host emulation), the table upload and
+// the registration.
+#include "cuda/ema_update_cuda.h"
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <mutex>
 
 #include <ATen/ops/empty.h>

@@ -1,0 +1,264 @@
+// Validation of the op's inputs (checks.h); ema_cuda/_checks.py mirrors it.
+#include "checks.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <sstream>
+#include <vector>
+
+#include <c10/core/GradMode.h>
+#include <c10/util/Exception.h>
+
+namespace ema_cuda {
+
+namespace {
+
+// The averaged dtypes as a message lists them, in table order.
+const std::string& dtype_list() {
+  static const std::string list = [] {
+    std::string s;
+#define EMA_CUDA_DTYPE_NAME(code, T, S)   \
+  if (!s.empty()) s += ", ";              \
+  s += py_dtype(at::ScalarType::S);
+    EMA_CUDA_FOR_EACH_DTYPE(EMA_CUDA_DTYPE_NAME)
+#undef EMA_CUDA_DTYPE_NAME
+    return s;
+  }();
+  return list;
+}
+
+// `averaged`: the tensor must have a floating dtype the kernel averages;
+// `device_ref` names the tensor whose device all must share.
+void check_one(const char* op, const char* side, size_t i, const at::Tensor& t,
+               const at::Device& device, const char* device_ref = "ema[0]",
+               bool averaged = true) {
+  TORCH_CHECK(t.defined(), op, ": ", side, "[", i, "] is an undefined tensor");
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", side, "[", i,
+              "] has layout ", py_layout(t.layout()), "; only strided tensors are supported");
+  TORCH_CHECK(!averaged || dtype_code(t.scalar_type()) >= 0, op, ": ", side, "[", i,
+              "] has dtype ", py_dtype(t.scalar_type()), "; expected one of ", dtype_list());
+  TORCH_CHECK(t.device() == device, op, ": ", side, "[", i, "] is on ",
+              t.device(), " but ", device_ref, " is on ", device,
+              "; all tensors must be on one device");
+  TORCH_CHECK(t.is_non_overlapping_and_dense(), op, ": ", side, "[", i,
+              "] with shape ", t.sizes(), " and strides ", t.strides(),
+              " is not dense or overlaps itself; pass a contiguous tensor");
+}
+
+// "ema[3]" or "copy_ema[0]": how errors name row `row` of the table.
+std::string row_name(const UpdateLists& l, bool ema_side, int64_t row) {
+  std::ostringstream out;
+  if (l.is_copy(row)) {
+    out << (ema_side ? "copy_ema[" : "copy_model[") << row - l.num_averaged() << "]";
+  } else {
+    out << (ema_side ? "ema[" : "model[") << row << "]";
+  }
+  return out.str();
+}
+
+}  // namespace
+
+std::string py_dtype(at::ScalarType t) {
+  return "torch." + std::string(c10::getDtypeNames(t).first);
+}
+
+std::string py_layout(at::Layout layout) {
+  switch (layout) {
+    case at::kStrided: return "torch.strided";
+    case at::kSparse: return "torch.sparse_coo";
+    case at::kSparseCsr: return "torch.sparse_csr";
+    case at::kSparseCsc: return "torch.sparse_csc";
+    case at::kSparseBsr: return "torch.sparse_bsr";
+    case at::kSparseBsc: return "torch.sparse_bsc";
+    case at::kMkldnn: return "torch._mkldnn";
+    case at::kJagged: return "torch.jagged";
+    default: {
+      std::ostringstream out;
+      out << layout;
+      return out.str();
+    }
+  }
+}
+
+// Python's repr of a float: the shortest digits that read back as `x`,
+// positional for exponents in [-4, 16) (with ".0" when integral), else
+// "1e+16" / "1.5e-05".
+std::string py_float(double x) {
+  if (std::isnan(x)) return "nan";
+  if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
+  char buf[40];
+  for (int digits = 1; digits <= 17; ++digits) {
+    std::snprintf(buf, sizeof(buf), "%.*e", digits - 1, x);
+    if (std::strtod(buf, nullptr) == x) break;
+  }
+  // buf is "[-]d[.ddd]e<sign><exp>".
+  const std::string s(buf);
+  const size_t e = s.find('e');
+  const int exp = std::atoi(s.c_str() + e + 1);
+  const bool negative = s[0] == '-';
+  std::string digits;
+  for (size_t k = negative ? 1 : 0; k < e; ++k) {
+    if (s[k] != '.') digits += s[k];
+  }
+  std::string out = negative ? "-" : "";
+  if (-4 <= exp && exp < 16) {
+    if (exp < 0) {
+      out += "0." + std::string(-exp - 1, '0') + digits;
+    } else {
+      const size_t whole = static_cast<size_t>(exp) + 1;
+      if (digits.size() <= whole) {
+        out += digits + std::string(whole - digits.size(), '0') + ".0";
+      } else {
+        out += digits.substr(0, whole) + "." + digits.substr(whole);
+      }
+    }
+  } else {
+    out += digits.substr(0, 1);
+    if (digits.size() > 1) out += "." + digits.substr(1);
+    char tail[8];
+    std::snprintf(tail, sizeof(tail), "e%c%02d", exp < 0 ? '-' : '+', std::abs(exp));
+    out += tail;
+  }
+  return out;
+}
+
+c10::Device UpdateLists::device() const {
+  if (!ema.empty()) return ema[0].device();
+  if (!copy_ema.empty()) return copy_ema[0].device();
+  return c10::Device(c10::kCPU);
+}
+
+void check_lists(const char* op, at::TensorList ema, at::TensorList model) {
+  TORCH_CHECK(ema.size() == model.size(), op, ": got ", ema.size(),
+              " ema tensors but ", model.size(), " model tensors");
+  TORCH_CHECK(ema.size() < static_cast<size_t>(INT32_MAX), op,
+              ": too many tensors (", ema.size(), ")");
+  if (ema.empty()) return;
+  const at::Device device = ema[0].device();
+  const bool grad = c10::GradMode::is_enabled();
+  const int64_t n = static_cast<int64_t>(ema.size());
+  const UpdateLists lists{ema, model};
+  for (int64_t i = 0; i < n; ++i) {
+    prefetch_pairs_ahead(lists, i, n);
+    const at::Tensor& e = ema[i];
+    const at::Tensor& m = model[i];
+    check_one(op, "ema", i, e, device);
+    check_one(op, "model", i, m, device);
+    TORCH_CHECK(e.sizes() == m.sizes(), op, ": ema[", i, "] has shape ",
+                e.sizes(), " but model[", i, "] has shape ", m.sizes());
+    TORCH_CHECK(same_layout(e, m), op, ": ema[", i, "] has strides ", e.strides(), " but model[",
+                i, "] has strides ", m.strides(),
+                "; both tensors of a pair must share one memory layout");
+    TORCH_CHECK(!(grad && e.requires_grad()), op, ": ema[", i,
+                "] requires grad; EMA tensors are updated in place and must "
+                "not require grad (or call under torch.no_grad())");
+  }
+}
+
+void check_copy_lists(const char* op, const UpdateLists& l) {
+  TORCH_CHECK(l.copy_ema.size() == l.copy_model.size(), op, ": got ",
+              l.copy_ema.size(), " copy_ema tensors but ", l.copy_model.size(),
+              " copy_model tensors");
+  TORCH_CHECK(l.num_rows() < static_cast<int64_t>(INT32_MAX), op,
+              ": too many tensors (", l.num_rows(), ")");
+  if (l.copy_ema.empty()) return;
+  const at::Device device = l.device();
+  const char* ref = l.ema.empty() ? "copy_ema[0]" : "ema[0]";
+  const bool grad = c10::GradMode::is_enabled();
+  for (size_t j = 0; j < l.copy_ema.size(); ++j) {
+    const at::Tensor& e = l.copy_ema[j];
+    const at::Tensor& m = l.copy_model[j];
+    check_one(op, "copy_ema", j, e, device, ref, /*averaged=*/false);
+    check_one(op, "copy_model", j, m, device, ref, /*averaged=*/false);
+    TORCH_CHECK(e.scalar_type() == m.scalar_type(), op, ": copy_ema[", j,
+                "] has dtype ", py_dtype(e.scalar_type()), " but copy_model[", j,
+                "] has dtype ", py_dtype(m.scalar_type()),
+                "; a copied pair must share one dtype");
+    TORCH_CHECK(e.sizes() == m.sizes(), op, ": copy_ema[", j, "] has shape ",
+                e.sizes(), " but copy_model[", j, "] has shape ", m.sizes());
+    TORCH_CHECK(same_layout(e, m), op, ": copy_ema[", j, "] has strides ", e.strides(),
+                " but copy_model[", j, "] has strides ", m.strides(),
+                "; both tensors of a pair must share one memory layout");
+    TORCH_CHECK(!(grad && e.requires_grad()), op, ": copy_ema[", j,
+                "] requires grad; EMA tensors are updated in place and must "
+                "not require grad (or call under torch.no_grad())");
+  }
+}
+
+void check_no_overlap(const char* op, const UpdateLists& l) {
+  struct Span {
+    uintptr_t lo, hi;
+    int64_t row;
+  };
+  const int64_t rows = l.num_rows();
+  std::vector<Span> spans;
+  spans.reserve(rows);
+  for (int64_t i = 0; i < rows; ++i) {
+    const at::Tensor& e = l.ema_at(i);
+    if (e.numel() == 0) continue;
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(e.data_ptr());
+    spans.push_back({lo, lo + e.nbytes(), i});
+  }
+  // Ordered by (start, end, row): which pair an error names does not depend
+  // on the sort (the Python side sorts the same tuples).
+  std::sort(spans.begin(), spans.end(), [](const Span& a, const Span& b) {
+    return a.lo != b.lo ? a.lo < b.lo : (a.hi != b.hi ? a.hi < b.hi : a.row < b.row);
+  });
+  for (size_t k = 1; k < spans.size(); ++k) {
+    TORCH_CHECK(spans[k].lo >= spans[k - 1].hi, op, ": ",
+                row_name(l, true, spans[k - 1].row), " and ",
+                row_name(l, true, spans[k].row),
+                " overlap in memory (tied or aliased tensors); pass each "
+                "storage once");
+  }
+  // A model tensor may be read by its own pair in place (same range), but
+  // must not overlap any other EMA tensor: that would be a write/read race.
+  for (int64_t j = 0; j < rows; ++j) {
+    const at::Tensor& m = l.model_at(j);
+    if (m.numel() == 0) continue;
+    const uintptr_t lo = reinterpret_cast<uintptr_t>(m.data_ptr());
+    const uintptr_t hi = lo + m.nbytes();
+    auto it = std::upper_bound(
+        spans.begin(), spans.end(), hi,
+        [](uintptr_t v, const Span& s) { return v <= s.lo; });
+    // Spans before `it` start below `hi`; walk back while they may overlap.
+    while (it != spans.begin()) {
+      --it;
+      if (it->hi <= lo) break;
+      const bool same_pair = it->row == j && it->lo == lo && it->hi == hi;
+      TORCH_CHECK(same_pair, op, ": ", row_name(l, false, j), " overlaps ",
+                  row_name(l, true, it->row),
+                  " in memory; the EMA must not alias the model");
+    }
+  }
+}
+
+void check_decay(const char* op, double decay) {
+  TORCH_CHECK(std::isfinite(decay) && decay >= 0.0 && decay <= 1.0, op,
+              ": decay must be a finite number in [0, 1], got ", py_float(decay));
+}
+
+void check_decay_tensor(const char* op, const at::Tensor& decay,
+                        at::TensorList ema) {
+  TORCH_CHECK(decay.defined(), op, ": decay is an undefined tensor");
+  TORCH_CHECK(decay.dim() == 0, op,
+              ": a decay tensor must be 0-dim, got shape ", decay.sizes());
+  const at::ScalarType t = decay.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble, op,
+              ": a decay tensor must be torch.float32 or torch.float64, got dtype ",
+              py_dtype(t),
+              (t == at::kBFloat16 || t == at::kHalf
+                   ? "; decays near 1 are not representable in 16 bits (0.9999 "
+                     "rounds to 1.0 in bfloat16, which would freeze the EMA)"
+                   : ""));
+  if (!ema.empty()) {
+    TORCH_CHECK(decay.device() == ema[0].device(), op,
+                ": the decay tensor is on ", decay.device(),
+                " but the tensors are on ", ema[0].device(),
+                "; it is read on the tensors' device (no host sync)");
+  }
+}
+
+}  // namespace ema_cuda
