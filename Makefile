@@ -19,6 +19,9 @@ TORCH_VERSION ?= 2.13.0+cpu
 # One architecture keeps CI compiles short; set TORCH_CUDA_ARCH_LIST for yours.
 export TORCH_CUDA_ARCH_LIST ?= 9.0
 export MAX_JOBS ?= 2
+# The CUDA kernel is sized not to spill registers; the builds here fail when
+# it does (a plain pip install only warns).
+export EMA_CUDA_SPILLS_ARE_ERRORS ?= 1
 # Build the CUDA kernel whenever nvcc is on the PATH (a GPU is not needed), and
 # make a failure to do so an error: CI compiles the .cu file on every run.
 HAVE_NVCC := $(shell command -v nvcc >/dev/null 2>&1 && echo 1 || echo 0)
@@ -61,13 +64,13 @@ deps: $(DEPS_STAMP)
 # TORCH_CUDA_ARCH_LIST or FORCE_CUDA rebuilds, an unchanged one does not.
 build/.build-config: FORCE
 	@mkdir -p build
-	@$(call update-file,$@,$(TORCH_CUDA_ARCH_LIST) $(FORCE_CUDA) $(EMA_CUDA_CPU_ONLY) $(EMA_CUDA_NO_AVX2))
+	@$(call update-file,$@,$(TORCH_CUDA_ARCH_LIST) $(FORCE_CUDA) $(EMA_CUDA_CPU_ONLY) $(EMA_CUDA_NO_AVX2) $(EMA_CUDA_SPILLS_ARE_ERRORS))
 
 # In-place build, then a .pth file puts the source tree on $(VENV)'s path: the
 # same as `pip install --no-build-isolation -e .`, except that pip compiles
 # from scratch in a temporary directory on every call, while build_ext reuses
 # the object files under build/ (ninja recompiles only what changed).
-$(BUILD_STAMP): $(DEPS_STAMP) build/.build-config setup.py pyproject.toml $(wildcard csrc/*)
+$(BUILD_STAMP): $(DEPS_STAMP) build/.build-config setup.py pyproject.toml $(wildcard csrc/* csrc/*/*)
 	$(PYTHON) setup.py -q build_ext --inplace
 	$(PYTHON) -c 'import os, sysconfig; open(os.path.join(sysconfig.get_paths()["purelib"], "ema_cuda-source.pth"), "w").write(os.getcwd() + "\n")'
 	touch $@

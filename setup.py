@@ -2,6 +2,7 @@
 
 Environment switches (all optional):
 
+* ``EMA_CUDA_SPILLS_ARE_ERRORS=1``  fail the build when the CUDA kernel spills registers.
 * ``EMA_CUDA_CPU_ONLY=1``  build the CPU kernel only, even when nvcc is found.
 * ``FORCE_CUDA=1``         a CUDA build is required: a CPU-only torch or a
                            missing nvcc is an error instead of a fallback.
@@ -108,6 +109,14 @@ def _extensions():
         )
         sys.exit(f"ema_cuda: FORCE_CUDA=1 but the CUDA kernel cannot be built: {reason}")
 
+    def _ptxas_flags():
+        # The kernel is sized for 64 registers (2 blocks of 512 threads per
+        # SM): a change that makes it spill to local memory is reported, and
+        # fails the build with EMA_CUDA_SPILLS_ARE_ERRORS=1 (the Makefile's
+        # test builds set it).
+        flags = "--warn-on-spills" + (",--warning-as-error" if _flag("EMA_CUDA_SPILLS_ARE_ERRORS") else "")
+        return "-Xptxas=" + flags
+
     cxx = ["-O3", "-fopenmp", "-Wno-unknown-pragmas"]
     if not _flag("EMA_CUDA_NO_AVX2") and _cpu_supports_avx2():
         # A private CPU_CAPABILITY namespace keeps our at::vec instantiations
@@ -136,7 +145,7 @@ def _extensions():
                 define_macros=[
                     ("EMA_CUDA_ARCH_LIST_RAW", _arch_list_token(os.environ.get("TORCH_CUDA_ARCH_LIST", "auto"))),
                 ],
-                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo", _ptxas_flags()]},
                 **kwargs,
             )
         ]

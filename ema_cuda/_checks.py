@@ -15,6 +15,8 @@ from typing import Sequence
 
 import torch
 
+from ema_cuda._overlap import byte_spans
+
 # The averaged dtypes, in the order of the dtype table (csrc/dtypes.h): a new
 # floating dtype is one line there and one here.
 SUPPORTED_DTYPES = (
@@ -145,9 +147,7 @@ def check_no_overlap(
         return f"{side}[{row}]" if row < n else f"copy_{side}[{row - n}]"
 
     all_ema, all_model = list(ema) + list(copy_ema), list(model) + list(copy_model)
-    spans = sorted(
-        (e.data_ptr(), e.data_ptr() + e.numel() * e.element_size(), i) for i, e in enumerate(all_ema) if e.numel()
-    )
+    spans = byte_spans(all_ema)
     for (_, hi0, i0), (lo1, _, i1) in zip(spans, spans[1:]):
         if lo1 < hi0:
             raise RuntimeError(
