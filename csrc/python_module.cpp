@@ -111,7 +111,8 @@ class ListUpdater {
 };
 
 // ModelEMA's per-step check that its cached plan still describes both module
-// trees (ema_cuda/ema.py, `_unchanged`, which falls back to the same test in
+// trees (ema_cuda/ema/plan.py, `TreeWatch.unchanged`, through
+// ema_cuda.ops.entries_unchanged, whose fallback runs the same test in
 // Python): owners[i].get(keys[i]) is objects[i] for every i, and
 // len(registries[j]) == sizes[j] for every j.  Owners and registries must be
 // dicts (module._parameters, ._buffers, ._modules).  Runs with the GIL held:

@@ -17,7 +17,7 @@ value of the ``buffers`` option, and reused by :meth:`PlanCache.get` while
 4. the copied model tensors keep their shapes (those that go through a
    cast are not in the fused op's own check);
 5. every ``FusedUpdater`` of the plan is ``ready()``: the op's rule, NOTE
-   [plan validity] in csrc/ema_update.h (address, element count, dtype,
+   [plan validity] in csrc/plan.h (address, element count, dtype,
    shape and dense layout of every pair).  An updater adapts to a storage
    replaced by an equal one itself; one that cannot take its lists any more
    writes nothing and says so.
