@@ -1,9 +1,10 @@
-"""Small models, data and comparisons that several test files share.
+"""Small models, data, comparisons and stand-ins that several test files share.
 
 Import what a file needs (``from support import Net, loaders, equal_states``);
 ``one_thread`` is an autouse fixture, so importing it into a test module is
 what turns it on there.
 """
+import contextlib
 import math
 
 import pytest
@@ -43,6 +44,40 @@ class Net(nn.Module):
         return self.fc2(self.drop(F.relu(self.bn(self.fc1(x)))))
 
 
+class ConvNet(nn.Module):
+    """Conv-BN-ReLU-mean-Linear on images of 3 channels (any size): conv and linear weights, BatchNorm2d
+    statistics and its int buffer, and a 4-d weight that ``channels_last`` lays out differently."""
+
+    def __init__(self, width=6, num_classes=5):
+        super().__init__()
+        self.conv = nn.Conv2d(3, width, 3, padding=1)
+        self.bn = nn.BatchNorm2d(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        return self.head(F.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+
+class KD(nn.Module):
+    """A distillation module as KDModelEMA takes one (SuperGradients' layout): a ``student`` that trains, a
+    frozen ``teacher`` and ``arch_params``; the forward pass runs the student."""
+
+    def __init__(self, student, teacher):
+        super().__init__()
+        self.student = student
+        self.teacher = teacher.requires_grad_(False)
+        self.arch_params = {"run_teacher_on_eval": False}
+
+    def forward(self, x):
+        return self.student(x)
+
+
+def seeded(build, seed=0, **kwargs):
+    """``build(**kwargs)`` right after ``torch.manual_seed(seed)``: equal seeds give equal initial weights."""
+    torch.manual_seed(seed)
+    return build(**kwargs)
+
+
 def dataset(n=40, seed=0):
     """``n`` samples of ``N_FEATURES`` features; the class follows the first two features."""
     g = torch.Generator().manual_seed(seed)
@@ -73,6 +108,18 @@ def equal_states(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def assert_bit_identical(a, b):
+    """Same keys, and under each the same dtype and bits (state dicts, or modules); names the first key that
+    differs."""
+    if isinstance(a, nn.Module):
+        a = a.state_dict()
+    if isinstance(b, nn.Module):
+        b = b.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
 def equal_nested(a, b):
     """Bit-identical nested checkpoint contents: tensors (dtype included), dicts, lists, numbers (NaN equals NaN)."""
     if isinstance(a, torch.Tensor):
@@ -84,3 +131,64 @@ def equal_nested(a, b):
     if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
         return math.isnan(b)
     return a == b
+
+
+class RecordingStreams:
+    """A stand-in for the CUDA stream API of ``async_update`` (``SideStreamExecutor.default_streams``): runs
+    everything at once on the host and records, in ``log``, what the EMA asks of the streams.
+
+    Entries: ``("wait_stream", waiter, waited)``, ``("wait_event", stream, event)``, ``("record", event,
+    stream)``; streams are named ``main`` (the current one), ``side``, ``side2``, ... (the side streams in
+    the order they were made) and events are numbered from 1 (``events`` is the last).  ``recorded`` holds
+    ``(data_ptr, stream)`` for every tensor registered with the allocator for a side stream.
+    """
+
+    class Stream:
+        def __init__(self, log, name):
+            self.log, self.name = log, name
+
+        def wait_stream(self, other):
+            self.log.append(("wait_stream", self.name, other.name))
+
+        def wait_event(self, event):
+            self.log.append(("wait_event", self.name, event.ident))
+
+    class Event:
+        def __init__(self, log, ident):
+            self.log, self.ident = log, ident
+
+        def record(self, stream):
+            self.log.append(("record", self.ident, stream.name))
+
+    def __init__(self):
+        self.log = []
+        self.active = self.Stream(self.log, "main")  # the current stream
+        self.side_streams = []
+        self.events = 0
+        self.recorded = []
+
+    def supports(self, device):
+        return True
+
+    def side_stream(self, device):
+        n = len(self.side_streams) + 1
+        self.side_streams.append(self.Stream(self.log, "side" if n == 1 else f"side{n}"))
+        return self.side_streams[-1]
+
+    def current_stream(self, device):
+        return self.active
+
+    @contextlib.contextmanager
+    def stream(self, stream):
+        previous, self.active = self.active, stream
+        try:
+            yield
+        finally:
+            self.active = previous
+
+    def new_event(self):
+        self.events += 1
+        return self.Event(self.log, self.events)
+
+    def record_stream(self, tensor, stream):
+        self.recorded.append((tensor.data_ptr(), stream.name))
