@@ -20,6 +20,8 @@ from ema_cuda.ema_decay_schedules import (
     ThresholdDecay,
 )
 from conftest import DEVICES, requires_cuda
+from support import N_FEATURES, Net, assert_bit_identical, seeded, state
+from support import one_thread  # noqa: F401  (autouse: one torch thread for this module)
 
 TOTAL = 40
 
@@ -35,17 +37,12 @@ SCHEDULES = [
 ]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+CLASSES = 4
 
 
 def make_net(seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 4))
+    # No dropout: compiled, captured and eager runs of one model must take the same steps.
+    return seeded(Net, seed, dropout=0.0, num_classes=CLASSES)
 
 
 def sgd_step(model, x, y, lr=0.1):
@@ -63,14 +60,8 @@ def sgd_step(model, x, y, lr=0.1):
 
 def batches(n, device="cpu", seed=1):
     gen = torch.Generator().manual_seed(seed)
-    return [(torch.randn(6, 8, generator=gen).to(device), torch.randint(0, 4, (6,), generator=gen).to(device)) for _ in range(n)]
-
-
-def assert_states_equal(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert torch.equal(sa[k], sb[k]), k
+    return [(torch.randn(6, N_FEATURES, generator=gen).to(device),
+             torch.randint(0, CLASSES, (6,), generator=gen).to(device)) for _ in range(n)]
 
 
 # ---------------------------------------------------------------- the schedules' tensor form
@@ -98,15 +89,19 @@ def test_tensor_value_equals_float_schedule(fn, device):
             assert torch.tensor(got, dtype=torch.float64).float() == torch.tensor(want, dtype=torch.float64).float(), s
 
 
-def test_tensor_value_accepts_float_steps_and_checks_input():
+def test_tensor_value_accepts_float_steps():
     fn = ThresholdDecay()
     assert fn.tensor_value(0.99, torch.tensor(5.0), None).item() == fn(0.99, 5, None)
-    with pytest.raises(ValueError, match="0-dim"):
-        fn.tensor_value(0.99, torch.tensor([5]), None)
-    with pytest.raises(ValueError, match="total_steps must be > 0"):
-        ExpDecay(beta=15).tensor_value(0.99, torch.tensor(5), None)
-    with pytest.raises(TypeError, match="Python number"):
-        ExpDecay(beta=15).tensor_value(0.99, torch.tensor(5), torch.tensor(10))
+
+
+@pytest.mark.parametrize("fn,step,total,error,match", [
+    (ThresholdDecay(), torch.tensor([5]), None, ValueError, "0-dim"),
+    (ExpDecay(beta=15), torch.tensor(5), None, ValueError, "total_steps must be > 0"),
+    (ExpDecay(beta=15), torch.tensor(5), torch.tensor(10), TypeError, "Python number"),
+], ids=["step not 0-dim", "no total_steps", "tensor total_steps"])
+def test_tensor_value_checks_its_input(fn, step, total, error, match):
+    with pytest.raises(error, match=match):
+        fn.tensor_value(0.99, step, total)
 
 
 class HostOnly(IDecayFunction):
@@ -151,7 +146,7 @@ def test_capturable_update_equals_float_update(fn):
         ema_t.update(model)  # counts the step on the device
         assert float(ema_t.decay_tensor) == pytest.approx(ema_f.decay_at(step, TOTAL), rel=1e-13, abs=1e-17)
     assert int(ema_t.step_tensor) == TOTAL and ema_t.num_updates == TOTAL
-    assert_states_equal(ema_f.ema, ema_t.ema)
+    assert_bit_identical(ema_f.ema, ema_t.ema)
 
 
 def test_capturable_step_argument_forms():
@@ -202,17 +197,17 @@ def test_capturable_state_dict_round_trip_continues_bit_exactly():
         sgd_step(model_b, x, y)
         b.update(model_b)
     assert int(b.step_tensor) == TOTAL
-    assert_states_equal(a.ema, b.ema)
+    assert_bit_identical(a.ema, b.ema)
 
 
 def test_capturable_load_refuses_a_state_it_cannot_run():
     model = make_net()
     plain = ModelEMA(model, 0.99, ExpDecay(beta=15), update_every=3)
     cap = ModelEMA(model, 0.99, ExpDecay(beta=15), capturable=True, total_steps=TOTAL)
-    before = {k: v.clone() for k, v in cap.ema.state_dict().items()}
+    before = state(cap.ema)
     with pytest.raises(ValueError, match="capturable=True"):
         cap.load_state_dict(plain.state_dict())
-    assert all(torch.equal(before[k], v) for k, v in cap.ema.state_dict().items())
+    assert_bit_identical(cap.ema, before)
 
 
 # ---------------------------------------------------------------- torch.compile
@@ -256,8 +251,8 @@ def test_compiled_training_step_matches_eager_without_recompiling(dynamo):
     assert any("ema_cuda.ema_update_" in g.code for g in counter.graphs)  # the update is in the graph
     assert len(set(decays)) == TOTAL  # the decay changed at every step, the graph did not
     assert int(ema_c.step_tensor) == TOTAL and ema_c.num_updates == TOTAL
-    assert_states_equal(model_c, model_e)
-    assert_states_equal(ema_c.ema, ema_e.ema)
+    assert_bit_identical(model_c, model_e)
+    assert_bit_identical(ema_c.ema, ema_e.ema)
 
 
 def test_compiled_update_after_an_eager_optimizer(dynamo):
@@ -281,7 +276,7 @@ def test_compiled_update_after_an_eager_optimizer(dynamo):
                 compiled_frames = counter.frame_count
     assert counter.frame_count == compiled_frames
     assert any("ema_cuda.ema_update_" in g.code for g in counter.graphs)
-    assert_states_equal(ema.ema, ema_ref.ema)
+    assert_bit_identical(ema.ema, ema_ref.ema)
 
 
 def test_int_step_inside_compile_is_an_error(dynamo):
@@ -373,10 +368,10 @@ def test_capturable_rejects_a_non_integer_step_untouched(step):
         for p in model.parameters():
             p.add_(1.0)
     ema.update(model, step=3)
-    before = {k: v.clone() for k, v in ema.ema.state_dict().items()}
+    before = state(ema.ema)
     with pytest.raises((TypeError, ValueError), match="integer"):
         ema.update(model, step=step)
-    assert all(torch.equal(v, before[k]) for k, v in ema.ema.state_dict().items())
+    assert_bit_identical(ema.ema, before)
     assert int(ema.step_tensor) == 3 and ema.num_updates == 1
     ema.update(model, step=torch.tensor(4, dtype=torch.int32))  # any integer dtype
     assert int(ema.step_tensor) == 4
