@@ -3,101 +3,37 @@
 The stream bookkeeping is checked on the CPU with a recording stand-in for
 the CUDA stream API (the same code paths call it); the tests at the end run
 the real thing and need a GPU (skipped without one)."""
-import contextlib
 import copy
 import gc
 
 import pytest
 import torch
-from torch import nn
 from torch.optim.optimizer import _global_optimizer_pre_hooks
 
 from ema_cuda import ModelEMA, ops
 from ema_cuda.ema.executors import SideStreamExecutor, WaitHook
 from ema_cuda.ema_decay_schedules import ConstantDecay, ThresholdDecay
 from conftest import requires_cuda
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(6, 8)
-        self.bn = nn.BatchNorm1d(8)
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.head(torch.relu(self.bn(self.lin(x))))
+from support import N_FEATURES, Net, RecordingStreams, seeded
+from support import one_thread  # noqa: F401  (autouse: one torch thread for this module)
 
 
 def make_net(seed=0):
-    torch.manual_seed(seed)
-    return Net()
-
-
-class FakeStream:
-    def __init__(self, log, name):
-        self.log, self.name = log, name
-
-    def wait_stream(self, other):
-        self.log.append(("wait_stream", self.name, other.name))
-
-    def wait_event(self, event):
-        self.log.append(("wait_event", self.name, event.ident))
-
-
-class FakeEvent:
-    def __init__(self, log, ident):
-        self.log, self.ident = log, ident
-
-    def record(self, stream):
-        self.log.append(("record", self.ident, stream.name))
-
-
-class FakeStreams:
-    """Records what the asynchronous update asks of the CUDA stream API; runs everything at once."""
-
-    def __init__(self):
-        self.log = []
-        self.streams = {"main": FakeStream(self.log, "main")}
-        self.active = "main"
-        self.events = 0
-        self.recorded = []
-
-    def supports(self, device):
-        return True
-
-    def side_stream(self, device):
-        self.streams["side"] = FakeStream(self.log, "side")
-        return self.streams["side"]
-
-    def current_stream(self, device):
-        return self.streams[self.active]
-
-    @contextlib.contextmanager
-    def stream(self, stream):
-        previous, self.active = self.active, stream.name
-        try:
-            yield
-        finally:
-            self.active = previous
-
-    def new_event(self):
-        self.events += 1
-        return FakeEvent(self.log, self.events)
-
-    def record_stream(self, tensor, stream):
-        self.recorded.append((tensor.data_ptr(), stream.name))
+    # No dropout: the runs compared here must take the same steps.
+    return seeded(Net, seed, dropout=0.0)
 
 
 @pytest.fixture
 def fake(monkeypatch):
-    streams = FakeStreams()
+    """The EMA's stream API replaced by a recording one (see ``RecordingStreams``); ``calls`` records, per
+    fused update, the stream it ran on and how many tensors it averaged."""
+    streams = RecordingStreams()
     monkeypatch.setattr(SideStreamExecutor, "default_streams", streams)
     calls = []
     update = ops.FusedUpdater.update
 
     def recording_update(self, decay):
-        calls.append((streams.active, len(self.ema)))
+        calls.append((streams.active.name, len(self.ema)))
         return update(self, decay)
 
     monkeypatch.setattr(ops.FusedUpdater, "update", recording_update)
@@ -108,9 +44,16 @@ def fake(monkeypatch):
 def train_step(model, opt, seed):
     gen = torch.Generator().manual_seed(seed)
     model.train()
-    model(torch.randn(5, 6, generator=gen)).square().mean().backward()
+    model(torch.randn(5, N_FEATURES, generator=gen)).square().mean().backward()
     opt.step()
     opt.zero_grad()
+
+
+def waits_of_an_optimizer_step(fake):
+    """What the current stream is made to wait for at an optimizer step now (the EMAs' step pre-hook)."""
+    fake.log.clear()
+    torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0).step()
+    return list(fake.log)
 
 
 def test_async_update_needs_cuda_and_excludes_capturable():
@@ -140,8 +83,8 @@ def test_parameters_go_to_the_side_stream_after_it_waits_and_buffers_stay(fake):
         assert ("side", n_params) in fake.calls
         # BatchNorm's running statistics (written by the next forward pass) on the current stream.
         assert ("main", 2) in fake.calls
-        # An update in flight, which this EMA's optimizer step pre-hook waits for.
-        assert ema._executor.pending is not None and ema._executor.hook.id in _global_optimizer_pre_hooks
+        # An update in flight, which the next step of any optimizer waits for (this EMA's step pre-hook).
+        assert waits_of_an_optimizer_step(fake) == [("wait_event", "main", fake.events)]
     ema.wait()
     for key, v in ref.ema.state_dict().items():
         assert torch.equal(ema.ema.state_dict()[key], v), key
@@ -154,7 +97,7 @@ READS = {
     "copy_to": lambda ema, model: ema.copy_to(model),
     "state_dict": lambda ema, model: ema.state_dict(),
     "load_state_dict": lambda ema, model: ema.load_state_dict(copy.deepcopy(ModelEMA(model, 0.9, ConstantDecay()).state_dict())),
-    "forward of ema.ema": lambda ema, model: ema.ema(torch.randn(2, 6)),
+    "forward of ema.ema": lambda ema, model: ema.ema(torch.randn(2, N_FEATURES)),
 }
 
 
@@ -167,7 +110,7 @@ def test_every_read_of_the_ema_waits_for_the_update_in_flight(fake, read):
     fake.log.clear()
     READS[read](ema, model)
     assert fake.log[0] == ("wait_event", "main", event)
-    assert ema._executor.pending is None  # nothing left for the optimizer step pre-hook to wait for
+    assert waits_of_an_optimizer_step(fake) == []  # nothing left for the optimizer step pre-hook to wait for
     fake.log.clear()
     ema.wait()  # nothing in flight any more: nothing to wait for
     assert fake.log == []
@@ -186,31 +129,44 @@ def test_the_next_optimizer_step_waits_for_the_update(fake):
     train_step(model, opt, 2)
     # The wait was issued before the step (the global pre-hook runs before the optimizer's own).
     assert seen_at_step[-1] == [("wait_event", "main", event)]
-    assert ema._executor.pending is None
+    fake.log.clear()
+    ema.wait()  # that wait took the update in flight: nothing is left to wait for
+    assert fake.log == []
 
 
 def test_the_optimizer_hook_goes_with_its_ema(fake):
+    before = set(_global_optimizer_pre_hooks)
     ema = ModelEMA(make_net(), 0.9, ConstantDecay(), async_update=True)
-    hook = ema._executor.hook.id
-    assert hook in _global_optimizer_pre_hooks
+    added = set(_global_optimizer_pre_hooks) - before
+    assert len(added) == 1  # the EMA's optimizer step pre-hook
     del ema
     gc.collect()
-    assert hook not in _global_optimizer_pre_hooks
+    assert not added & set(_global_optimizer_pre_hooks)
 
 
 def test_a_copy_of_an_async_ema_waits_for_its_own_updates(fake):
     model = make_net()
     ema = ModelEMA(model, 0.9, ConstantDecay(), async_update=True)
     ema.update(model, 1, 10)
+    original_event = fake.events
     twin = copy.deepcopy(ema)
-    assert twin._executor.pending is None and twin._executor.stream is None
-    hooks = [h for h in twin.ema._forward_pre_hooks.values() if isinstance(h, WaitHook)]
-    assert len(hooks) == 1 and hooks[0].ref() is twin._executor
-    twin.update(model, 2, 10)
+    # Nothing in flight for the copy: neither it nor its module waits for the original's update.
     fake.log.clear()
-    twin.ema(torch.randn(2, 6))
+    twin.wait()
+    twin.ema(torch.randn(2, N_FEATURES))
+    assert fake.log == []
+    hooks = [h for h in twin.ema._forward_pre_hooks.values() if isinstance(h, WaitHook)]
+    assert len(hooks) == 1  # the copied module's hook was replaced, not kept beside the copy's own
+    fake.log.clear()
+    twin.update(model, 2, 10)
+    # On a side stream of its own, made for it.
+    assert fake.log == [("wait_stream", "side2", "main"), ("record", fake.events, "side2")]
+    fake.log.clear()
+    twin.ema(torch.randn(2, N_FEATURES))
     assert fake.log == [("wait_event", "main", fake.events)]
-    assert ema._executor.pending is not None  # the original's update is still its own to wait for
+    fake.log.clear()
+    ema.wait()  # the original's update is still its own to wait for
+    assert fake.log == [("wait_event", "main", original_event)]
 
 
 # ---------------------------------------------------------------- on a GPU
@@ -231,7 +187,7 @@ def test_async_update_on_gpu_matches_sync_and_the_optimizer_waits():
     opt, ref_opt = (torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, ref_model))
     gen = torch.Generator(device="cuda").manual_seed(0)
     for step in range(1, 8):
-        x = torch.randn(64, 6, device="cuda", generator=gen)
+        x = torch.randn(64, N_FEATURES, device="cuda", generator=gen)
         for m, o, e in ((model, opt, ema), (ref_model, ref_opt, ref)):
             m(x).square().mean().backward()
             o.step()

@@ -16,20 +16,14 @@ import torch
 from ema_cuda import KDModelEMA, ModelEMA, ops
 from ema_cuda.checkpoint import load_checkpoint, load_checkpoint_to_model
 from ema_cuda.ema_decay_schedules import ConstantDecay, ExpDecay, ThresholdDecay
+from support import RecordingStreams
+from support import one_thread  # noqa: F401  (autouse: one torch thread for this module)
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
 _spec = importlib.util.spec_from_file_location("ema_cuda_fixtures", os.path.join(DATA, "make_fixtures.py"))
 fixtures = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(fixtures)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def expected():
@@ -144,14 +138,21 @@ def test_an_unpickled_ema_pickles_and_copies_again(name):
 
 def test_a_pickled_async_ema_of_the_old_layout_gets_its_own_executor_and_continues(monkeypatch):
     # Its ema.ema carries the old forward pre-hook class (ema_cuda.ema._WaitHook); the stream API is run on
-    # the host here (the fixture was made the same way).
+    # the host here, recording what is asked of it (the fixture was made on the host too).
     from ema_cuda.ema.executors import SideStreamExecutor, WaitHook
 
-    monkeypatch.setattr(SideStreamExecutor, "default_streams", fixtures.HostStreams())
+    streams = RecordingStreams()
+    monkeypatch.setattr(SideStreamExecutor, "default_streams", streams)
     blob = torch.load(os.path.join(DATA, "pickled_async_v1.pt"), weights_only=False)
     ema, model = blob["ema"], blob["model"]
     hooks = [h for h in ema.ema._forward_pre_hooks.values() if isinstance(h, WaitHook)]
-    assert ema.async_update and len(hooks) == 1 and hooks[0].ref() is ema._executor
+    assert ema.async_update and len(hooks) == 1
     continue_run(ema, model, blob["next_step"])
+    # The loaded EMA's side stream ran the updates, and a forward pass of ema.ema waits for the last one.
+    assert ("wait_stream", "side", "main") in streams.log
+    streams.log.clear()
+    with torch.no_grad():
+        ema.ema(torch.randn(2, 3, 4, 4))  # the fixtures' model takes 3x4x4 images
+    assert streams.log == [("wait_event", "main", streams.events)]
     want = torch.load(os.path.join(DATA, "expected_async_v1.pt"), weights_only=True)["async"]
     assert_same_state(ema.state_dict(), want, EXACT)
