@@ -12,26 +12,29 @@ from ema_cuda._overlap import overlapping_pairs
 from ema_cuda.ema import check_ema_params
 from ema_cuda.ema.options import EMAOptions
 from ema_cuda.ema_decay_schedules import ConstantDecay, ExpDecay, IDecayFunction, ThresholdDecay
+from support import KD, Net
+from support import one_thread  # noqa: F401  (autouse: one torch thread for this module)
 
 
 # ---------------------------------------------------------------- _overlap
 
 
-def test_overlapping_pairs_finds_every_shared_byte_and_nothing_else():
-    base = torch.zeros(100)
-    disjoint = [base[0:10], base[10:20], torch.zeros(5)]
-    assert list(overlapping_pairs(disjoint)) == []  # touching ends share no byte
-    inner, outer, tail = base[20:25], base[15:40], base[39:41]
-    pairs = {frozenset(p) for p in overlapping_pairs([inner, outer, tail, base[50:60]])}
-    assert pairs == {frozenset((0, 1)), frozenset((1, 2))}
+# Spans of one 100-element buffer (``base``) and others; the index pairs that share memory.
+_SPANS = {
+    # Touching ends share no byte.
+    "disjoint": (lambda base: [base[0:10], base[10:20], torch.zeros(5)], set()),
+    "nested and chained": (lambda base: [base[20:25], base[15:40], base[39:41], base[50:60]], {(0, 1), (1, 2)}),
     # A span inside a long one is found even when a shorter one lies between them.
-    long, short, later = base[0:90], base[1:2], base[80:85]
-    assert {frozenset(p) for p in overlapping_pairs([long, short, later])} == {frozenset((0, 1)), frozenset((0, 2))}
+    "inside a long one": (lambda base: [base[0:90], base[1:2], base[80:85]], {(0, 1), (0, 2)}),
+    "without memory": (lambda base: [base, base[3:3], torch.zeros(10, device="meta")], set()),
+}
 
 
-def test_overlapping_pairs_ignores_tensors_without_memory():
-    base = torch.zeros(10)
-    assert list(overlapping_pairs([base, base[3:3], torch.zeros(10, device="meta")])) == []
+@pytest.mark.parametrize("case", list(_SPANS))
+def test_overlapping_pairs_finds_every_shared_byte_and_nothing_else(case):
+    spans, expected = _SPANS[case]
+    found = {frozenset(p) for p in overlapping_pairs(spans(torch.zeros(100)))}
+    assert found == {frozenset(p) for p in expected}
 
 
 def test_a_model_with_two_parameters_sharing_memory_is_refused_naming_both():
@@ -76,33 +79,35 @@ def test_setting_an_option_on_the_ema_validates_it_and_keeps_the_old_value_on_er
     assert isinstance(cap.decay_function, ThresholdDecay)
 
 
-def test_check_ema_params_raises_what_from_params_would_without_building():
+def test_check_ema_params_accepts_what_from_params_takes():
     check_ema_params({"decay": 0.9, "decay_type": "ramp", "tau": 10, "buffers": "copy"})
-    with pytest.raises(ValueError, match=r"'tua' \(did you mean 'tau'\?\)"):
-        check_ema_params({"decay_type": "ramp", "tua": 10})
-    with pytest.raises(ValueError, match=r"ema_params: unknown decay_type 'cosine'"):
-        check_ema_params({"decay_type": "cosine"})
+
+
+@pytest.mark.parametrize("params,match", [
+    ({"decay_type": "ramp", "tua": 10}, r"'tua' \(did you mean 'tau'\?\)"),
+    ({"decay_type": "cosine"}, r"ema_params: unknown decay_type 'cosine'"),
+], ids=["misspelt option", "unknown schedule"])
+def test_check_ema_params_raises_what_from_params_would_without_building(params, match):
+    with pytest.raises(ValueError, match=match):
+        check_ema_params(params)
 
 
 # ---------------------------------------------------------------- the averaged module and the pickled path
 
 
-class KD(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.student = nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3))
-        self.teacher = nn.Linear(3, 3)
+def make_kd():
+    return KD(Net(), Net())
 
 
 def test_averaged_module_is_the_tree_the_ema_holds():
     ema = ModelEMA(nn.Linear(3, 3), 0.9, ConstantDecay())
     assert ema.averaged_module is ema.ema
-    kd = KDModelEMA(KD(), 0.9, ConstantDecay())
+    kd = KDModelEMA(make_kd(), 0.9, ConstantDecay())
     assert kd.averaged_module is kd.ema.student
     assert set(kd.state_dict()["ema"]) == set(kd.averaged_module.state_dict())
 
 
-@pytest.mark.parametrize("cls,model", [(ModelEMA, lambda: nn.Linear(3, 3)), (KDModelEMA, KD)])
+@pytest.mark.parametrize("cls,model", [(ModelEMA, lambda: nn.Linear(3, 3)), (KDModelEMA, make_kd)])
 def test_pickles_name_the_public_path(cls, model):
     # NOTE [pickled path]: a pickle names the class by its public path, as the single-module EMA's did, and
     # no internal module of the package (they may move).
