@@ -11,6 +11,8 @@ from ema_cuda import ModelEMA, Trainer, models
 from ema_cuda import distributed as dist_utils
 from ema_cuda.ema_decay_schedules import ConstantDecay
 from dist_helpers import run_workers
+from support import N_FEATURES, Net, seeded
+from support import one_thread  # noqa: F401  (autouse: one torch thread for this module)
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
@@ -39,18 +41,7 @@ def dataset():
 
 
 def mlp(seed):
-    torch.manual_seed(seed)
-    return models.MLP(in_features=16, num_classes=4, hidden_features=(32,))
-
-
-class BNNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(6, 8)
-        self.bn = nn.BatchNorm1d(8)
-
-    def forward(self, x):
-        return self.bn(self.lin(x))
+    return seeded(models.MLP, seed, in_features=16, num_classes=4, hidden_features=(32,))
 
 
 def _ddp_worker(rank, world, outdir):
@@ -95,13 +86,12 @@ def _ddp_worker(rank, world, outdir):
 
     # 3. BatchNorm statistics come from each rank's batch: the EMAs' buffers
     # differ until they are broadcast; the parameters agree throughout.
-    torch.manual_seed(0)
-    net = nn.parallel.DistributedDataParallel(BNNet())
+    net = nn.parallel.DistributedDataParallel(seeded(Net, dropout=0.0))
     ema = ModelEMA(net, 0.9, ConstantDecay())
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     gen = torch.Generator().manual_seed(rank)
     for step in range(1, 6):
-        net(torch.randn(5, 6, generator=gen)).square().mean().backward()
+        net(torch.randn(5, N_FEATURES, generator=gen)).square().mean().backward()
         opt.step()
         opt.zero_grad()
         ema.update(net, step, 5)
@@ -111,7 +101,7 @@ def _ddp_worker(rank, world, outdir):
     except RuntimeError as exc:
         result["differ_before_broadcast"] = "ranks [1] disagree with rank 0" in str(exc)
     result["bn_before"] = ema.ema.bn.running_mean.clone()
-    result["weight"] = ema.ema.lin.weight.clone()
+    result["weight"] = ema.ema.fc1.weight.clone()
     dist_utils.broadcast_ema_buffers(ema)
     dist_utils.check_ema_synchronized(ema)  # raises if they still differ
     result["bn_after"] = ema.ema.bn.running_mean.clone()

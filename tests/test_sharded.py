@@ -13,6 +13,8 @@ from ema_cuda import ModelEMA, models
 from ema_cuda.checkpoint import CheckpointError, load_dcp_weights
 from ema_cuda.ema_decay_schedules import ThresholdDecay
 from dist_helpers import run_workers
+from support import seeded
+from support import one_thread  # noqa: F401  (autouse: one torch thread for this module)
 
 pytestmark = pytest.mark.skipif(
     not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
@@ -22,8 +24,12 @@ WORLD = 2
 STEPS = 6
 
 
-class Net(nn.Module):
-    """Uneven shapes on purpose: 5 and 3 rows do not split evenly over 2 ranks, 1 row leaves rank 1 empty."""
+class Uneven(nn.Module):
+    """Uneven shapes on purpose: 5 and 3 rows do not split evenly over 2 ranks, 1 row leaves rank 1 empty.
+
+    Not support.Net: BatchNorm statistics, taken from each rank's own batch, would differ from those of
+    the unsharded reference run on the global batch.  The int buffer ``calls`` is one FSDP2 leaves whole.
+    """
 
     def __init__(self):
         super().__init__()
@@ -38,8 +44,7 @@ class Net(nn.Module):
 
 
 def make_net(seed=0):
-    torch.manual_seed(seed)
-    return Net()
+    return seeded(Uneven, seed)
 
 
 def shard(model):
@@ -337,20 +342,19 @@ def test_without_a_step_directories_number_the_saves(tmp_path):
 
 
 def test_interrupted_pointer_write_keeps_latest_and_leaves_no_temp(tmp_path, monkeypatch):
-    from ema_cuda import _fs
     from ema_cuda.sharded import latest_checkpoint, save_sharded_checkpoint
 
     _, state = _single_process_state()
     save_sharded_checkpoint(state, tmp_path, step=1)
 
-    real_replace = _fs.os.replace
+    real_replace = os.replace
 
     def replace(src, dst):
         if str(dst).endswith("LATEST"):
             raise KeyboardInterrupt
         return real_replace(src, dst)
 
-    monkeypatch.setattr(_fs.os, "replace", replace)
+    monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(KeyboardInterrupt):
         save_sharded_checkpoint(state, tmp_path, step=2)
     monkeypatch.undo()
