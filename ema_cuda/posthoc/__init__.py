@@ -10,7 +10,7 @@
 See docs/posthoc.md.
 """
 from ema_cuda.posthoc.profiles import GAMMA_MIN, SIGMA_REL_MAX, PowerFunctionDecay, gamma_to_sigma_rel, sigma_rel_to_gamma
-from ema_cuda.posthoc.reconstruct import Reconstruction, profile_inner_product, reconstruct, solve_weights
+from ema_cuda.posthoc.reconstruct import Reconstruction, combine_snapshots, profile_inner_product, reconstruct, solve_weights
 from ema_cuda.posthoc.snapshots import (
     SnapshotInfo,
     list_snapshots,
@@ -21,7 +21,8 @@ from ema_cuda.posthoc.snapshots import (
 )
 
 __all__ = [
-    "GAMMA_MIN", "SIGMA_REL_MAX", "PowerFunctionDecay", "Reconstruction", "SnapshotInfo", "gamma_to_sigma_rel",
+    "GAMMA_MIN", "SIGMA_REL_MAX", "PowerFunctionDecay", "Reconstruction", "SnapshotInfo", "combine_snapshots",
+    "gamma_to_sigma_rel",
     "list_snapshots", "profile_inner_product", "read_snapshot", "read_snapshot_info", "reconstruct",
     "sigma_rel_to_gamma", "snapshot_filename", "solve_weights", "write_snapshot",
 ]

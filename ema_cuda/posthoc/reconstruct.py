@@ -19,7 +19,7 @@ import torch
 from ema_cuda.posthoc.profiles import sigma_rel_to_gamma
 from ema_cuda.posthoc.snapshots import SnapshotInfo, list_snapshots, read_snapshot
 
-__all__ = ["Reconstruction", "profile_inner_product", "reconstruct", "solve_weights"]
+__all__ = ["Reconstruction", "combine_snapshots", "profile_inner_product", "reconstruct", "solve_weights"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -110,6 +110,12 @@ def solve_weights(snapshots: Sequence[SnapshotInfo], sigma_rel: float, step: Opt
                           math.sqrt(max(sq, 0.0) / target))
 
 
+def combine_snapshots(rec: Reconstruction) -> Dict[str, torch.Tensor]:
+    """The state_dict ``sum(rec.weights[i] * snapshot_i)`` (floating tensors in float64, cast back; others from
+    the latest snapshot used), reading one snapshot at a time."""
+    return _combine(rec)
+
+
 def _combine(rec: Reconstruction) -> Dict[str, torch.Tensor]:
     acc: Dict[str, torch.Tensor] = {}
     dtypes: Dict[str, torch.dtype] = {}
@@ -152,4 +158,4 @@ def reconstruct(snapshot_dir: PathLike, sigma_rel: float, step: Optional[int] = 
     snapshots = list_snapshots(snapshot_dir)
     if not snapshots:
         raise ValueError(f"reconstruct: no snapshot (*.safetensors) in {str(snapshot_dir)!r}")
-    return _combine(solve_weights(snapshots, sigma_rel, step))
+    return combine_snapshots(solve_weights(snapshots, sigma_rel, step))
