@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -50,6 +51,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: Relative cut-off of singular values of A (NOTE [the reconstruction's norm]).
 RCOND = 1e-12
+
+#: A relative profile error above which :func:`reconstruct` warns (a few snapshots per profile give ~0.01).
+WARN_PROFILE_ERROR = 0.1
 
 
 def profile_inner_product(t_a: float, g_a: float, t_b: float, g_b: float) -> float:
@@ -153,9 +157,19 @@ def reconstruct(snapshot_dir: PathLike, sigma_rel: float, step: Optional[int] = 
     :func:`solve_weights` and cast back to the snapshots' dtype; other
     tensors (integer buffers) are taken from the latest snapshot used.
     Errors: an empty directory, a ``step`` outside the snapshots' steps,
-    snapshots whose keys, shapes or dtypes differ (naming both files).
+    snapshots whose keys, shapes or dtypes differ (naming both files).  A
+    warning when the closest profile is more than ``WARN_PROFILE_ERROR`` (in
+    relative L2 norm) from the requested one: a ``step`` well past the last
+    snapshot before it (the weights of the steps in between were never
+    saved), or a ``sigma_rel`` far outside the tracked ones.
     """
     snapshots = list_snapshots(snapshot_dir)
     if not snapshots:
         raise ValueError(f"reconstruct: no snapshot (*.safetensors) in {str(snapshot_dir)!r}")
-    return combine_snapshots(solve_weights(snapshots, sigma_rel, step))
+    rec = solve_weights(snapshots, sigma_rel, step)
+    if rec.relative_error > WARN_PROFILE_ERROR:
+        warnings.warn(
+            f"reconstruct: the closest combination of the snapshots in {str(snapshot_dir)!r} to sigma_rel={sigma_rel} "
+            f"at step {rec.step} is {rec.relative_error:.3g} from it (relative L2 norm of the profiles); "
+            "the result is a poor approximation", stacklevel=2)
+    return combine_snapshots(rec)
