@@ -9,7 +9,7 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.14.1
-DEPS ?= ninja "setuptools>=77" wheel pytest pytest-xdist numpy tqdm matplotlib scikit-learn
+DEPS ?= ninja "setuptools>=77" wheel pytest pytest-xdist numpy tqdm matplotlib scikit-learn safetensors
 # What the benchmark also compares against: timm's ModelEmaV3 (timm needs the
 # torchvision release made for TORCH_SPEC).
 BENCH_EXTRAS ?= timm torchvision==0.29.1

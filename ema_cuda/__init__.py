@@ -3,10 +3,12 @@ from ema_cuda import ops
 from ema_cuda.ops import FusedUpdater, ema_update_
 from ema_cuda import ema_decay_schedules
 from ema_cuda.ema import KDModelEMA, ModelEMA
+# Registers the "power_function" schedule (it subclasses IDecayFunction, so ema_decay_schedules cannot import it).
+from ema_cuda import posthoc
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "ema_update_", "FusedUpdater", "__version__", "ModelEMA", "KDModelEMA", "ema_decay_schedules"]
+__all__ = ["ops", "ema_update_", "FusedUpdater", "__version__", "ModelEMA", "KDModelEMA", "ema_decay_schedules", "posthoc"]
 
 # The trainer, the model registry, checkpoint I/O and the distributed pieces load on first use, so
 # that `import ema_cuda` costs no more than the op and the EMA.

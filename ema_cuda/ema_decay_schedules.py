@@ -9,8 +9,8 @@ number of steps into the decay used for one update::
 A small decay early in training lets the average forget the random
 initialisation quickly; the schedule then climbs towards ``decay``.  The
 first three schedules reproduce SuperGradients' values (``constant``,
-``threshold``, ``exp``); ``power`` is the warmup of timm's ``ModelEmaV3`` and
-diffusers' ``EMAModel``, ``ramp`` the one of ultralytics' ``ModelEMA``.
+``threshold``, ``exp``); ``power`` is timm's and diffusers' warmup, ``ramp``
+ultralytics'; ``power_function`` (EDM2) is in :mod:`ema_cuda.posthoc.profiles`.
 
 Steps follow SuperGradients' Trainer: 1-based batch indices
 (``epoch * len(loader) + batch_idx + 1``), so the first update of a run is
