@@ -193,6 +193,11 @@ class IDecayFunction(ABC):
             "tensor operations (see ema_cuda.ema_decay_schedules) to use it with ModelEMA(capturable=True)"
         )
 
+    def largest_decay(self, decay: float, total_steps: Optional[int]) -> Optional[float]:
+        """The largest decay a run of ``total_steps`` (None: unknown) reaches; None when it cannot say.
+        ModelEMA's configuration warnings (horizon, dtype stall) read it; the default is the cap ``decay``."""
+        return decay
+
     @classmethod
     def has_tensor_value(cls) -> bool:
         """True when the class implements :meth:`tensor_value`."""

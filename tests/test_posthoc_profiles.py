@@ -102,8 +102,6 @@ def test_ema_weights_are_the_discrete_profile(sigma_rel):
     assert (std / t_end).item() == pytest.approx(sigma_rel, rel=0.01)
 
 
-# The EMA's stall and horizon warnings read ``decay``, which this schedule only uses as a cap.
-pytestmark = pytest.mark.filterwarnings("ignore:ModelEMA.*decay=0.999999999:UserWarning")
 
 
 def test_from_params_eager_and_capturable():
@@ -161,9 +159,30 @@ def test_trainer_ema_params(tmp_path):
     }
     trainer = Trainer("posthoc", tmp_path)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # decay's horizon is longer than this short run, by design here
+        # The power-function schedule's cap draws no configuration warning (largest_decay).
+        warnings.simplefilter("error", UserWarning)
         trainer.train(model, params, train, valid)
     fn = trainer.ema.decay_function
     assert isinstance(fn, PowerFunctionDecay) and fn.gamma == pytest.approx(sigma_rel_to_gamma(0.1))
     assert trainer.ema.num_updates == 2 * len(train)
     assert fn(trainer.ema.decay, trainer.ema.num_updates, None) > 0
+
+
+@pytest.mark.parametrize("total_steps", [None, 1000])
+def test_the_cap_draws_no_configuration_warning_but_a_stall_at_the_last_step_does(total_steps):
+    # decay=1-1e-9 is a cap the schedule never reaches: judged by it, the
+    # horizon (1e9 steps) and the fp32 stall (1 + 1e-9 rounds to 1) would
+    # warn on every run.  The schedule's value at the last step decides.
+    model = nn.Linear(4, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        ema = ModelEMA.from_params(model, decay_type="power_function", sigma_rel=0.1, decay=NEAR_ONE,
+                                   total_steps=total_steps)
+        ema.update(model, 1, 1000)
+    # In bf16 the step at the end of a 10**6-step run, (gamma + 1) / t ~ 8e-6, is lost to rounding.
+    with pytest.warns(UserWarning, match=r"rounds to 1 in torch.bfloat16"):
+        ModelEMA.from_params(model, decay_type="power_function", sigma_rel=0.1, decay=NEAR_ONE,
+                             total_steps=10**6, ema_dtype=torch.bfloat16)
+    # A schedule without the hook is judged by its cap, as before.
+    with pytest.warns(UserWarning, match=r"rounds to 1 in torch.float32"):
+        ModelEMA.from_params(model, decay_type="constant", decay=NEAR_ONE)

@@ -22,8 +22,6 @@ from support import one_thread  # noqa: F401  (autouse: one torch thread for thi
 
 NEAR_ONE = 1 - 1e-9  # a cap the runs here never reach
 
-# The EMA's stall and horizon warnings read ``decay``, which the power-function schedule only uses as a cap.
-pytestmark = pytest.mark.filterwarnings("ignore:ModelEMA.*decay=0.999999999:UserWarning")
 
 
 def _write(directory, step, sigma_rel, state):

@@ -137,30 +137,42 @@ class EMAOptions:
         changes = {k: state[k] for k in ("buffers", "update_every") if k in state}
         return self.replace(where, decay=state["decay"], decay_function=fn, skip_nonfinite=skip, **changes), warning
 
+    def largest_decay(self, total_steps: Any) -> Optional[float]:
+        """The largest decay the schedule reaches in a run of ``total_steps``: ``decay`` (the cap) unless the
+        schedule says otherwise (IDecayFunction.largest_decay); None when it cannot say."""
+        hook = getattr(self.decay_function, "largest_decay", None)
+        return hook(self.decay, total_steps) if callable(hook) else self.decay
+
     def horizon_warning(self, where: str, total_steps: Any) -> Optional[str]:
         """The warning for a run shorter than the ``1 / (1 - decay)`` steps the EMA averages over, or None."""
         if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Real) or not total_steps > 0:
             return None
-        horizon = 1.0 / (1.0 - self.decay)
+        decay = self.largest_decay(total_steps)
+        if decay is None or decay >= 1.0:
+            return None
+        horizon = 1.0 / (1.0 - decay)
         # The tolerance keeps 1/(1-0.9) = 10.000000000000002 from exceeding a 10-step run.
         if horizon <= total_steps * (1 + 1e-9):
             return None
         hint = f"; decay={1 - 10 / total_steps:.4g} averages over the last tenth of it" if total_steps > 10 else ""
         return (
-            f"{where}: decay={self.decay} averages over about 1/(1-decay) = {horizon:.0f} steps, more than the "
+            f"{where}: decay={decay} averages over about 1/(1-decay) = {horizon:.0f} steps, more than the "
             f"planned total_steps={total_steps}: at the end of the run the EMA still weighs the initial weights "
             f"heavily{hint}"
         )
 
     def stall_warning(self, where: str, example_keys: Mapping[torch.dtype, str]) -> Optional[str]:
         """The warning for EMA dtypes (with a key of each) in which ``1 + (1 - decay)`` rounds to 1, or None."""
-        stalled = {dtype: key for dtype, key in example_keys.items() if _rounds_to_one(self.decay, dtype)}
+        decay = self.largest_decay(self.total_steps)
+        if decay is None:
+            return None
+        stalled = {dtype: key for dtype, key in example_keys.items() if _rounds_to_one(decay, dtype)}
         if not stalled:
             return None
-        step = 1 - self.decay
+        step = 1 - decay
         listed = ", ".join(f"{dtype} (e.g. {key!r})" for dtype, key in stalled.items())
         return (
-            f"{where}: with decay={self.decay} the EMA moves by 1 - decay = {step:.3g} of the difference per "
+            f"{where}: with decay={decay} the EMA moves by 1 - decay = {step:.3g} of the difference per "
             f"update, but 1 + {step:.3g} rounds to 1 in {listed}: updates are lost to rounding and those entries "
             "stall near their initial values; keep the EMA in float32 (ema_dtype=torch.float32) or use a smaller "
             "decay"

@@ -163,6 +163,14 @@ class PowerFunctionDecay(IDecayFunction):
     def __call__(self, decay: float, step: int, total_steps: int) -> float:
         return self._formula(decay, float(step))
 
+    def largest_decay(self, decay: float, total_steps: Optional[int]) -> Optional[float]:
+        # The decay grows with the step and reaches the cap only after about
+        # (gamma + 1) / (1 - decay) steps: the configuration warnings judge
+        # the value at the last step, and nothing without one.
+        if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Real) or not total_steps >= 1:
+            return None
+        return self._formula(decay, float(total_steps))
+
     def tensor_value(self, decay: float, step: torch.Tensor, total_steps: Optional[int]) -> torch.Tensor:
         if not isinstance(step, torch.Tensor) or step.dim() != 0 or step.is_complex() or step.dtype == torch.bool:
             raise ValueError(f"PowerFunctionDecay.tensor_value: step must be a 0-dim real tensor, got {step!r}")
