@@ -7,15 +7,18 @@ order they act; each part knows nothing of the others' insides.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from contextlib import contextmanager
-from typing import Any, Dict, Iterator, Optional, Sequence
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from ema_cuda._modules import unwrap_model
 from ema_cuda.ema.executors import integer_step, make_executor, recompiles_warning
+from ema_cuda.ema.files import load_ema_safetensors, save_ema_safetensors
 from ema_cuda.ema.options import EMAOptions, from_params_arguments, option_property
 from ema_cuda.ema.plan import PlanCache
 from ema_cuda.ema.state import make_state, parse_state, pickled, unpickled
@@ -436,6 +439,25 @@ class ModelEMA:
             # The options may have changed what is averaged, and the next
             # update may be compiled: the plan is checked (and rebuilt) now.
             self._plans.get(plan.src, self.buffers)
+
+    def save_safetensors(self, path: Union[str, "os.PathLike[str]"]) -> Path:
+        """Writes the EMA weights to ``path`` as a safetensors file (atomically), the rest of
+        :meth:`state_dict` in its metadata; returns the path.
+
+        ``safetensors.torch.load_file`` reads the weights under the model's
+        ``state_dict`` keys (a tied weight under each of its keys), ready for
+        ``model.load_state_dict``.  The format: :mod:`ema_cuda.ema.files`.
+        """
+        return save_ema_safetensors(self, path)
+
+    def load_safetensors(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        """Restores a file of :meth:`save_safetensors` through :meth:`load_state_dict`.
+
+        A file that is not one, or whose metadata lacks or garbles an entry,
+        is a ``ValueError`` naming the file and the entry; everything is
+        checked before anything is written.
+        """
+        load_ema_safetensors(self, path)
 
     def __getstate__(self) -> Dict[str, Any]:
         return pickled(self._options, self.ema, self._storage.module, self._executor.counters(), {
