@@ -16,9 +16,9 @@ import os
 import secrets
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Iterator, Union
+from typing import IO, Any, Dict, Iterator, Mapping, Union
 
-__all__ = ["atomic_write", "fsync_directory", "temporary_name"]
+__all__ = ["atomic_write", "fsync_directory", "temporary_name", "write_safetensors"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -82,3 +82,21 @@ def atomic_write(path: PathLike, mode: str = "wb") -> Iterator[IO]:
             pass
         raise
     fsync_directory(directory)
+
+
+def write_safetensors(path: PathLike, tensors: Mapping[str, Any], metadata: Dict[str, str]) -> Path:
+    """Writes ``tensors`` (from any device) and string ``metadata`` to ``path`` as safetensors, atomically.
+
+    Each tensor is written from its own contiguous CPU copy: safetensors
+    refuses tensors whose memory overlaps, and an EMA's tensors are views of
+    shared flat buffers, a tied weight one tensor under several keys (the
+    file then holds it once per key).  safetensors is imported on first use.
+    """
+    import torch
+    from safetensors.torch import save
+
+    copies = {key: torch.empty(t.shape, dtype=t.dtype).copy_(t.detach()) for key, t in tensors.items()}
+    data = save(copies, metadata=metadata)
+    with atomic_write(path) as f:
+        f.write(data)
+    return Path(path)

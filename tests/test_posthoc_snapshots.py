@@ -147,3 +147,22 @@ def test_cli_subprocess(tmp_path):
                           "--sigma-rel", "0.1", "--out", str(tmp_path / "x.safetensors")], env=env,
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "does not exist" in run.stderr
+
+
+def test_a_snapshot_of_an_ema_with_tied_weights(tmp_path):
+    # The EMA's state holds views of one flat buffer and a tied weight under
+    # two keys: safetensors refuses overlapping tensors unless each is copied.
+    from torch import nn
+
+    from ema_cuda import ModelEMA
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].weight = model[0].weight
+    ema = ModelEMA.from_params(model, decay_type="power_function", sigma_rel=0.1, decay=1 - 1e-9)
+    state = ema.state_dict()["ema"]
+    path = write_snapshot(tmp_path / "tied.safetensors", state, step=1, gamma=ema.decay_function.gamma,
+                          sigma_rel=0.1)
+    info, loaded = read_snapshot(path)
+    assert info.step == 1 and set(loaded) == set(state)
+    for key, value in state.items():
+        assert torch.equal(loaded[key], value), key

@@ -24,9 +24,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Union
 
-import torch
-
-from ema_cuda._fs import atomic_write
+from ema_cuda._fs import write_safetensors
 
 __all__ = ["FORMAT", "FORMAT_KEY", "STATE_KEYS", "save_ema_safetensors", "read_ema_state", "load_ema_safetensors"]
 
@@ -62,29 +60,18 @@ def _refuse_sharded(ema: Any, method: str) -> None:
 
 def save_ema_safetensors(ema: Any, path: PathLike) -> Path:
     """Writes ``ema.state_dict()`` to ``path`` as a safetensors file, atomically (see the module docstring)."""
-    from safetensors.torch import save
-
     _refuse_sharded(ema, "save_safetensors")
     path = Path(path)
     where = f"{type(ema).__name__}.save_safetensors({str(path)!r})"
     state = ema.state_dict()
-    # The EMA's floating tensors are views into shared flat buffers and tied
-    # weights are one tensor under several keys; safetensors refuses tensors
-    # whose memory overlaps, so each key gets its own contiguous CPU copy (the
-    # file then holds a tied weight once per key, as torch.save would not).
-    tensors: Dict[str, torch.Tensor] = {}
-    for key, t in state.pop("ema").items():
-        tensors[key] = torch.empty(t.shape, dtype=t.dtype).copy_(t)
+    tensors = state.pop("ema")  # views of flat buffers, tied keys: write_safetensors copies each
     metadata = {"format": "pt", FORMAT_KEY: FORMAT}
     for key, value in state.items():
         try:
             metadata[key] = json.dumps(value, default=_json_number, allow_nan=True)
         except (TypeError, ValueError) as e:
             raise TypeError(f"{where}: state_dict()[{key!r}] cannot be saved as JSON ({e})") from None
-    data = save(tensors, metadata=metadata)
-    with atomic_write(path) as f:
-        f.write(data)
-    return path
+    return write_safetensors(path, tensors, metadata)
 
 
 def read_ema_state(path: PathLike, name: str = "ModelEMA") -> Dict[str, Any]:

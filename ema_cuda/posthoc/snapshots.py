@@ -22,7 +22,7 @@ from typing import Dict, List, Mapping, Tuple, Union
 
 import torch
 
-from ema_cuda._fs import atomic_write
+from ema_cuda._fs import write_safetensors
 from ema_cuda.posthoc.profiles import gamma_to_sigma_rel
 
 __all__ = ["FORMAT", "SnapshotInfo", "list_snapshots", "read_snapshot", "read_snapshot_info", "snapshot_filename",
@@ -65,11 +65,9 @@ def write_snapshot(path: PathLike, state_dict: Mapping[str, torch.Tensor], *, st
                    sigma_rel: float) -> Path:
     """Writes ``state_dict`` with its profile's ``step``, ``gamma`` and ``sigma_rel`` to ``path``, atomically.
 
-    Tensors are saved as they are (dtype and shape; a non-contiguous one as
-    a contiguous copy), from any device.  Returns the path.
+    Tensors are saved as they are (dtype and shape), from any device; tied
+    weights and views of one buffer (an EMA's state) are fine.  Returns the path.
     """
-    from safetensors.torch import save
-
     path = Path(path)
     where = f"write_snapshot({str(path)!r})"
     step, gamma, sigma_rel = _checked_metadata(where, step, gamma, sigma_rel)
@@ -77,12 +75,9 @@ def write_snapshot(path: PathLike, state_dict: Mapping[str, torch.Tensor], *, st
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"{where}: state_dict[{key!r}] is a {type(value).__name__}, not a tensor")
-        tensors[key] = value.detach().to("cpu").contiguous()
+        tensors[key] = value
     metadata = {"format": FORMAT, "step": str(step), "gamma": repr(gamma), "sigma_rel": repr(sigma_rel)}
-    data = save(tensors, metadata=metadata)
-    with atomic_write(path) as f:
-        f.write(data)
-    return path
+    return write_safetensors(path, tensors, metadata)
 
 
 def _parse(path: Path, metadata) -> SnapshotInfo:
