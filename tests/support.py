@@ -192,3 +192,17 @@ class RecordingStreams:
 
     def record_stream(self, tensor, stream):
         self.recorded.append((tensor.data_ptr(), stream.name))
+
+
+class Tied(nn.Module):
+    """One weight under two names: an embedding tied to the output projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 4)
+        self.mid = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 11, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, idx):
+        return self.out(torch.tanh(self.mid(self.embed(idx))))

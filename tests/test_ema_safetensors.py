@@ -13,19 +13,10 @@ from torch import nn
 from ema_cuda import KDModelEMA, ModelEMA
 from ema_cuda.ema.files import FORMAT, FORMAT_KEY
 from ema_cuda.ema_decay_schedules import ConstantDecay, ExpDecay, PowerWarmupDecay
-from support import KD, ConvNet, assert_bit_identical, seeded, state
+from support import KD, ConvNet, Tied, assert_bit_identical, seeded, state
 from support import one_thread  # noqa: F401  (autouse: one torch thread for this module)
 
 TOTAL = 40
-
-
-class Tied(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(11, 4)
-        self.mid = nn.Linear(4, 4)
-        self.out = nn.Linear(4, 11, bias=False)
-        self.out.weight = self.embed.weight
 
 
 def trained_states(build, n, seed=3, **kwargs):

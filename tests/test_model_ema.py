@@ -20,7 +20,7 @@ from ema_cuda.ema_decay_schedules import (
     RampDecay,
     ThresholdDecay,
 )
-from support import KD, ConvNet, assert_bit_identical, state
+from support import KD, ConvNet, Tied, assert_bit_identical, state
 from support import one_thread  # noqa: F401  (autouse: one torch thread for this module)
 
 TOTAL = 120
@@ -39,18 +39,6 @@ def train_step(model, gen, scale=0.05):
         if isinstance(target, ConvNet):
             target(torch.randn(4, 3, 5, 5, generator=gen).to(next(target.parameters()).dtype))
         model.train(was)
-
-
-class Tied(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(11, 4)
-        self.mid = nn.Linear(4, 4)
-        self.out = nn.Linear(4, 11, bias=False)
-        self.out.weight = self.embed.weight
-
-    def forward(self, idx):
-        return self.out(torch.tanh(self.mid(self.embed(idx))))
 
 
 class SGReference:
