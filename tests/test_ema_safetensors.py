@@ -8,7 +8,6 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from ema_cuda import KDModelEMA, ModelEMA
 from ema_cuda.ema.files import FORMAT, FORMAT_KEY
