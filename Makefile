@@ -9,10 +9,15 @@ VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 PIP := $(PYTHON) -m pip
 TORCH_SPEC ?= torch==2.14.1
-DEPS ?= ninja "setuptools>=77" wheel pytest pytest-xdist numpy tqdm matplotlib scikit-learn safetensors
-# What the benchmark also compares against: timm's ModelEmaV3 (timm needs the
-# torchvision release made for TORCH_SPEC).
-BENCH_EXTRAS ?= timm torchvision==0.29.1
+DEPS ?= ninja "setuptools>=77" wheel pytest pytest-xdist numpy tqdm matplotlib scikit-learn safetensors $(INTEGRATIONS)
+# The frameworks the integrations and drop-ins are tested against (the real
+# packages, tiny models built in the tests, nothing downloaded), the peer the
+# post-hoc EMA is compared with, and TensorBoard for the trainer's logs; at
+# the oldest releases the integrations support.  timm needs the torchvision
+# release made for TORCH_SPEC.
+INTEGRATIONS ?= "lightning>=2.6" "transformers>=4.46" "accelerate>=1.0" "diffusers>=0.30" "timm>=1.0.9" torchvision==0.29.1 "ema-pytorch>=0.7" "tensorboard>=2.14"
+# What the benchmark also compares against beyond INTEGRATIONS (nothing today).
+BENCH_EXTRAS ?=
 # `make test-torch` without TORCH_VERSION: the oldest torch release the package
 # claims to support (pyproject.toml), which .ci/run tests.
 TORCH_VERSION ?= 2.13.0+cpu
@@ -82,9 +87,11 @@ build: $(BUILD_STAMP)
 # The suite runs twice: against the compiled op, then against the pure-PyTorch
 # fallback.  EMA_CUDA_EXPECT_CUDA makes the suite check that the CUDA kernel
 # really was compiled in.  Then the wheel is built, installed and tried.
+# EMA_CUDA_EXPECT_INTEGRATIONS makes a framework that does not import a
+# failure instead of a skip (make test installed them all).
 test: $(BUILD_STAMP)
-	EMA_CUDA_BACKEND=compiled EMA_CUDA_EXPECT_CUDA=$(FORCE_CUDA) $(PYTHON) -m pytest $(PYTEST_ARGS) tests
-	EMA_CUDA_BACKEND=fallback $(PYTHON) -m pytest $(PYTEST_ARGS) tests
+	EMA_CUDA_BACKEND=compiled EMA_CUDA_EXPECT_CUDA=$(FORCE_CUDA) EMA_CUDA_EXPECT_INTEGRATIONS=1 $(PYTHON) -m pytest $(PYTEST_ARGS) tests
+	EMA_CUDA_BACKEND=fallback EMA_CUDA_EXPECT_INTEGRATIONS=1 $(PYTHON) -m pytest $(PYTEST_ARGS) tests
 	$(MAKE) --no-print-directory test-wheel
 
 test-compiled: $(BUILD_STAMP)
@@ -109,7 +116,7 @@ test-torch: $(DEPS_STAMP)
 # The peers are optional: when they cannot be installed the benchmark still
 # runs, says so here, and reports their rows as skipped.
 bench-deps: $(DEPS_STAMP)
-	$(PIP) install -q $(BENCH_EXTRAS) || echo "warning: could not install $(BENCH_EXTRAS); the benchmark skips timm ModelEmaV3"
+	$(if $(strip $(BENCH_EXTRAS)),$(PIP) install -q $(BENCH_EXTRAS) || echo "warning: could not install $(BENCH_EXTRAS); the benchmark skips their rows")
 
 bench: $(BUILD_STAMP) bench-deps
 	$(PYTHON) -m benchmarks.bench_ema

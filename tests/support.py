@@ -206,3 +206,29 @@ class Tied(nn.Module):
 
     def forward(self, idx):
         return self.out(torch.tanh(self.mid(self.embed(idx))))
+
+
+def require_package(name: str, min_version: str = None):
+    """Imports and returns the framework ``name`` for an integration test.
+
+    ``make test`` installs every framework the integrations support and sets
+    EMA_CUDA_EXPECT_INTEGRATIONS=1: there a package that is missing, too old
+    or broken (a torchvision built for another torch raises RuntimeError on
+    import) fails the test instead of skipping it.  Elsewhere (the suites
+    against another torch release) such a test is skipped with the reason.
+    """
+    import importlib
+    import os
+
+    from packaging.version import Version
+
+    try:
+        module = importlib.import_module(name)
+        if min_version is not None and Version(module.__version__.split("+")[0]) < Version(min_version):
+            raise ImportError(f"{name} {module.__version__} is older than {min_version}")
+    except Exception as exc:  # noqa: BLE001 - any import failure is reported the same way
+        why = f"{name} is not usable here ({type(exc).__name__}: {exc})"
+        if os.environ.get("EMA_CUDA_EXPECT_INTEGRATIONS") == "1":
+            pytest.fail(why + "; `make test` installs it (INTEGRATIONS in the Makefile)", pytrace=False)
+        pytest.skip(why)
+    return module
