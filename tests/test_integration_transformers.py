@@ -5,6 +5,8 @@ output embeddings), a few steps on the CPU, nothing downloaded.
 """
 import os
 import shutil
+import sys
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -252,3 +254,25 @@ def test_a_model_prepared_by_accelerate(tmp_path, accelerator_state, mixed_preci
     save_ema_pretrained(prepared, ema, tmp_path / "export")
     loaded = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "export"))
     assert_bit_identical(loaded, ema.ema)
+
+
+def test_on_save_outside_the_trainers_checkpoint_folders_warns(tmp_path):
+    # A hyperparameter search writes output_dir/run-<id>/checkpoint-N, a folder callbacks are not told.
+    model = gpt2()
+    cb = EMACallback(**EMA_PARAMS)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    state, control = transformers.TrainerState(global_step=3), transformers.TrainerControl()
+    cb.on_train_begin(args, transformers.TrainerState(), control, model=model)
+    with pytest.warns(UserWarning, match="checkpoint-3"):
+        cb.on_save(args, state, control, model=model)
+    assert not any(tmp_path.rglob(EMA_FILENAME))
+
+
+def test_the_callback_benchmark_runs(monkeypatch):
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:  # `pytest` without `python -m` does not add the repository root
+        monkeypatch.syspath_prepend(root)
+    from benchmarks.fw_transformers import BASELINE, run, table
+
+    result = run(layers=1, width=64, rounds=1, block_time=0.001, decay=0.9)
+    assert set(result["per_step_s"]) >= {BASELINE, "EMACallback (ema_cuda)"} and "EMACallback" in table(result)
