@@ -162,6 +162,11 @@ def test_resume_restores_the_ema_and_continues_bit_identically(tmp_path):
     os.remove(tmp_path / "again" / "checkpoint-3" / EMA_FILENAME)
     with pytest.raises(FileNotFoundError, match=EMA_FILENAME):
         trainer(gpt2(), tmp_path / "again", [EMACallback(**EMA_PARAMS)]).train(resume_from_checkpoint=True)
+    # Unless the EMA was never to be saved: then it starts anew, with a warning.
+    fresh_cb = EMACallback(save_with_checkpoints=False, **EMA_PARAMS)
+    with pytest.warns(UserWarning, match="starts anew"):
+        trainer(gpt2(), tmp_path / "again", [fresh_cb]).train(resume_from_checkpoint=True)
+    assert fresh_cb.ema.num_updates == 3
 
 
 def test_save_pretrained_exports_the_ema_for_from_pretrained(tmp_path):

@@ -95,8 +95,9 @@ class EMACallback(TrainerCallback):
 
     Args:
         ema: an EMA of the trainer's model to use; by default one is made
-            from ``ema_params`` at the start of every training run that does
-            not resume (``model_init`` may give each run a new model).
+            from ``ema_params`` at the start of every training run
+            (``model_init`` may give each run a new model), and a resumed
+            run then loads the checkpoint's.
         evaluate_with_ema: evaluations during training (``eval_strategy``)
             run with the EMA weights in the model, so the logged ``eval_*``
             metrics, ``metric_for_best_model`` and early stopping judge the
@@ -106,7 +107,9 @@ class EMACallback(TrainerCallback):
         save_with_checkpoints: write ``ema.safetensors`` into every
             checkpoint folder the Trainer writes (on the main process).  A
             run resumed from such a folder restores the EMA from it; one
-            resumed from a folder without it is an error.
+            resumed from a folder without it is an error.  With ``False``
+            a resumed run starts a new EMA from the resumed weights (with a
+            warning) unless ``resume_from`` is given.
         copy_to_model_at_end: at the end of training write the EMA weights
             into the model (in place), so that ``trainer.save_model()`` and
             whatever uses ``trainer.model`` afterwards get the EMA.
@@ -153,8 +156,14 @@ class EMACallback(TrainerCallback):
         self._end_swap()
         if self._own_ema:
             self.ema = ModelEMA.from_params(self._model, **self.ema_params)
-        if state.global_step > 0:
+        if state.global_step == 0:
+            return
+        if self.save_with_checkpoints or self.resume_from is not None:
             self.ema.load_safetensors(self._resume_file(args, state))
+        else:
+            warnings.warn(f"EMACallback.on_train_begin: the run resumes at step {state.global_step} with "
+                          "save_with_checkpoints=False; the EMA starts anew from the resumed weights",
+                          UserWarning, stacklevel=2)
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         # A swap still open here means an evaluation raised before on_evaluate (the caller went on regardless).
