@@ -7,9 +7,11 @@ reads the model once for all of them (NOTE [one read for K profiles]).
 """
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 import os
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -33,6 +35,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 #: The ``format`` entry of :meth:`PostHocEMA.state_dict`.
 STATE_FORMAT = "ema_cuda.PostHocEMA/1"
+
+#: The keys :meth:`PostHocEMA.from_params` takes (besides ``decay_type="posthoc"``).
+PARAM_NAMES = ("sigma_rels", "snapshot_every", "snapshot_dir", "ema_dtype")
 
 # NOTE [one read for K profiles]: K EMAs of one model updated one after the
 # other read every model tensor K times: 12K bytes per fp32 element.  One
@@ -167,6 +172,42 @@ class PostHocEMA:
         self._update: Callable[[List[float]], None] = lambda decays: None
         self._swap_depth = 0
         self._writer = SnapshotWriter(write_snapshot, where)
+        self._dir_checked = False
+
+    # ------------------------------------------------------------------ configuration values
+
+    @staticmethod
+    def check_params(params: Dict[str, Any], where: str = "ema_params", dir_given_later: bool = False) -> None:
+        """Raises the error :meth:`from_params` would raise for ``params``, building nothing (no model needed).
+
+        ``dir_given_later``: a ``snapshot_every`` without ``snapshot_dir`` is
+        fine (the Trainer puts the snapshots beside its checkpoints).
+        """
+        params = dict(params)
+        if params.pop("decay_type", "posthoc") != "posthoc":
+            raise ValueError(f"{where}: PostHocEMA takes decay_type='posthoc'")
+        unknown = [k for k in params if k not in PARAM_NAMES]
+        if unknown:
+            close = difflib.get_close_matches(str(unknown[0]), PARAM_NAMES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"{where}: unknown key {unknown[0]!r} for decay_type='posthoc'{hint}; it takes "
+                             f"{list(PARAM_NAMES)}")
+        _checked_sigma_rels(where, params.get("sigma_rels", (0.05, 0.10)))
+        every, directory = params.get("snapshot_every"), params.get("snapshot_dir")
+        if dir_given_later and every is not None and directory is None:
+            directory = "."
+        _checked_snapshots(where, every, directory)
+
+    @classmethod
+    def from_params(cls, model: nn.Module, decay_type: str = "posthoc", **params: Any) -> "PostHocEMA":
+        """Builds a PostHocEMA from configuration values (the Trainer's ``ema_params`` with
+        ``decay_type="posthoc"``): ``sigma_rels``, ``snapshot_every``, ``snapshot_dir``, ``ema_dtype``.
+
+        An unknown key is a ``ValueError`` naming it and the closest valid one.
+        """
+        cls.check_params(dict(params, decay_type=decay_type), where=f"{cls.__name__}.from_params")
+        sigma_rels = params.pop("sigma_rels", (0.05, 0.10))
+        return cls(model, sigma_rels, **params)
 
     # ------------------------------------------------------------------ the profiles
 
@@ -253,6 +294,9 @@ class PostHocEMA:
             raise ValueError(f"{type(self).__name__}.snapshot: no snapshot_dir was given")
         if self.step < 1:
             raise ValueError(f"{type(self).__name__}.snapshot: no update yet (a snapshot needs step >= 1)")
+        if not self._dir_checked:
+            self._dir_checked = True
+            self._warn_about_later_snapshots()
         jobs, from_cuda = [], False
         for s, g, storage in zip(self.sigma_rels, self.gammas, self._storages):
             tensors, cuda = host_copy({e.key: e.tensor for e in storage.entries()})
@@ -266,6 +310,17 @@ class PostHocEMA:
         self._writer.submit(jobs, event)
         self.last_snapshot_step = self.step
         return [path for path, _, _ in jobs]
+
+    def _warn_about_later_snapshots(self) -> None:
+        # Files of a later step come from another run (or the abandoned part of
+        # a resumed one): a reconstruction over the directory would mix them in.
+        later = [p.name for p in self.snapshot_dir.glob("ema-*.safetensors")
+                 if p.stem.rsplit("-", 1)[-1].isdigit() and int(p.stem.rsplit("-", 1)[-1]) > self.step]
+        if later:
+            warnings.warn(
+                f"{type(self).__name__}: snapshot_dir {str(self.snapshot_dir)!r} already holds {len(later)} snapshots "
+                f"of steps after {self.step} (e.g. {sorted(later)[0]!r}), from another run; remove them or use "
+                "another directory, or a reconstruction will mix them in", UserWarning, stacklevel=4)
 
     def wait(self) -> None:
         """Blocks until every snapshot taken so far is on disk; raises the error of a failed write."""
