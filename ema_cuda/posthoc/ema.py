@@ -440,6 +440,11 @@ class PostHocEMA:
                 t.copy_(w)
         self.step, self.num_updates, self.last_snapshot_step = state["step"], state["num_updates"], last
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # The writer thread cannot be pickled or copied; state_dict() holds everything a resume needs.
+        raise TypeError(f"{type(self).__name__} cannot be pickled or copied (it owns a writer thread); save "
+                        "state_dict() and restore it with load_state_dict()")
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(sigma_rels={list(self.sigma_rels)}, snapshot_every={self.snapshot_every}, "
                 f"snapshot_dir={None if self.snapshot_dir is None else str(self.snapshot_dir)!r}, "
