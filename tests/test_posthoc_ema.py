@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-import ema_cuda
 from ema_cuda import ModelEMA, PostHocEMA, ops
 from ema_cuda.posthoc import PowerFunctionDecay, list_snapshots, read_snapshot, sigma_rel_to_gamma
 from support import Net, Tied, assert_bit_identical, one_thread, require_package, seeded  # noqa: F401
@@ -171,6 +170,18 @@ def test_bad_snapshot_settings(tmp_path):
         PostHocEMA(model, snapshot_every=10, snapshot_dir=afile)
     with pytest.raises(TypeError, match="sigma_rels must be a sequence"):
         PostHocEMA(model, 0.05)
+    with pytest.raises(ValueError, match="ema_dtype must be None or one of .* got 'float33'"):
+        PostHocEMA(model, ema_dtype="float33")
+
+
+def test_float32_profiles_of_a_bf16_model():
+    model = seeded(Net).to(torch.bfloat16)
+    ph = PostHocEMA(model, SIGMAS, ema_dtype="float32")
+    ph.update(model)
+    assert ph.ema.fc1.weight.dtype == torch.float32
+    assert torch.equal(ph.ema.fc1.weight, model.fc1.weight.float())
+    with ph.swapped(model):
+        assert model.fc1.weight.dtype == torch.bfloat16
 
 
 def test_bad_steps_and_models_write_nothing():
@@ -201,9 +212,11 @@ def test_load_state_dict_checks_before_writing():
     kept = {k: v.clone() for k, v in other.ema.state_dict().items()}
     with pytest.raises(ValueError, match=r"sigma_rels \[0.05, 0.1\], this EMA \[0.05, 0.2\]"):
         PostHocEMA(seeded(Net), (0.05, 0.2)).load_state_dict(state)
-    bad = dict(state, emas=[dict(state["emas"][0]), {k: v[..., :1] if v.dim() else v
-                                                     for k, v in state["emas"][1].items()}])
-    with pytest.raises(ValueError, match="profile sigma_rel=0.1 entry 'fc1.weight'"):
+    bad = dict(state, ema={k: v[..., :1] if k == "1.fc1.weight" else v for k, v in state["ema"].items()})
+    with pytest.raises(ValueError, match=r"profile sigma_rel=0.1 entry 'fc1.weight' is \[16, 1\] in the state"):
+        other.load_state_dict(bad)
+    bad = dict(state, ema={k: v for k, v in state["ema"].items() if k != "0.bn.running_var"})
+    with pytest.raises(ValueError, match="differing: \\[\"profile sigma_rel=0.05 entry 'bn.running_var'\"\\]"):
         other.load_state_dict(bad)
     with pytest.raises(ValueError, match="not a PostHocEMA state"):
         other.load_state_dict({"format": "something else"})

@@ -121,3 +121,38 @@ def test_bad_posthoc_params_fail_before_training(tmp_path, ema_params, match):
     with pytest.raises(ValueError, match=r"training param 'ema_params'.*" + match):
         Trainer("bad", tmp_path).train(Net(), _params(ema_params=ema_params), train, valid)
     assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+def _ddp_worker(rank, world, outdir):
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from ema_cuda import distributed as dist_utils
+    from support import dataset, seeded
+
+    ds = dataset(32)
+    train = DataLoader(ds, batch_size=4, sampler=DistributedSampler(ds, world, rank, shuffle=False))
+    trainer = Trainer("ddp", outdir)
+    # Each rank starts from its own weights (DDP's broadcast makes them equal); BatchNorm statistics
+    # come from each rank's batches until the Trainer broadcasts the EMAs' buffers after each epoch.
+    trainer.train(seeded(Net, seed=rank, dropout=0.0), _params(max_epochs=2, seed=0), train, train)
+    assert dist.is_initialized()
+    trainer.ema.wait()
+    dist_utils.check_ema_synchronized(trainer.ema)  # every profile, on every rank
+    torch.save({"emas": [e.state_dict() for e in trainer.ema.emas], "dir": trainer.ema.snapshot_dir,
+                "step": trainer.ema.step}, f"{outdir}/rank{rank}.pt")
+
+
+def test_ddp_trainer_profiles_agree_and_rank_0_writes_the_snapshots(tmp_path):
+    import torch.distributed as dist
+
+    from dist_helpers import run_workers
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    run_workers(_ddp_worker, 2, (str(tmp_path),), workdir=tmp_path / "errors", timeout=90)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    for a, b in zip(r0["emas"], r1["emas"]):
+        assert_bit_identical(a, b)
+    assert r0["step"] == 8 and r0["dir"] == tmp_path / "ddp" / "posthoc" and r1["dir"] is None
+    assert [i.step for i in list_snapshots(tmp_path / "ddp" / "posthoc")] == [5, 5]

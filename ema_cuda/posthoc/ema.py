@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ema_cuda import ops
+from ema_cuda._modules import state_entries
 from ema_cuda.ema.executors import integer_step
 from ema_cuda.ema.plan import Plan, build_plan
 from ema_cuda.ema.storage import EMAStorage
@@ -89,6 +90,17 @@ def _checked_snapshots(where: str, every: Any, directory: Any) -> Tuple[Optional
     return int(every), path
 
 
+def _checked_dtype(where: str, ema_dtype: Any) -> Optional[torch.dtype]:
+    # Configuration files name dtypes as strings ("float32", "torch.float32"), as ModelEMA's options take them.
+    if ema_dtype is None:
+        return None
+    dtype = getattr(torch, ema_dtype.replace("torch.", ""), None) if isinstance(ema_dtype, str) else ema_dtype
+    if not isinstance(dtype, torch.dtype) or dtype not in ops.SUPPORTED_DTYPES:
+        raise ValueError(f"{where}: ema_dtype must be None or one of {[str(d) for d in ops.SUPPORTED_DTYPES]}, "
+                         f"got {ema_dtype!r}")
+    return dtype
+
+
 def _updater(plans: Sequence[Plan]) -> Tuple[Callable[[], bool], Callable[[List[float]], None]]:
     """``(ready, update)`` for the profiles' plans: one multi-EMA call (NOTE [one read for K profiles])."""
     mains = [p.main for p in plans if p.main is not None]
@@ -141,8 +153,9 @@ class PostHocEMA:
             snapshots are dense: a few dozen over the run is plenty.
         snapshot_dir: the directory of the snapshots (created when missing;
             a file there is an error).
-        ema_dtype: the EMAs' floating dtype (``None``: the model's), as for
-            :class:`~ema_cuda.ModelEMA`.
+        ema_dtype: the EMAs' floating dtype (``None``: the model's; a dtype
+            or its name, e.g. ``"float32"``), as for :class:`~ema_cuda.ModelEMA`:
+            keep float32 EMAs of a bf16 model.
     """
 
     def __init__(self, model: nn.Module, sigma_rels: Sequence[float] = (0.05, 0.10), *,
@@ -151,14 +164,12 @@ class PostHocEMA:
         where = type(self).__name__
         self.sigma_rels = _checked_sigma_rels(where, sigma_rels)
         self.snapshot_every, self.snapshot_dir = _checked_snapshots(where, snapshot_every, snapshot_dir)
-        if ema_dtype is not None and (not isinstance(ema_dtype, torch.dtype) or ema_dtype not in ops.SUPPORTED_DTYPES):
-            raise ValueError(f"{where}: ema_dtype must be None or one of {list(ops.SUPPORTED_DTYPES)}, "
-                             f"got {ema_dtype!r}")
-        self.ema_dtype = ema_dtype
+        self.ema_dtype = ema_dtype = _checked_dtype(where, ema_dtype)
         self.gammas = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
         self._tree = ReplicatedTree(where)
         src = self._tree.source(model)
         self._storages = [EMAStorage(self._tree.copy(src, ema_dtype)) for _ in self.sigma_rels]
+        self._all = nn.ModuleList([s.module for s in self._storages])
         if self.snapshot_dir is not None:
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
         #: The step of the last update (0 before the first).
@@ -193,6 +204,7 @@ class PostHocEMA:
             raise ValueError(f"{where}: unknown key {unknown[0]!r} for decay_type='posthoc'{hint}; it takes "
                              f"{list(PARAM_NAMES)}")
         _checked_sigma_rels(where, params.get("sigma_rels", (0.05, 0.10)))
+        _checked_dtype(where, params.get("ema_dtype"))
         every, directory = params.get("snapshot_every"), params.get("snapshot_dir")
         if dir_given_later and every is not None and directory is None:
             directory = "."
@@ -220,6 +232,12 @@ class PostHocEMA:
     def ema(self) -> nn.Module:
         """The first profile's averaged module (what the Trainer validates and checkpoints as ``ema_net``)."""
         return self._storages[0].module
+
+    @property
+    def averaged_module(self) -> nn.Module:
+        """Every profile's module in one ``nn.ModuleList`` (index ``k``: ``sigma_rels[k]``), for code that walks
+        all the EMA's tensors, such as the distributed helpers (keys ``"<k>.<model key>"``)."""
+        return self._all
 
     def _index(self, sigma_rel: Optional[float]) -> int:
         if sigma_rel is None:
@@ -375,6 +393,10 @@ class PostHocEMA:
     def state_dict(self) -> Dict[str, Any]:
         """The profiles' weights, the step, the sigma_rels and the snapshot settings, for a bit-exact resume.
 
+        ``state["ema"]`` holds every profile's tensors under
+        ``"<k>.<model key>"`` (``k`` the index in ``sigma_rels``), as
+        :attr:`averaged_module`'s ``state_dict``.
+
         Pending snapshots are written first, so that a checkpoint never
         records a snapshot that is not on disk.  The tensors share memory
         with the EMAs; ``torch.load(..., weights_only=True)`` reads it back.
@@ -384,7 +406,7 @@ class PostHocEMA:
             "format": STATE_FORMAT,
             "sigma_rels": list(self.sigma_rels),
             "gammas": list(self.gammas),
-            "emas": [{e.key: e.tensor.detach() for e in s.entries()} for s in self._storages],
+            "ema": {e.key: e.tensor.detach() for e in state_entries(self._all)[0]},
             "step": self.step,
             "num_updates": self.num_updates,
             "snapshot_every": self.snapshot_every,
@@ -403,7 +425,7 @@ class PostHocEMA:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             got = state.get("format") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"{where}: not a PostHocEMA state (format {got!r}, expected {STATE_FORMAT!r})")
-        missing = [k for k in ("sigma_rels", "emas", "step", "num_updates", "last_snapshot_step") if k not in state]
+        missing = [k for k in ("sigma_rels", "ema", "step", "num_updates", "last_snapshot_step") if k not in state]
         if missing:
             raise ValueError(f"{where}: the state lacks {missing}")
         saved = state["sigma_rels"]
@@ -417,23 +439,25 @@ class PostHocEMA:
         last = state["last_snapshot_step"]
         if last is not None and (isinstance(last, bool) or not isinstance(last, int) or not 1 <= last <= state["step"]):
             raise ValueError(f"{where}: 'last_snapshot_step' must be None or an integer in [1, step], got {last!r}")
-        emas = state["emas"]
-        if not isinstance(emas, (list, tuple)) or len(emas) != len(self._storages):
-            raise ValueError(f"{where}: 'emas' must be a list of {len(self._storages)} state dicts")
+        weights = state["ema"]
+        current = {e.key: e.tensor for e in state_entries(self._all)[0]}
+
+        def named(key: str) -> str:
+            k, _, rest = key.partition(".")
+            return f"profile sigma_rel={self.sigma_rels[int(k)]} entry {rest!r}" if k.isdigit() and \
+                int(k) < len(self.sigma_rels) else f"entry {key!r}"
+
+        if not isinstance(weights, dict) or set(weights) != set(current):
+            diff = sorted(set(weights) ^ set(current)) if isinstance(weights, dict) else []
+            raise ValueError(f"{where}: the weights do not match this EMA's profiles (differing: "
+                             f"{[named(k) for k in diff[:4]]})")
         targets = []
-        for s, weights, storage in zip(self.sigma_rels, emas, self._storages):
-            current = {e.key: e.tensor for e in storage.entries()}
-            if not isinstance(weights, dict) or set(weights) != set(current):
-                diff = sorted(set(weights) ^ set(current)) if isinstance(weights, dict) else []
-                raise ValueError(f"{where}: the weights of profile sigma_rel={s} do not match the model's "
-                                 f"entries (differing keys: {diff[:5]})")
-            for key, t in current.items():
-                w = weights[key]
-                if not isinstance(w, torch.Tensor) or w.shape != t.shape:
-                    shape = list(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
-                    raise ValueError(f"{where}: profile sigma_rel={s} entry {key!r} is {shape} in the state but "
-                                     f"{list(t.shape)} here")
-                targets.append((t, w))
+        for key, t in current.items():
+            w = weights[key]
+            if not isinstance(w, torch.Tensor) or w.shape != t.shape:
+                shape = list(w.shape) if isinstance(w, torch.Tensor) else type(w).__name__
+                raise ValueError(f"{where}: {named(key)} is {shape} in the state but {list(t.shape)} here")
+            targets.append((t, w))
         self.wait()
         with torch.no_grad():
             for t, w in targets:
