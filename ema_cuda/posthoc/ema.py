@@ -150,7 +150,8 @@ class PostHocEMA:
             validates and keeps it).  EDM2 tracks 0.05 and 0.10.
         snapshot_every: steps between snapshots (with ``snapshot_dir``; both
             ``None``: no snapshots).  A reconstruction is only as good as the
-            snapshots are dense: a few dozen over the run is plenty.
+            snapshots are dense: take a few dozen per profile over the run
+            at least (docs/posthoc.md has measured errors).
         snapshot_dir: the directory of the snapshots (created when missing;
             a file there is an error).
         ema_dtype: the EMAs' floating dtype (``None``: the model's; a dtype
