@@ -5,10 +5,12 @@ from ema_cuda import ema_decay_schedules
 from ema_cuda.ema import KDModelEMA, ModelEMA
 # Registers the "power_function" schedule (it subclasses IDecayFunction, so ema_decay_schedules cannot import it).
 from ema_cuda import posthoc
+from ema_cuda.posthoc import PostHocEMA
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "ema_update_", "FusedUpdater", "__version__", "ModelEMA", "KDModelEMA", "ema_decay_schedules", "posthoc"]
+__all__ = ["ops", "ema_update_", "FusedUpdater", "__version__", "ModelEMA", "KDModelEMA", "PostHocEMA", "ema_decay_schedules",
+           "posthoc"]
 
 # The trainer, the model registry, checkpoint I/O and the distributed pieces load on first use, so
 # that `import ema_cuda` costs no more than the op and the EMA.

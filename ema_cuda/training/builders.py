@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Any, Callable, List, Optional, Tuple
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -32,7 +33,13 @@ __all__ = [
     "build_loss",
     "build_optimizer",
     "build_lr_scheduler",
+    "POSTHOC_SUBDIR",
+    "resolve_ema_params",
+    "build_ema",
 ]
+
+#: Where a post-hoc EMA's snapshots go in a run's checkpoint directory, unless ``snapshot_dir`` says otherwise.
+POSTHOC_SUBDIR = "posthoc"
 
 
 def batches_per_epoch(train_loader: Any) -> int:
@@ -196,3 +203,34 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, p: TrainingParams, base
         warmup_batches=p.lr_warmup_steps or p.lr_warmup_epochs * batches_per_epoch,
         warmup_initial_lr=p.warmup_initial_lr,
     )
+
+
+def resolve_ema_params(ema_params: Mapping[str, Any], checkpoints_dir: Path, is_main_process: bool) -> Dict[str, Any]:
+    """``ema_params`` as this process builds its EMA from them.
+
+    A post-hoc EMA (``decay_type="posthoc"``) with ``snapshot_every`` and no
+    ``snapshot_dir`` snapshots into ``<checkpoints_dir>/posthoc``; in a
+    distributed run only the main process writes snapshots (the ranks' EMAs
+    are equal), the others keep the profiles without snapshots.
+    """
+    params = dict(ema_params)
+    if params.get("decay_type") != "posthoc":
+        return params
+    if not is_main_process:
+        params.pop("snapshot_every", None)
+        params.pop("snapshot_dir", None)
+    elif params.get("snapshot_every") is not None and params.get("snapshot_dir") is None:
+        params["snapshot_dir"] = str(Path(checkpoints_dir) / POSTHOC_SUBDIR)
+    return params
+
+
+def build_ema(net: nn.Module, ema_params: Mapping[str, Any]) -> Any:
+    """The EMA that ``ema_params`` describe: a :class:`~ema_cuda.PostHocEMA` for ``decay_type="posthoc"``, else a
+    :class:`~ema_cuda.ModelEMA` (:meth:`~ema_cuda.ModelEMA.from_params`)."""
+    if ema_params.get("decay_type") == "posthoc":
+        from ema_cuda.posthoc import PostHocEMA
+
+        return PostHocEMA.from_params(net, **dict(ema_params))
+    from ema_cuda.ema import ModelEMA
+
+    return ModelEMA.from_params(net, **dict(ema_params))

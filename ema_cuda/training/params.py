@@ -74,6 +74,11 @@ class TrainingParams:
         e.g. ``{"decay": 0.9999, "decay_type": "threshold"}``.  An unknown
         key is an error naming it and the closest valid one; ``ema_params``
         with ``ema`` off is a warning (they would have no effect).
+        ``{"decay_type": "posthoc", "sigma_rels": [0.05, 0.10],
+        "snapshot_every": 100}`` keeps a :class:`~ema_cuda.PostHocEMA`
+        instead: the first ``sigma_rel`` is validated and kept, and every
+        profile is snapshotted to ``<checkpoints>/posthoc`` (or
+        ``snapshot_dir``) every ``snapshot_every`` steps (by the main process).
         ``validate_raw_weights`` (``True``): with EMA on, also validate the
         raw weights each epoch (logged as ``valid_raw_*``).
 
@@ -264,9 +269,15 @@ def parse_training_params(training_params: Optional[Mapping[str, Any]]) -> Train
         _fail("ema_params", p.ema_params, "a dict")
     if p.ema:
         # Checked here so that a misspelt key fails before any work starts.
-        from ema_cuda.ema import check_ema_params
+        if p.ema_params.get("decay_type") == "posthoc":
+            from ema_cuda.posthoc import PostHocEMA
 
-        check_ema_params(dict(p.ema_params), where="training param 'ema_params'")
+            # The Trainer puts the snapshots in its checkpoint directory unless told otherwise.
+            PostHocEMA.check_params(dict(p.ema_params), where="training param 'ema_params'", dir_given_later=True)
+        else:
+            from ema_cuda.ema import check_ema_params
+
+            check_ema_params(dict(p.ema_params), where="training param 'ema_params'")
     elif p.ema_params:
         warnings.warn(
             f"training param 'ema_params' {dict(p.ema_params)!r} is set but 'ema' is False: no EMA is kept and "

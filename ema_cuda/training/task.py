@@ -48,9 +48,9 @@ class ClassificationTask:
         return ema.ema
 
     def build_ema(self, net: nn.Module, ema_params: Mapping[str, Any]):
-        from ema_cuda.ema import ModelEMA
+        from ema_cuda.training.builders import build_ema
 
-        return ModelEMA.from_params(net, **dict(ema_params))
+        return build_ema(net, ema_params)
 
     def forward(self, net: nn.Module, inputs: Any) -> Any:
         return net(inputs)

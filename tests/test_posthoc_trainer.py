@@ -1,0 +1,158 @@
+"""The Trainer with ``ema_params={"decay_type": "posthoc", ...}``: profiles, snapshots beside the checkpoints, resume."""
+import pytest
+import torch
+
+from ema_cuda import PostHocEMA
+from ema_cuda.checkpoint import load_checkpoint
+from ema_cuda.posthoc import list_snapshots, read_snapshot
+from ema_cuda.training import Trainer
+from support import Net, assert_bit_identical, equal_nested, equal_states, loaders, one_thread, state  # noqa: F401
+
+POSTHOC = {"decay_type": "posthoc", "sigma_rels": [0.05, 0.10], "snapshot_every": 5}
+
+
+def _params(**kw):
+    p = {
+        "max_epochs": 4,
+        "initial_lr": 0.2,
+        "optimizer_params": {"momentum": 0.9},
+        "ema": True,
+        "ema_params": dict(POSTHOC),
+        "progress_bar": False,
+        "silent_mode": True,
+        "device": "cpu",
+    }
+    p.update(kw)
+    return p
+
+
+class Interrupt(Exception):
+    pass
+
+
+class StopAfter(Trainer):
+    def __init__(self, *a, stop_after, **k):
+        super().__init__(*a, **k)
+        self.stop_after = stop_after
+
+    def on_epoch_end(self, epoch, metrics):
+        if epoch == self.stop_after:
+            raise Interrupt(epoch)
+
+
+def test_trainer_keeps_profiles_and_snapshots(tmp_path):
+    torch.manual_seed(0)
+    model = Net()
+    train, valid = loaders()  # 5 steps per epoch
+    trainer = Trainer("run", tmp_path)
+    history = trainer.train(model, _params(), train, valid)
+    ema = trainer.ema
+    assert isinstance(ema, PostHocEMA) and ema.sigma_rels == (0.05, 0.10)
+    assert ema.step == ema.num_updates == 20
+    infos = list_snapshots(tmp_path / "run" / "posthoc")
+    assert [(i.step, i.sigma_rel) for i in infos] == [(s, r) for s in (5, 10, 15, 20) for r in (0.05, 0.10)]
+    assert_bit_identical(read_snapshot(infos[-2].path)[1], ema.emas[0].state_dict())
+    # The first profile is validated, checkpointed as 'ema_net' and left in the model.
+    assert "valid_raw_accuracy" in history[-1] and "valid_accuracy" in history[-1]
+    assert equal_states(state(model), state(ema.ema))
+    ckpt = load_checkpoint(tmp_path / "run" / "ckpt_latest.pth")
+    assert equal_states(ckpt["ema_net"], state(ema.ema))
+    assert ckpt["ema_state"]["format"] == "ema_cuda.PostHocEMA/1" and ckpt["ema_state"]["step"] == 20
+    reconstructed = ema.reconstruct(0.07)
+    assert reconstructed.keys() == ema.ema.state_dict().keys()
+
+
+def test_trainer_resume_is_bit_identical(tmp_path):
+    params = _params()
+    torch.manual_seed(7)
+    model_a = Net()
+    init = state(model_a)
+    train, valid = loaders()
+    trainer_a = Trainer("a", tmp_path)
+    trainer_a.train(model_a, params, train, valid)
+
+    model_b = Net()
+    model_b.load_state_dict(init)
+    train, valid = loaders()
+    with pytest.raises(Interrupt):
+        StopAfter("b", tmp_path, stop_after=2).train(model_b, params, train, valid)
+    torch.manual_seed(999)
+    model_c = Net()
+    train, valid = loaders()
+    trainer_c = Trainer("b", tmp_path)
+    trainer_c.train(model_c, dict(params, resume=True), train, valid)
+
+    assert equal_states(state(model_c), state(model_a))
+    for a, c in zip(trainer_a.ema.emas, trainer_c.ema.emas):
+        assert_bit_identical(a, c)
+    assert equal_nested(load_checkpoint(tmp_path / "b" / "ckpt_latest.pth")["ema_state"],
+                        dict(load_checkpoint(tmp_path / "a" / "ckpt_latest.pth")["ema_state"],
+                             snapshot_dir=str(tmp_path / "b" / "posthoc")))
+    trainer_a.ema.wait()
+    trainer_c.ema.wait()
+    snaps_a = list_snapshots(tmp_path / "a" / "posthoc")
+    snaps_c = list_snapshots(tmp_path / "b" / "posthoc")
+    assert [(i.step, i.sigma_rel) for i in snaps_a] == [(i.step, i.sigma_rel) for i in snaps_c]
+    for a, c in zip(snaps_a, snaps_c):
+        assert_bit_identical(read_snapshot(a.path)[1], read_snapshot(c.path)[1])
+
+
+def test_snapshot_dir_and_no_snapshots(tmp_path):
+    train, valid = loaders()
+    own = tmp_path / "elsewhere"
+    trainer = Trainer("own", tmp_path)
+    trainer.train(Net(), _params(max_epochs=1, ema_params=dict(POSTHOC, snapshot_dir=str(own))), train, valid)
+    assert [i.step for i in list_snapshots(own)] == [5, 5]
+    assert not (tmp_path / "own" / "posthoc").exists()
+    trainer = Trainer("none", tmp_path)
+    trainer.train(Net(), _params(max_epochs=1, ema_params={"decay_type": "posthoc"}), train, valid)
+    assert trainer.ema.sigma_rels == (0.05, 0.10) and trainer.ema.snapshot_dir is None
+
+
+@pytest.mark.parametrize("ema_params, match", [
+    (dict(POSTHOC, sigma_rel=[0.05]), r"unknown key 'sigma_rel'.*did you mean 'sigma_rels'"),
+    (dict(POSTHOC, decay=0.999), "unknown key 'decay'"),
+    (dict(POSTHOC, sigma_rels=[0.05, 0.05]), "twice"),
+    (dict(POSTHOC, sigma_rels=[]), "empty"),
+    (dict(POSTHOC, snapshot_every=0), "snapshot_every must be an integer >= 1"),
+])
+def test_bad_posthoc_params_fail_before_training(tmp_path, ema_params, match):
+    train, valid = loaders()
+    with pytest.raises(ValueError, match=r"training param 'ema_params'.*" + match):
+        Trainer("bad", tmp_path).train(Net(), _params(ema_params=ema_params), train, valid)
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").iterdir())
+
+
+def _ddp_worker(rank, world, outdir):
+    import torch.distributed as dist
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from ema_cuda import distributed as dist_utils
+    from support import dataset, seeded
+
+    ds = dataset(32)
+    train = DataLoader(ds, batch_size=4, sampler=DistributedSampler(ds, world, rank, shuffle=False))
+    trainer = Trainer("ddp", outdir)
+    # Each rank starts from its own weights (DDP's broadcast makes them equal); BatchNorm statistics
+    # come from each rank's batches until the Trainer broadcasts the EMAs' buffers after each epoch.
+    trainer.train(seeded(Net, seed=rank, dropout=0.0), _params(max_epochs=2, seed=0), train, train)
+    assert dist.is_initialized()
+    trainer.ema.wait()
+    dist_utils.check_ema_synchronized(trainer.ema)  # every profile, on every rank
+    torch.save({"emas": [e.state_dict() for e in trainer.ema.emas], "dir": trainer.ema.snapshot_dir,
+                "step": trainer.ema.step}, f"{outdir}/rank{rank}.pt")
+
+
+def test_ddp_trainer_profiles_agree_and_rank_0_writes_the_snapshots(tmp_path):
+    import torch.distributed as dist
+
+    from dist_helpers import run_workers
+
+    if not (dist.is_available() and dist.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    run_workers(_ddp_worker, 2, (str(tmp_path),), workdir=tmp_path / "errors", timeout=90)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    for a, b in zip(r0["emas"], r1["emas"]):
+        assert_bit_identical(a, b)
+    assert r0["step"] == 8 and r0["dir"] == tmp_path / "ddp" / "posthoc" and r1["dir"] is None
+    assert [i.step for i in list_snapshots(tmp_path / "ddp" / "posthoc")] == [5, 5]
