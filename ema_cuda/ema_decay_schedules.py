@@ -6,11 +6,11 @@ number of steps into the decay used for one update::
     d = schedule(decay, step, total_steps)
     ema = ema * d + model * (1 - d)
 
-A small decay early in training lets the average forget the random
-initialisation quickly; the schedule then climbs towards ``decay``.  The
-first three schedules reproduce SuperGradients' values (``constant``,
-``threshold``, ``exp``); ``power`` is timm's and diffusers' warmup, ``ramp``
-ultralytics'; ``power_function`` (EDM2) is in :mod:`ema_cuda.posthoc.profiles`.
+A small decay early in training lets the average forget the random initialisation
+quickly; the schedule then climbs towards ``decay``.  The first three schedules
+reproduce SuperGradients' values (``constant``, ``threshold``, ``exp``); ``power`` is
+timm's and diffusers' warmup, ``ramp`` ultralytics'.  ``power_function`` (EDM2,
+:mod:`ema_cuda.posthoc.profiles`) and ``half_life`` (:mod:`ema_cuda.schedules_time`) are per elapsed step.
 
 Steps follow SuperGradients' Trainer: 1-based batch indices
 (``epoch * len(loader) + batch_idx + 1``), so the first update of a run is

@@ -661,11 +661,12 @@ def test_second_run_of_an_experiment_is_refused_and_leaves_the_first_intact(tmp_
     train, valid = loaders()
     Trainer("exp", tmp_path).train(Net(), _params(max_epochs=1), train, valid)
     d = tmp_path / "exp"
-    before = {p.name: p.read_bytes() for p in d.iterdir()}
+    # Every file, in subfolders too (the TensorBoard events).
+    before = {str(p.relative_to(d)): p.read_bytes() for p in d.rglob("*") if p.is_file()}
     with pytest.raises(FileExistsError, match=r"already holds ckpt_latest.pth, ckpt_best.pth, metrics.jsonl of "
                                               r"an earlier run of experiment 'exp'.*'resume': True.*'overwrite': True"):
         Trainer("exp", tmp_path).train(Net(), _params(max_epochs=1, save_model=save_model), train, valid)
-    assert {p.name: p.read_bytes() for p in d.iterdir()} == before
+    assert {str(p.relative_to(d)): p.read_bytes() for p in d.rglob("*") if p.is_file()} == before
 
 
 def test_second_train_call_of_one_trainer_is_a_second_run(tmp_path):

@@ -38,6 +38,9 @@ def make_executor(where: str, options: Any, storage: Any, ema: nn.Module, counte
         executor = EagerExecutor()
     if counters.get("device_counters") is None:  # else the device count is the one
         executor.set_count(int(counters.get("num_updates", 0)))
+    # A new EMA counts from step 0; one unpickled from before the step was
+    # kept does not know it (NOTE [elapsed steps] in ema_cuda.schedules_time).
+    executor.last_step = counters.get("last_step", None if "num_updates" in counters else 0)
     return executor
 
 
@@ -80,6 +83,23 @@ class EagerExecutor:
 
     def __init__(self) -> None:
         self.updates = 0
+        #: The step of the last update applied; None when unknown (NOTE [elapsed steps] in ema_cuda.schedules_time).
+        self.last_step: Optional[int] = 0
+        #: The decay of the last update applied (None before the first).
+        self.last_decay: Any = None
+
+    def elapsed(self, step: int, update_every: int) -> int:
+        """The steps an update at ``step`` stands for (NOTE [elapsed steps] in ema_cuda.schedules_time)."""
+        last = self.last_step
+        return step - last if last is not None and step > last else update_every
+
+    def saved_step(self, options: Any) -> Optional[int]:
+        """The ``step`` a state_dict records: the last one where the next update depends on it."""
+        return self.last_step if callable(getattr(options.decay_function, "decay_over", None)) else None
+
+    def decay_used(self) -> Optional[float]:
+        """The decay of the last update applied, None before the first."""
+        return None if self.last_decay is None else float(self.last_decay)
 
     def count(self) -> int:
         return self.updates
@@ -89,18 +109,22 @@ class EagerExecutor:
 
     def counters(self) -> Dict[str, Any]:
         """What a pickled EMA keeps of this executor."""
-        return {"num_updates": self.count(), "device_counters": None}
+        return {"num_updates": self.count(), "device_counters": None, "last_step": self.last_step}
 
     def adopt(self, plan: Any) -> None:
         """Takes a newly built plan (nothing to do here)."""
 
-    def run(self, plan: Any, decay: Any) -> None:
+    def run(self, plan: Any, decay: Any, step: Optional[int] = None) -> None:
+        """One update with ``decay``; ``step`` (when given) is what the next update counts elapsed steps from."""
         with torch.no_grad():
             if plan.main is not None:
                 plan.main.update(decay)
             if plan.cast_ema:
                 torch._foreach_copy_(plan.cast_ema, plan.cast_model)
         self.updates += 1
+        self.last_decay = decay
+        if step is not None:
+            self.last_step = step
 
     def wait(self) -> None:
         """Nothing runs asynchronously here."""
@@ -120,11 +144,18 @@ class CapturableExecutor(EagerExecutor):
     def count(self) -> int:
         return int(self.num_updates)
 
+    def saved_step(self, options: Any) -> Optional[int]:
+        return int(self.step_tensor)
+
+    def decay_used(self) -> Optional[float]:
+        return float(self.decay_tensor) if self.count() else None
+
     def set_count(self, value: int) -> None:
         self.num_updates.fill_(value)
 
     def counters(self) -> Dict[str, Any]:
-        return {"num_updates": self.count(), "device_counters": (self.step_tensor, self.decay_tensor, self.num_updates)}
+        return {"num_updates": self.count(), "device_counters": (self.step_tensor, self.decay_tensor, self.num_updates),
+                "last_step": None}
 
     def update(self, where: str, plans: Any, src: nn.Module, options: Any, step: Any, total_steps: Any,
                warn_horizon: Callable[[Any], None]) -> None:
@@ -176,7 +207,14 @@ class CapturableExecutor(EagerExecutor):
     def run_at(self, plan: Any, options: Any, new_step: torch.Tensor, total_steps: Any) -> None:
         """One update at ``new_step``: the schedule on the device, then the plan with the decay tensor."""
         with torch.no_grad():
-            decay = options.decay_function.tensor_value(options.decay, new_step, total_steps)
+            fn = options.decay_function
+            if callable(getattr(fn, "tensor_decay_over", None)):
+                # NOTE [elapsed steps] in ema_cuda.schedules_time; the step tensor starts at 0.
+                gap = new_step - self.step_tensor
+                elapsed = torch.where(gap > 0, gap, options.update_every).to(torch.float64)
+                decay = fn.tensor_decay_over(options.decay, new_step, total_steps, elapsed)
+            else:
+                decay = fn.tensor_value(options.decay, new_step, total_steps)
             self.step_tensor.copy_(new_step)
             # Item assignment, not copy_: torch.compile of torch 2.11 and 2.13
             # (not 2.14) drops a copy_ into a 0-dim float64 CPU tensor when
@@ -295,7 +333,7 @@ class SideStreamExecutor(EagerExecutor):
             for t in plan.side.ema + plan.side.model:
                 self.streams.record_stream(t, side)
 
-    def run(self, plan: Any, decay: Any) -> None:
+    def run(self, plan: Any, decay: Any, step: Optional[int] = None) -> None:
         if plan.side is not None:
             streams, side = self.streams, self.side_stream()
             side.wait_stream(streams.current_stream(self.device))
@@ -304,7 +342,7 @@ class SideStreamExecutor(EagerExecutor):
             event = streams.new_event()
             event.record(side)
             self.pending = event
-        super().run(plan, decay)
+        super().run(plan, decay, step)
 
     def wait(self) -> None:
         """Makes the current stream wait for the update in flight, if any (the host does not block)."""

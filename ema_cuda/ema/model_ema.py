@@ -66,8 +66,10 @@ class ModelEMA:
             decay of 0.9999 the per-step increment is below bf16 resolution
             and a bf16 EMA stops moving.
         update_every: update only at steps divisible by this (default 1).
-            The decay applies per update, so a schedule tuned for every step
-            averages over ``update_every`` times more steps.
+            ``"half_life"`` and ``"power_function"`` apply the decay of the
+            steps since the last update (NOTE [elapsed steps] in
+            :mod:`ema_cuda.schedules_time`); the other schedules one step's
+            per update, so they average over ``update_every`` times more steps.
         skip_nonfinite: skip an update (and count it in ``num_skipped``) when
             a model tensor holds NaN or Inf, so one bad step cannot poison the
             average.  It costs one extra read of every model tensor (a max-abs
@@ -222,6 +224,9 @@ class ModelEMA:
                                "mode; else None).")
     decay_tensor = property(lambda self: self._executor.decay_tensor,
                             doc="Its decay, a 0-dim float64 tensor on the EMA's device (capturable mode; else None).")
+    last_decay = property(lambda self: self._executor.decay_used(),
+                          doc="The decay the last update applied, None before the first (read from the device in "
+                              "capturable mode).")
     averaged_module = property(lambda self: self._storage.module,
                                doc="The module whose parameters and buffers the EMA holds: ``ema.ema``, or the EMA "
                                    "student inside it (KDModelEMA).")
@@ -319,13 +324,16 @@ class ModelEMA:
         d = self.decay_at(step, total_steps)
         plan = self._plans.get(self._tree.source(model), self.buffers)
         if self.skip_nonfinite and not self._tree.agree(plan.model_is_finite(), plan):
+            # The step is not recorded: the next update counts these steps too (NOTE [elapsed steps]).
             self.num_skipped += 1
             return
-        self._executor.run(plan, d)
+        self._executor.run(plan, d, step)
 
     def decay_at(self, step: int, total_steps: int) -> float:
-        """The decay an update at ``step`` would use, checked to be a finite number in [0, 1]."""
-        return self._options.decay_at(type(self).__name__, step, total_steps)
+        """The decay an update at ``step`` would use, checked to be a finite number in [0, 1].
+        A schedule defined per elapsed step gets the steps since the last update (NOTE [elapsed steps])."""
+        elapsed = self._executor.elapsed(step, self.update_every)
+        return self._options.decay_at(type(self).__name__, step, total_steps, elapsed)
 
     # ------------------------------------------------------------------ evaluation and the end of training
 
@@ -402,6 +410,9 @@ class ModelEMA:
     def state_dict(self) -> Dict[str, Any]:
         """The EMA weights, the decay, the schedule (name and parameters), the options and the counters.
 
+        ``step`` is the step of the last update where the next one depends on
+        it (capturable mode, a schedule defined per elapsed step), else None.
+
         Holds only tensors, numbers, strings, lists and dicts, so
         ``torch.load(..., weights_only=True)`` reads it back.  The tensors
         share memory with the EMA (like ``nn.Module.state_dict``): save or
@@ -409,7 +420,7 @@ class ModelEMA:
         """
         self.wait()
         weights = {e.key: e.tensor.detach() for e in self._storage.entries()}
-        step = None if self.step_tensor is None else int(self.step_tensor)
+        step = self._executor.saved_step(self._options)
         return make_state(self._options, weights, self.num_updates, self.num_skipped, step)
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -432,6 +443,8 @@ class ModelEMA:
         self.num_skipped = loaded.num_skipped
         if self.step_tensor is not None and loaded.step is not None:
             self.step_tensor.fill_(loaded.step)
+        # None (a state saved without it): unknown (NOTE [elapsed steps] in ema_cuda.schedules_time).
+        self._executor.last_step = loaded.step
         if loaded.warning is not None:
             warnings.warn(loaded.warning, UserWarning, stacklevel=2)
         plan = self._plans.current

@@ -22,6 +22,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import torch
 
 from ema_cuda.ema_decay_schedules import EMA_DECAY_FUNCTIONS, IDecayFunction, decay_function_name
+# Registers "half_life" with the other schedules before any configuration can name it.
+from ema_cuda import schedules_time  # noqa: F401
 from ema_cuda.ops import SUPPORTED_DTYPES
 
 __all__ = ["EMAOptions", "OPTION_NAMES", "check_ema_params", "from_params_arguments", "option_property"]
@@ -178,9 +180,19 @@ class EMAOptions:
             "decay"
         )
 
-    def decay_at(self, where: str, step: int, total_steps: Any) -> float:
-        """The schedule's decay at ``step``, checked to be a finite number in [0, 1]."""
-        value = self.decay_function(self.decay, step, total_steps)
+    def decay_at(self, where: str, step: int, total_steps: Any, elapsed: Optional[int] = None) -> float:
+        """The schedule's decay at ``step``, checked to be a finite number in [0, 1].
+
+        A schedule defined per elapsed step gets ``elapsed``, the steps since
+        the last update (``update_every`` when None); the others are called as
+        ``schedule(decay, step, total_steps)`` (NOTE [elapsed steps] in
+        :mod:`ema_cuda.schedules_time`).
+        """
+        over = getattr(self.decay_function, "decay_over", None)
+        if callable(over):
+            value = over(self.decay, step, total_steps, self.update_every if elapsed is None else elapsed)
+        else:
+            value = self.decay_function(self.decay, step, total_steps)
         try:
             d = float(value)
         except (TypeError, ValueError):

@@ -15,7 +15,10 @@ One update per step with ``beta(t) = (1 - 1/t) ** (gamma + 1)`` (``t`` the
 the discrete form of ``p``: the model after update ``tau`` gets the weight
 ``(tau**(gamma+1) - (tau-1)**(gamma+1)) / t**(gamma+1)``, the integral of
 ``p`` over ``[tau - 1, tau]`` (the product of the later factors telescopes
-to ``(tau / t) ** (gamma + 1)``).
+to ``(tau / t) ** (gamma + 1)``).  An update ``k`` steps after the last one
+applies the product of the ``k`` factors it stands for, which telescopes
+the same way to ``((t - k) / t) ** (gamma + 1)``, so the profile holds under
+``update_every`` too (NOTE [elapsed steps] in :mod:`ema_cuda.schedules_time`).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ from typing import Any, Optional
 
 import torch
 
-from ema_cuda.ema_decay_schedules import EMA_DECAY_FUNCTIONS, IDecayFunction
+from ema_cuda.ema_decay_schedules import EMA_DECAY_FUNCTIONS
+from ema_cuda.schedules_time import ElapsedStepsDecay
 
 __all__ = ["GAMMA_MIN", "SIGMA_REL_MAX", "PowerFunctionDecay", "gamma_to_sigma_rel", "sigma_rel_to_gamma"]
 
@@ -109,11 +113,7 @@ def _clamp_low(x: Any, low: float) -> Any:
     return torch.clamp(x, min=low) if isinstance(x, torch.Tensor) else max(x, low)
 
 
-def _clamp_high(x: Any, high: float) -> Any:
-    return torch.clamp(x, max=high) if isinstance(x, torch.Tensor) else min(x, high)
-
-
-class PowerFunctionDecay(IDecayFunction):
+class PowerFunctionDecay(ElapsedStepsDecay):
     """EDM2's power-function profile: ``d = min(decay, (1 - 1/step) ** (gamma + 1))``.
 
     Give exactly one of ``gamma`` (>= about -0.382) and ``sigma_rel`` (in
@@ -130,8 +130,11 @@ class PowerFunctionDecay(IDecayFunction):
     ``sigma_rel=0.10`` and ``decay=0.9999``); after that the EMA becomes a
     plain EMA with that decay.  For a profile to reconstruct from later
     (:func:`ema_cuda.posthoc.reconstruct`), pass a decay close enough to 1
-    that the cap is never reached (``decay=1 - 1e-9``).  The schedule assumes
-    one update per step (``update_every=1``).  ``total_steps`` is not used.
+    that the cap is never reached (``decay=1 - 1e-9``).  An update ``k``
+    steps after the last one applies ``min(decay ** k, ((step - k) / step) **
+    (gamma + 1))``, the product of the ``k`` per-step factors, so the profile
+    is the same under ``update_every`` (NOTE [elapsed steps] in
+    :mod:`ema_cuda.schedules_time`).  ``total_steps`` is not used.
 
     ``get_params()`` reports ``gamma`` only (``sigma_rel`` is a property), so
     a saved EMA rebuilds the same schedule.
@@ -154,14 +157,19 @@ class PowerFunctionDecay(IDecayFunction):
         """The relative width of the profile."""
         return gamma_to_sigma_rel(self.gamma)
 
-    def _formula(self, decay: Any, step: Any) -> Any:
+    def _formula(self, decay: Any, step: Any, elapsed: Any) -> Any:
         # One expression for both forms (NOTE [one formula, two forms] in ema_cuda.ema_decay_schedules):
         # below step 1 the base is clamped to 0, which makes the first update a copy.
-        base = _clamp_low(1.0 - 1.0 / _clamp_low(step, 1.0), 0.0)
-        return _clamp_high(base ** (self.gamma + 1.0), decay)
+        base = _clamp_low(1.0 - elapsed / _clamp_low(step, 1.0), 0.0)
+        power = base ** (self.gamma + 1.0)
+        if isinstance(elapsed, torch.Tensor):
+            return torch.minimum(power, torch.pow(decay, elapsed))
+        return min(power, decay ** elapsed)
 
-    def __call__(self, decay: float, step: int, total_steps: int) -> float:
-        return self._formula(decay, float(step))
+    def decay_over(self, decay: float, step: int, total_steps: Optional[int], elapsed: int) -> float:
+        if isinstance(elapsed, bool) or not isinstance(elapsed, numbers.Real) or not elapsed >= 0:
+            raise ValueError(f"PowerFunctionDecay: elapsed must be a number of steps >= 0, got {elapsed!r}")
+        return self._formula(decay, float(step), float(elapsed))
 
     def largest_decay(self, decay: float, total_steps: Optional[int]) -> Optional[float]:
         # The decay grows with the step and reaches the cap only after about
@@ -169,12 +177,15 @@ class PowerFunctionDecay(IDecayFunction):
         # the value at the last step, and nothing without one.
         if isinstance(total_steps, bool) or not isinstance(total_steps, numbers.Real) or not total_steps >= 1:
             return None
-        return self._formula(decay, float(total_steps))
+        return self._formula(decay, float(total_steps), 1.0)
 
-    def tensor_value(self, decay: float, step: torch.Tensor, total_steps: Optional[int]) -> torch.Tensor:
-        if not isinstance(step, torch.Tensor) or step.dim() != 0 or step.is_complex() or step.dtype == torch.bool:
-            raise ValueError(f"PowerFunctionDecay.tensor_value: step must be a 0-dim real tensor, got {step!r}")
-        return self._formula(float(decay), step.to(torch.float64))
+    def tensor_decay_over(self, decay: float, step: torch.Tensor, total_steps: Optional[int],
+                          elapsed: torch.Tensor) -> torch.Tensor:
+        for name, value in (("step", step), ("elapsed", elapsed)):
+            if not isinstance(value, torch.Tensor) or value.dim() != 0 or value.is_complex() \
+                    or value.dtype == torch.bool:
+                raise ValueError(f"PowerFunctionDecay.tensor_value: {name} must be a 0-dim real tensor, got {value!r}")
+        return self._formula(float(decay), step.to(torch.float64), elapsed.to(torch.float64))
 
 
 # Registered here rather than in ema_decay_schedules.py, which this module imports; ``import ema_cuda``

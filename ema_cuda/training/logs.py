@@ -1,6 +1,6 @@
-"""Per-epoch metrics log (JSON lines), the epoch summary line and optional tqdm bars.
+"""Per-epoch metrics log (JSON lines), TensorBoard events, the epoch summary line and optional tqdm bars.
 
-tqdm is imported only when a progress bar is requested, so importing
+tqdm and TensorBoard are imported only when a run uses them, so importing
 ``ema_cuda`` stays light.
 """
 from __future__ import annotations
@@ -8,17 +8,20 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 from ema_cuda._fs import atomic_write
 
-__all__ = ["MetricsLog", "METRICS_LOG_NAME", "progress", "format_epoch_summary", "emit"]
+__all__ = ["MetricsLog", "METRICS_LOG_NAME", "TensorBoardLog", "TENSORBOARD_DIR", "summary_writer_class", "progress",
+           "format_epoch_summary", "emit"]
 
 logger = logging.getLogger("ema_cuda.training")
 
 METRICS_LOG_NAME = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"
 
 
 def _clean(value: Any) -> Any:
@@ -79,6 +82,138 @@ class MetricsLog:
                     # A line cut short by a kill; everything before it is intact.
                     break
         return out
+
+
+def summary_writer_class(setting: Optional[bool]) -> Any:
+    """``torch.utils.tensorboard.SummaryWriter`` for the ``tensorboard`` training param, or None (off).
+
+    ``None`` turns logging on when TensorBoard is installed and logs one INFO
+    line when it is not; ``True`` makes a missing TensorBoard an error.
+    """
+    if setting is False:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:
+        if setting:
+            raise ImportError(
+                f"training param 'tensorboard' is True but TensorBoard cannot be imported ({exc}); "
+                "pip install tensorboard, or set 'tensorboard': False"
+            ) from None
+        logger.info("TensorBoard logging is off: the tensorboard package is not installed (pip install tensorboard)")
+        return None
+    return SummaryWriter
+
+
+class TensorBoardLog:
+    """TensorBoard events of a run, under ``<run_dir>/tensorboard/``: two runs, ``raw`` and ``ema``.
+
+    Tags (the x axis is SuperGradients' step, the 1-based global batch
+    index, which the EMA's schedule also sees; per-epoch values sit at the
+    step of the epoch's last batch):
+
+    * ``raw``: ``train/loss`` and ``train/lr`` per batch, ``train/epoch_loss``
+      and ``train/epoch_accuracy`` per epoch, and ``val/<metric>`` of the raw
+      weights per epoch (all validation metrics when there is no EMA).
+    * ``ema``: ``val/<metric>`` of the EMA weights per epoch and
+      ``ema/decay``, the decay each EMA update applied, at its step.
+
+    NOTE [raw and EMA side by side]: TensorBoard draws one chart per tag and
+    one line per run in it, so the raw and the EMA weights' ``val/accuracy``,
+    written by two runs under the same tag, share one chart in the default
+    Scalars dashboard, with the run names as the legend and the usual run
+    filter; two tags (``val/accuracy``, ``val_ema/accuracy``) would be two
+    charts.
+
+    Per-batch values are kept as tensors and written once per epoch
+    (:meth:`flush_steps`), so logging adds no host synchronisation per batch.
+    A resumed run opens the writers with ``purge_step`` at the first step
+    after its checkpoint, so that TensorBoard drops what a killed run wrote
+    after it: no step appears twice.
+    """
+
+    def __init__(self, writer_class: Any, directory: Path, has_ema: bool, purge_step: Optional[int]):
+        self.directory = Path(directory) / TENSORBOARD_DIR
+        if purge_step is None and self.directory.exists():
+            # A new run replaces an earlier one's events, as it does its metrics log.
+            shutil.rmtree(self.directory)
+        self.raw = writer_class(str(self.directory / "raw"), purge_step=purge_step)
+        self.ema = writer_class(str(self.directory / "ema"), purge_step=purge_step) if has_ema else None
+        self._steps: List[Tuple[int, Any, float]] = []
+        self._decays: List[Tuple[int, Any]] = []
+
+    @classmethod
+    def open(cls, setting: Optional[bool], directory: Path, has_ema: bool,
+             purge_step: Optional[int]) -> Optional["TensorBoardLog"]:
+        """The log of the ``tensorboard`` training param ``setting``, or None when it is off (see
+        :func:`summary_writer_class`); ``purge_step`` is None for a new run, the first step to write for a
+        resumed one."""
+        writer_class = summary_writer_class(setting)
+        return None if writer_class is None else cls(writer_class, directory, has_ema, purge_step)
+
+    def add_step(self, step: int, loss: Any, lr: float) -> None:
+        """A batch's loss (a tensor or a number) and learning rate, written at the next :meth:`flush_steps`."""
+        self._steps.append((step, loss.detach() if hasattr(loss, "detach") else loss, float(lr)))
+
+    def add_decay(self, step: int, decay: Any) -> None:
+        """The decay an EMA update at ``step`` applied (a number, or a device tensor read at the next flush)."""
+        self._decays.append((step, decay))
+
+    def flush_steps(self) -> None:
+        """Writes the per-batch values kept since the last call (one read from the device for all of them)."""
+        steps, decays = self._steps, self._decays
+        self._steps, self._decays = [], []
+        for (step, _, lr), loss in zip(steps, _as_floats([loss for _, loss, _ in steps])):
+            self.raw.add_scalar("train/loss", loss, step)
+            self.raw.add_scalar("train/lr", lr, step)
+        if self.ema is not None:
+            for (step, _), decay in zip(decays, _as_floats([d for _, d in decays])):
+                self.ema.add_scalar("ema/decay", decay, step)
+
+    def add_epoch(self, step: int, record: Dict[str, Any], has_ema: bool) -> None:
+        """An epoch's metrics (the keys of :class:`MetricsLog` lines) at ``step``, its last batch."""
+        for key, value in record.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                continue
+            if key.startswith("train_"):
+                self.raw.add_scalar(f"train/epoch_{key[len('train_'):]}", value, step)
+            elif key.startswith("valid_raw_"):
+                self.raw.add_scalar(f"val/{key[len('valid_raw_'):]}", value, step)
+            elif key.startswith("valid_"):
+                writer = self.ema if has_ema and self.ema is not None else self.raw
+                writer.add_scalar(f"val/{key[len('valid_'):]}", value, step)
+        self.flush()
+
+    def flush(self) -> None:
+        for writer in (self.raw, self.ema):
+            if writer is not None:
+                writer.flush()
+
+    def close(self) -> None:
+        """Writes what is kept and closes the event files; also after a failed epoch (its steps help to see why)."""
+        try:
+            self.flush_steps()
+        finally:
+            for writer in (self.raw, self.ema):
+                if writer is not None:
+                    writer.close()
+
+
+def _as_floats(values: List[Any]) -> List[float]:
+    """Numbers and 0-dim tensors as floats, reading the tensors of each device back in one transfer."""
+    out: List[Any] = list(values)
+    by_device: Dict[Any, List[int]] = {}
+    for i, v in enumerate(values):
+        if hasattr(v, "device"):
+            by_device.setdefault(v.device, []).append(i)
+    if by_device:
+        import torch
+
+        for indices in by_device.values():
+            read = torch.stack([values[i].reshape(()).double() for i in indices]).tolist()
+            for i, v in zip(indices, read):
+                out[i] = v
+    return [float(v) for v in out]
 
 
 def progress(iterable: Iterable, enabled: bool, **kwargs: Any):

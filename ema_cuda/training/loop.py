@@ -67,8 +67,12 @@ class BatchLoop:
 
     def train_epoch(self, net: nn.Module, loader: Any, *, epoch: int, p: TrainingParams,
                     optimizer: torch.optim.Optimizer, scaler: "torch.amp.GradScaler", lr_scheduler: LRScheduler,
-                    ema: Any, total_steps: int, use_bar: bool) -> Dict[str, float]:
-        """One epoch (0-based ``epoch``) of training, with one EMA update after every optimizer step."""
+                    ema: Any, total_steps: int, use_bar: bool,
+                    tensorboard: Optional[logs.TensorBoardLog] = None) -> Dict[str, float]:
+        """One epoch (0-based ``epoch``) of training, with one EMA update after every optimizer step.
+
+        ``tensorboard`` gets each batch's loss and learning rate and each EMA update's decay.
+        """
         net.train()
         n = len(loader)
         k = p.batch_accumulate
@@ -104,13 +108,22 @@ class BatchLoop:
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 if ema is not None:
+                    updates = None if ema.capturable else ema.num_updates
                     # SuperGradients' step: the 1-based global index of the
                     # batch that completed this optimizer step.
                     ema.update(net, step=global_batch + 1, total_steps=total_steps)
+                    if tensorboard is not None and (updates is None or ema.num_updates != updates):
+                        # A device tensor in capturable mode: read back once per epoch, not per step.
+                        decay = ema.decay_tensor.clone() if ema.capturable else ema.last_decay
+                        tensorboard.add_decay(global_batch + 1, decay)
+            if tensorboard is not None:
+                tensorboard.add_step(global_batch + 1, loss, optimizer.param_groups[0]["lr"])
             tracker.update(loss, self.task.logits(outputs), targets)
             if bar is not loader and (batch_idx % 20 == 0 or batch_idx == n - 1):
                 bar.set_postfix(loss=f"{tracker.running_loss():.4f}", refresh=False)
         tracker.all_reduce_(self.device)
+        if tensorboard is not None:
+            tensorboard.flush_steps()
         return tracker.compute()
 
     @torch.no_grad()

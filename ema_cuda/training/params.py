@@ -107,6 +107,12 @@ class TrainingParams:
         available, else the CPU.
         ``progress_bar`` (``True``): tqdm bars over epochs and batches.
         ``silent_mode`` (``False``): do not print the per-epoch summary line.
+        ``tensorboard`` (``None``): TensorBoard events in
+        ``ckpt_root_dir/experiment_name/tensorboard/`` (see
+        :class:`~ema_cuda.training.logs.TensorBoardLog`): ``None`` writes
+        them when TensorBoard is installed (else one INFO log line says it
+        is off), ``True`` requires it (an error names ``pip install
+        tensorboard``), ``False`` writes none.
     """
 
     max_epochs: Optional[int] = None
@@ -138,6 +144,7 @@ class TrainingParams:
     device: Optional[Union[str, torch.device]] = None
     progress_bar: bool = True
     silent_mode: bool = False
+    tensorboard: Optional[bool] = None
 
     @classmethod
     def known_keys(cls) -> Tuple[str, ...]:
@@ -263,6 +270,12 @@ def parse_training_params(training_params: Optional[Mapping[str, Any]]) -> Train
     for key in ("ema", "validate_raw_weights", "save_model", "resume", "overwrite", "progress_bar", "silent_mode"):
         if not isinstance(getattr(p, key), bool):
             _fail(key, getattr(p, key), "True or False")
+    if p.tensorboard not in (None, True, False) or not isinstance(p.tensorboard, (bool, type(None))):
+        _fail("tensorboard", p.tensorboard, "None (on when TensorBoard is installed), True or False")
+    if p.tensorboard:
+        from ema_cuda.training.logs import summary_writer_class
+
+        summary_writer_class(True)  # a missing TensorBoard fails here, before any work starts
     if p.ema_params is None:
         p.ema_params = {}
     if not isinstance(p.ema_params, Mapping):

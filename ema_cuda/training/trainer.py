@@ -111,6 +111,7 @@ class Trainer:
         self.valid_loader = None
         self._amp_dtype: Optional[torch.dtype] = None
         self._distributed = False
+        self._tensorboard: Optional[logs.TensorBoardLog] = None
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -161,7 +162,12 @@ class Trainer:
         # train(), where the user can act on them.  The helpers that warn
         # (check_distributed_loader, resume_run) are called from _run itself,
         # and their stacklevel 4 counts helper -> _run -> train -> caller.
-        return self._run(model, p, train_loader, valid_loader)
+        try:
+            return self._run(model, p, train_loader, valid_loader)
+        finally:
+            if self._tensorboard is not None:  # also when training failed: what it logged helps to see why
+                self._tensorboard.close()
+                self._tensorboard = None
 
     def _run(self, model: nn.Module, p: TrainingParams, train_loader: Any, valid_loader: Any):
         batches_per_epoch = builders.batches_per_epoch(train_loader)
@@ -205,6 +211,10 @@ class Trainer:
             if metrics_log is not None:
                 metrics_log.reset()
 
+        if self.is_main_process:
+            self._tensorboard = logs.TensorBoardLog.open(
+                p.tensorboard, self.checkpoints_dir, self.ema is not None,
+                purge_step=start_epoch * batches_per_epoch + 1 if p.resume else None)
         loop = BatchLoop(self.task, self.loss_fn, device, self._amp_dtype)
         use_bar = p.progress_bar and self.is_main_process
         watched_key: Optional[str] = None
@@ -223,7 +233,7 @@ class Trainer:
             train_metrics = loop.train_epoch(
                 net, train_loader, epoch=epoch, p=p, optimizer=self.optimizer, scaler=self.scaler,
                 lr_scheduler=self.lr_scheduler, ema=self.ema, total_steps=batches_per_epoch * p.max_epochs,
-                use_bar=use_bar,
+                use_bar=use_bar, tensorboard=self._tensorboard,
             )
             if self._distributed and self.ema is not None:
                 # BatchNorm statistics come from each rank's own batches; make
@@ -240,6 +250,8 @@ class Trainer:
             self.history.append(record)
             if metrics_log is not None:
                 metrics_log.append(record)
+            if self._tensorboard is not None:
+                self._tensorboard.add_epoch((epoch + 1) * batches_per_epoch, record, self.ema is not None)
             if not p.silent_mode and self.is_main_process:
                 logs.emit(logs.format_epoch_summary(record, p.max_epochs, self.ema is not None, is_best), use_bar)
             if p.save_model:
