@@ -61,7 +61,7 @@ class Module(L.LightningModule):
     def _evaluate(self, kind, batch):
         ema = _callback(self.trainer).ema
         if ema is not None:
-            self.seen[kind].append(torch.equal(self.fc1.weight, ema.ema.fc1.weight))
+            self.seen[kind].append(torch.equal(_local(self.fc1.weight), _local(ema.ema.fc1.weight)))
         x, y = batch
         self.log(f"{kind}_loss", F.cross_entropy(self(x), y))
 
@@ -73,6 +73,10 @@ class Module(L.LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def _local(t):
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _callback(trainer):
@@ -170,7 +174,8 @@ def test_same_weights_as_lightnings_ema_weight_averaging():
     """EMAWeightAveraging(decay=d) copies the model at its first update and uses d after it: that is the
     "power" schedule with min_decay=d.  Over 56 steps both EMAs agree to within fp32 rounding: they compute
     d * ema + (1 - d) * model in different orders, a relative error of a few ulp per step that the decay
-    keeps bounded (measured: below 3e-7 absolute; asserted: rtol=1e-5, atol=1e-6)."""
+    keeps bounded (measured: at most 3 ulp, 4.8e-7 on a running variance of 2.3; asserted: rtol=1e-5,
+    atol=1e-6)."""
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
     d = 0.9
