@@ -250,30 +250,91 @@ def test_an_unknown_run_length_needs_total_steps_for_a_schedule_that_reads_it():
     assert cb.ema.num_updates == 2
 
 
-# ---------------------------------------------------------------------- DDP
+# ---------------------------------------------------------------------- DDP and FSDP2, 2 ranks
 
 
-def _ddp_worker(rank, world_size, out):
+class ShardedModule(Module):
+    """Module sharded with FSDP2 by ModelParallelStrategy: every parameter becomes a DTensor."""
+
+    def configure_model(self):
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.fc1, self.fc2, self):
+            fully_shard(layer, mesh=mesh)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)  # made after sharding, on the DTensors
+
+
+def _full(state_):
+    return {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state_.items()}
+
+
+def _fsdp_fit(epochs, ckpt_path=None, save=None, distributed_checkpoint=True):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    torch.manual_seed(0)
+    m = ShardedModule(bn=False)
+    cb = EMACallback(decay=0.9, copy_to_model_at_end=False)
+    fit = trainer([cb], max_epochs=epochs, devices=2, num_sanity_val_steps=1,
+                  strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                                         save_distributed_checkpoint=distributed_checkpoint))
+    fit.fit(m, data(64), data(16, seed=1), ckpt_path=ckpt_path)
+    if save is not None:
+        fit.save_checkpoint(save)
+    return m, cb
+
+
+def _distributed_worker(rank, world_size, out):
+    from ema_cuda import ShardedModelEMA
+
     torch.manual_seed(0)
     m = Module(bn=False)
     cb = EMACallback(decay=0.9, copy_to_model_at_end=False)
     fit = trainer([cb], max_epochs=1, devices=world_size, strategy="ddp", num_sanity_val_steps=1)
     fit.fit(m, data(64), data(16, seed=1))
-    torch.save({"ema": cb.ema.state_dict()["ema"], "model": state(m), "steps": [s for s, _ in m.steps],
-                "seen": m.seen["validation"], "restored": m.restored}, Path(out) / f"rank{rank}.pt")
+    results = {"ddp": {"ema": cb.ema.state_dict()["ema"], "model": state(m), "steps": [s for s, _ in m.steps],
+                       "seen": m.seen["validation"], "restored": m.restored}}
+
+    # FSDP2 on the group DDP set up: 2 epochs straight == 1 epoch, checkpoint, resume (DCP and one file).
+    m, cb = _fsdp_fit(2)
+    assert isinstance(cb.ema, ShardedModelEMA)
+    local = cb.ema.ema.fc1.weight
+    # this rank's shard only
+    assert local.shape == m.fc1.weight.to_local().shape == (8, 8), (local.shape, m.fc1.weight.to_local().shape)
+    results["fsdp"] = {"ema": _full(cb.ema.state_dict()["ema"]), "model": _full(m.state_dict()),
+                       "seen": m.seen["validation"], "restored": m.restored}
+    for name, distributed in (("dcp", True), ("file.ckpt", False)):
+        path = str(Path(out) / name)
+        _fsdp_fit(1, save=path, distributed_checkpoint=distributed)
+        m, cb = _fsdp_fit(2, ckpt_path=path, distributed_checkpoint=distributed)
+        results[name] = {"ema": _full(cb.ema.state_dict()["ema"]), "model": _full(m.state_dict()),
+                         "steps": [s for s, _ in m.steps]}
+    torch.save(results, Path(out) / f"rank{rank}.pt")
 
 
-def test_ddp_two_processes_keep_equal_emas(tmp_path):
+def test_ddp_and_fsdp2_on_two_processes(tmp_path):
     """strategy="ddp" on 2 CPU ranks (gloo): each rank sees half the batches (4 optimizer steps), validation
-    swaps the EMA in under the DDP wrapper, and both ranks end with bit-identical EMAs."""
-    run_workers(_ddp_worker, 2, (str(tmp_path),), workdir=tmp_path / "errors", timeout=120)
+    swaps the EMA in under the DDP wrapper, and both ranks end with bit-identical EMAs.  Then FSDP2
+    (ModelParallelStrategy, fully_shard): each rank keeps the EMA of its own shards, evaluation swaps it in
+    and out, and a resume from a distributed (DCP) or a single-file checkpoint continues bit-identically."""
+    run_workers(_distributed_worker, 2, (str(tmp_path),), workdir=tmp_path / "errors", timeout=240)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    for r in (r0, r1):
+    for r in (r0["ddp"], r1["ddp"]):
         assert r["steps"] == [1, 2, 3, 4]
         assert r["seen"] == [True, True] and all(r["restored"])
         assert not torch.equal(r["ema"]["fc1.weight"], r["model"]["fc1.weight"])
-    assert_bit_identical(r0["model"], r1["model"])
-    assert_bit_identical(r0["ema"], r1["ema"])
+    assert_bit_identical(r0["ddp"]["model"], r1["ddp"]["model"])
+    assert_bit_identical(r0["ddp"]["ema"], r1["ddp"]["ema"])
+
+    fsdp = r0["fsdp"]
+    assert fsdp["seen"] == [True] * 3 and all(fsdp["restored"])
+    assert_bit_identical(fsdp["ema"], r1["fsdp"]["ema"])
+    for name in ("dcp", "file.ckpt"):
+        assert r0[name]["steps"] == [5, 6, 7, 8], name
+        assert_bit_identical(r0[name]["model"], fsdp["model"])
+        assert_bit_identical(r0[name]["ema"], fsdp["ema"])
 
 
 # ---------------------------------------------------------------------- the benchmark

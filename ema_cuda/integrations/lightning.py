@@ -45,6 +45,17 @@ _CURRENT = "current_model_state"
 # keys are not those of the checkpoint's "state_dict" (a strategy that
 # renames or shards them, ShardedModelEMA's DTensors) the weights go into the
 # callback's entry instead and "state_dict" is left alone.
+#
+# A ShardedModelEMA (FSDP2) leaves "state_dict" to the training weights: a
+# sharded strategy loads it into the model itself, before any callback sees
+# the checkpoint (Lightning's ModelParallelStrategy even drops it from the
+# dictionary the callbacks get).  When the strategy writes a distributed
+# checkpoint ("state_dict" holds DTensors, saved by DCP on every rank), the
+# EMA's DTensors join them under _SHARDS + key, so each rank writes its own
+# shards, and a resumed fit reads them back with DCP from trainer.ckpt_path;
+# when it writes one file, the EMA is gathered into full tensors in the
+# callback's entry and cut into shards again on load.
+_SHARDS = "ema_cuda.ema/"
 
 
 class EMACallback(Callback):
@@ -78,6 +89,10 @@ class EMACallback(Callback):
 
     Under DDP every rank keeps its own EMA of the (identical) parameters;
     floating buffers such as BatchNorm statistics follow each rank's batches.
+    Under FSDP2 (``ModelParallelStrategy`` with ``fully_shard``) each rank
+    keeps the EMA of its own shards; its checkpoints keep the training
+    weights as ``state_dict`` and store the EMA beside them, each rank's
+    shards through DCP when the strategy saves a distributed checkpoint.
 
     Args:
         decay: the maximum decay, in (0, 1).
@@ -242,12 +257,25 @@ class EMACallback(Callback):
         if entry is None or model_state is None:
             return
         weights = entry["ema"]["ema"]
-        if weights.keys() != model_state.keys() or any(is_dtensor(t) for t in weights.values()):
+        if any(is_dtensor(t) for t in weights.values()):
+            self._save_shards(checkpoint, entry, weights)
+            return
+        if weights.keys() != model_state.keys():
             return  # the weights stay in the callback's entry
         ema_state = dict(entry["ema"])
         checkpoint[_CURRENT] = model_state
         checkpoint[_STATE_DICT] = ema_state.pop("ema")
         entry["ema"] = ema_state
+
+    def _save_shards(self, checkpoint: Dict[str, Any], entry: Dict[str, Any], weights: Dict[str, Any]) -> None:
+        model_state = checkpoint.get(_STATE_DICT) or {}
+        if any(is_dtensor(t) for t in model_state.values()):  # a distributed checkpoint
+            model_state.update({_SHARDS + k: t for k, t in weights.items()})
+            entry["ema"] = {k: v for k, v in entry["ema"].items() if k != "ema"}
+            entry["shards"] = _SHARDS
+        else:  # one file (written by rank 0); every rank takes part in the gathering
+            entry["ema"] = dict(entry["ema"], ema={k: t.full_tensor() if is_dtensor(t) else t
+                                                   for k, t in weights.items()})
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
         """On a resumed fit: the training weights back into the model, the EMA restored (now, or when it is
@@ -267,11 +295,22 @@ class EMACallback(Callback):
         else:  # strategies that restore after setup
             self._restore(trainer, saved)
 
+    def _load_shards(self, trainer: Any, prefix: str) -> Dict[str, Any]:
+        import torch.distributed.checkpoint as dcp
+
+        # DCP reads each rank's shards in place into these DTensors, which share memory with the EMA.
+        weights = self._ema.state_dict()["ema"]
+        wanted = {prefix + k: t for k, t in weights.items()}
+        dcp.load({_STATE_DICT: wanted}, checkpoint_id=trainer.ckpt_path)
+        return {k: wanted[prefix + k] for k in weights}
+
     def _restore(self, trainer: Any, saved: Dict[str, Any]) -> None:
         where = type(self).__name__
         entry, weights = saved["entry"], saved["ema_weights"]
         if entry is not None:
             state = dict(entry["ema"])
+            if "shards" in entry:
+                state["ema"] = self._load_shards(trainer, entry["shards"])
             if "ema" not in state:
                 if weights is None:
                     raise ValueError(f"{where}: the checkpoint has this callback's state but no EMA weights "
