@@ -244,7 +244,8 @@ class EMACallback(Callback):
         return {"ema": self._ema.state_dict(), "last_step": self._last_step}
 
     def on_save_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: Dict[str, Any]) -> None:
-        """Puts the EMA weights under ``state_dict`` and the training weights under ``current_model_state``."""
+        """Puts the EMA weights under ``state_dict`` and the training weights under ``current_model_state``
+        (a sharded EMA, or one whose keys differ from the checkpoint's: see NOTE [checkpoint layout])."""
         if self._ema is None:
             return
         if self._swap is not None:
