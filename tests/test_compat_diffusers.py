@@ -236,3 +236,21 @@ def test_save_and_from_pretrained(tmp_path):
     for other in (loaded, theirs):
         assert other.optimization_step == 2 and other.decay == 0.9
         assert all(torch.equal(x, y) for x, y in zip(other.shadow_params, ema.shadow_params))
+
+
+def test_benchmark_rows_smoke():
+    """benchmarks/fw_dropins.py runs end to end on a tiny model (no speed is asserted here)."""
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from benchmarks import fw_dropins
+
+    real_class()  # the framework must be there
+    out = fw_dropins.rows(True, device="cpu", workloads={"tiny": [(7,), (3, 5)] * 4}, block_time=0.001, rounds=2,
+                          frameworks=["diffusers"])
+    assert [r["status"] for r in out] == ["ok"] * len(out) and out
+    assert all(r["native_s"] > 0 and r["ours_s"] > 0 and r["speedup"] > 0 for r in out)
+    assert "tiny" in fw_dropins.table(out)

@@ -295,7 +295,7 @@ class _Plan:
             (averaged if p.requires_grad else copied).append((s, p.detach()))
         self.params = tuple(parameters)
         self.shadow = tuple(shadow_params)
-        self.grads = tuple(p.requires_grad for p in parameters)
+        self.grads = tuple(map(_requires_grad, parameters))
         self.pairs = FusedPairs(averaged, copied)
 
     def valid_for(self, parameters: List[torch.Tensor], shadow_params: List[torch.Tensor]) -> bool:
@@ -303,8 +303,12 @@ class _Plan:
         return (len(parameters) == len(self.params) and len(shadow_params) == len(self.shadow)
                 and all(map(operator.is_, parameters, self.params))
                 and all(map(operator.is_, shadow_params, self.shadow))
-                and tuple(p.requires_grad for p in parameters) == self.grads
+                # Reading requires_grad costs about as much as the rest of this check: once per parameter.
+                and tuple(map(_requires_grad, parameters)) == self.grads
                 and self.pairs.ready())
+
+
+_requires_grad = operator.attrgetter("requires_grad")
 
 
 def _packed(tensors: List[torch.Tensor], specs: Optional[List[Tuple[torch.device, torch.dtype]]] = None,
