@@ -254,3 +254,34 @@ def test_benchmark_rows_smoke():
     assert [r["status"] for r in out] == ["ok"] * len(out) and out
     assert all(r["native_s"] > 0 and r["ours_s"] > 0 and r["speedup"] > 0 for r in out)
     assert "tiny" in fw_dropins.table(out)
+
+
+def test_a_model_switched_to_channels_last_after_the_ema_was_made():
+    from support import ConvNet
+
+    torch.manual_seed(0)
+    model = ConvNet()
+    theirs, ours = real_class()(model.parameters(), decay=0.9), EMAModel(model.parameters(), decay=0.9)
+    model.to(memory_format=torch.channels_last)
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.01)
+        theirs.step(model.parameters())
+        ours.step(model.parameters())
+    assert ours.shadow_params[0].is_contiguous(memory_format=torch.channels_last)
+    assert_same(ours, theirs)
+
+
+def test_a_parameter_passed_twice():
+    # A weight tied in the model appears twice when the parameters are listed without deduplication.
+    torch.manual_seed(0)
+    model = Net()
+    params = list(model.parameters()) + [model.fc1.weight]
+    theirs, ours = real_class()(params, decay=0.9), EMAModel(params, decay=0.9)
+    for _ in range(5):
+        with torch.no_grad():
+            model.fc1.weight.add_(0.1)
+        theirs.step(params)
+        ours.step(params)
+    assert_same(ours, theirs)

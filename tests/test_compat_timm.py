@@ -219,3 +219,20 @@ def test_benchmark_rows_smoke():
     assert [r["status"] for r in out] == ["ok"] * len(out) and out
     assert all(r["native_s"] > 0 and r["ours_s"] > 0 and r["speedup"] > 0 for r in out)
     assert "tiny" in fw_dropins.table(out)
+
+
+def test_a_model_switched_to_channels_last_after_the_ema_was_made():
+    from support import ConvNet
+
+    torch.manual_seed(0)
+    model = ConvNet()
+    theirs, ours = real_class()(model, decay=0.9), ModelEmaV3(model, decay=0.9)
+    model.to(memory_format=torch.channels_last)
+    for step in range(1, 6):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.01)
+        theirs.update(model, step)
+        ours.update(model, step)
+    assert ours.module.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert_same_state(ours, theirs)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ema_cuda.compat._fused import FusedPairs
 from ema_cuda.ema.storage import flat_views
+from ema_cuda.ops import is_dense, same_layout
 
 __all__ = ["EMAModel"]
 
@@ -166,6 +167,12 @@ class EMAModel:
         plan = self._plan
         if plan is None or not plan.valid_for(parameters, self.shadow_params):
             self._plan = None  # a failed build leaves no stale plan behind
+            if len(parameters) == len(self.shadow_params) and not all(
+                    same_layout(s, p) for s, p in zip(self.shadow_params, parameters)
+                    if is_dense(p) and s.shape == p.shape):
+                # The model changed memory layout (channels_last) after the EMA was made: the fused
+                # update needs both sides laid out alike, so the shadows are copied into its layout.
+                self.shadow_params = _packed(self.shadow_params, like=parameters)
             plan = _Plan(parameters, self.shadow_params)
             self._plan = plan
         return plan
@@ -312,15 +319,18 @@ _requires_grad = operator.attrgetter("requires_grad")
 
 
 def _packed(tensors: List[torch.Tensor], specs: Optional[List[Tuple[torch.device, torch.dtype]]] = None,
-            non_blocking: bool = False) -> List[torch.Tensor]:
+            non_blocking: bool = False, like: Optional[List[torch.Tensor]] = None) -> List[torch.Tensor]:
     """Copies of ``tensors`` (on the (device, dtype) of ``specs`` when given), the floating ones as views into
     one flat buffer per (device, dtype) (NOTE [flat storage] in ema_cuda/ema/storage.py: the update then
-    streams through one allocation)."""
+    streams through one allocation), each with the strides of its tensor in ``like`` when given and dense."""
     if specs is None:
         specs = [(t.device, t.dtype) for t in tensors]
-    floating = [(t, spec) for t, spec in zip(tensors, specs) if t.is_floating_point()]
-    same_device = [t if t.device == d else None for t, (d, _) in floating]
-    views = iter(flat_views([(t.shape, t.stride(), dt, d) for t, (d, dt) in floating], same_device))
+    if like is None:
+        like = tensors
+    floating = [(t, spec, ref if is_dense(ref) and ref.shape == t.shape else t)
+                for t, spec, ref in zip(tensors, specs, like) if t.is_floating_point()]
+    same_device = [ref if ref.device == d else None for _, (d, _), ref in floating]
+    views = iter(flat_views([(t.shape, _dense_strides(t, ref), dt, d) for t, (d, dt), ref in floating], same_device))
     out = []
     with torch.no_grad():
         for t, (d, dt) in zip(tensors, specs):
@@ -331,6 +341,10 @@ def _packed(tensors: List[torch.Tensor], specs: Optional[List[Tuple[torch.device
             else:
                 out.append(t.detach().to(device=d, non_blocking=non_blocking, copy=True))
     return out
+
+
+def _dense_strides(t: torch.Tensor, ref: torch.Tensor) -> Tuple[int, ...]:
+    return ref.stride() if is_dense(ref) else torch.empty(t.shape, device="meta").stride()
 
 
 def _refuse_zero3() -> None:

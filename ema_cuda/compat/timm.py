@@ -15,6 +15,7 @@ from torch import nn
 from ema_cuda._modules import state_entries
 from ema_cuda.compat._fused import FusedPairs, TreeIdentity
 from ema_cuda.ema.storage import EMAStorage
+from ema_cuda.ops import is_dense, same_layout
 
 __all__ = ["ModelEmaV3"]
 
@@ -208,6 +209,10 @@ class ModelEmaV3(nn.Module):
                         "only floating tensors can be averaged"
                     )
                 (averaged if avg else copied).append((e, m))
+        if not all(same_layout(e, m) for e, m in averaged if is_dense(m)):
+            # The model changed memory layout (channels_last) after the EMA was made: the fused update
+            # needs both sides laid out alike, so the EMA's tensors move (values unchanged; objects kept).
+            EMAStorage(self.module).relayout({id(e): m for e, m in averaged})
         plan = _Plan()
         plan.model, plan.exclude_buffers = model, self.exclude_buffers
         plan.trees = TreeIdentity(model, self.module)
