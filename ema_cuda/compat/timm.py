@@ -155,9 +155,9 @@ class ModelEmaV3(nn.Module):
     @torch.no_grad()
     def set(self, model: nn.Module) -> None:
         """Copies every ``state_dict`` entry of ``model`` into the EMA (by position, as timm)."""
-        ema_values, model_values = _state_values(self.module), _state_values(model)
-        _check_count("set", len(ema_values), len(model_values), "state_dict entries")
-        for e, m in zip(ema_values, model_values):
+        ema_items, model_items = _state_items(self.module), _state_items(model)
+        _check_count("set", len(ema_items), len(model_items), "state_dict entries")
+        for (_, e), (_, m) in zip(ema_items, model_items):
             e.copy_(m.to(device=e.device))
 
     def forward(self, *args, **kwargs):
@@ -176,25 +176,25 @@ class ModelEmaV3(nn.Module):
     def _build_plan(self, model: nn.Module) -> _Plan:
         self._check_rounding()
         if self.exclude_buffers:
-            groups = [(list(self.module.parameters()), list(model.parameters()), "parameters", True),
-                      (list(self.module.buffers()), list(model.buffers()), "buffers", False)]
+            groups = [(list(self.module.named_parameters()), list(model.named_parameters()), "parameters", True),
+                      (list(self.module.named_buffers()), list(model.named_buffers()), "buffers", False)]
         else:
-            groups = [(_state_values(self.module), _state_values(model), "state_dict entries", None)]
+            groups = [(_state_items(self.module), _state_items(model), "state_dict entries", None)]
         averaged: List[Tuple[torch.Tensor, torch.Tensor]] = []
         copied: List[Tuple[torch.Tensor, torch.Tensor]] = []
         staged: List[torch.Tensor] = []
         sources: List[torch.Tensor] = []
         seen = set()
-        for ema_values, model_values, what, average in groups:
-            _check_count("update", len(ema_values), len(model_values), what)
-            for i, (e, m) in enumerate(zip(ema_values, model_values)):
+        for ema_items, model_items, what, average in groups:
+            _check_count("update", len(ema_items), len(model_items), what)
+            for (key, e), (model_key, m) in zip(ema_items, model_items):
                 if id(e) in seen:  # a tied weight: averaged once
                     continue
                 seen.add(id(e))
                 if e.shape != m.shape:
                     raise RuntimeError(
-                        f"ModelEmaV3.update: {what} #{i} has shape {list(m.shape)} in the model but "
-                        f"{list(e.shape)} in the EMA"
+                        f"ModelEmaV3.update: EMA entry {key!r} has shape {list(e.shape)} but the model entry it pairs "
+                        f"with by position, {model_key!r}, has {list(m.shape)}"
                     )
                 if m.device != e.device:
                     # Copied to the EMA's device each update, into a buffer kept for that.
@@ -205,8 +205,8 @@ class ModelEmaV3(nn.Module):
                 avg = e.is_floating_point() if average is None else average
                 if avg and not (e.is_floating_point() and m.is_floating_point()):
                     raise RuntimeError(
-                        f"ModelEmaV3.update: {what} #{i} has dtype {m.dtype} in the model and {e.dtype} in the EMA; "
-                        "only floating tensors can be averaged"
+                        f"ModelEmaV3.update: EMA entry {key!r} ({e.dtype}) pairs by position with model entry "
+                        f"{model_key!r} ({m.dtype}); only floating tensors can be averaged"
                     )
                 (averaged if avg else copied).append((e, m))
         if not all(same_layout(e, m) for e, m in averaged if is_dense(m)):
@@ -247,9 +247,9 @@ class _StagedPairs:
         self.fused.update(decay)
 
 
-def _state_values(module: nn.Module) -> List[torch.Tensor]:
-    """``module.state_dict().values()`` as live tensors (without building the dict's detached copies)."""
-    return [e.tensor for e in state_entries(module)[0]]
+def _state_items(module: nn.Module) -> List[Tuple[str, torch.Tensor]]:
+    """``module.state_dict().items()`` with the live tensors (without building the dict's detached aliases)."""
+    return [(e.key, e.tensor) for e in state_entries(module)[0]]
 
 
 def _check_count(method: str, n_ema: int, n_model: int, what: str) -> None:
