@@ -25,7 +25,7 @@ from ema_cuda.ema.executors import integer_step
 from ema_cuda.ema.plan import Plan, build_plan
 from ema_cuda.ema.storage import EMAStorage
 from ema_cuda.ema.trees import ReplicatedTree
-from ema_cuda.posthoc.profiles import SIGMA_REL_MAX, sigma_rel_to_gamma
+from ema_cuda.posthoc.profiles import SIGMA_REL_MAX, PowerFunctionDecay, sigma_rel_to_gamma
 from ema_cuda.posthoc.reconstruct import reconstruct
 from ema_cuda.posthoc.snapshots import SnapshotInfo, list_snapshots, snapshot_filename, write_snapshot
 from ema_cuda.posthoc.writer import SnapshotWriter, host_copy
@@ -51,10 +51,11 @@ PARAM_NAMES = ("sigma_rels", "snapshot_every", "snapshot_dir", "ema_dtype")
 # the exact power-function average (ema_cuda.posthoc.profiles) from the
 # update at step s to the one at step t is (s / t) ** (gamma + 1): the
 # weights of steps s+1..t (constant in between) then get the integral of the
-# profile over (s, t].  With t = s + 1 that is PowerFunctionDecay's
-# (1 - 1/t) ** (gamma + 1); written as 1 - (t - s)/t it is the same float.
-# Steps that skip (gradient accumulation: one update every few batches)
-# stay exact, and the first update (s = 0) copies the model.
+# profile over (s, t].  That is PowerFunctionDecay's decay over t - s
+# elapsed steps (NOTE [elapsed steps] in ema_cuda.schedules_time) with no cap,
+# which is what decays_at asks it for.  Steps that skip (gradient
+# accumulation: one update every few batches) stay exact, and the first
+# update (s = 0) copies the model.
 
 
 def _checked_sigma_rels(where: str, sigma_rels: Any) -> Tuple[float, ...]:
@@ -159,6 +160,10 @@ class PostHocEMA:
             keep float32 EMAs of a bf16 model.
     """
 
+    #: Always False: the decays are Python floats computed per update (the Trainer reads this as it does
+    #: ModelEMA's).
+    capturable = False
+
     def __init__(self, model: nn.Module, sigma_rels: Sequence[float] = (0.05, 0.10), *,
                  snapshot_every: Optional[int] = None, snapshot_dir: Optional[PathLike] = None,
                  ema_dtype: Optional[torch.dtype] = None):
@@ -167,6 +172,7 @@ class PostHocEMA:
         self.snapshot_every, self.snapshot_dir = _checked_snapshots(where, snapshot_every, snapshot_dir)
         self.ema_dtype = ema_dtype = _checked_dtype(where, ema_dtype)
         self.gammas = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
+        self._profiles = tuple(PowerFunctionDecay(gamma=g) for g in self.gammas)
         self._tree = ReplicatedTree(where)
         src = self._tree.source(model)
         self._storages = [EMAStorage(self._tree.copy(src, ema_dtype)) for _ in self.sigma_rels]
@@ -256,8 +262,7 @@ class PostHocEMA:
     def decays_at(self, step: int) -> List[float]:
         """The decay of each profile for an update at ``step`` after the last one (NOTE [power-function decay
         between updates])."""
-        gap = step - self.step
-        return [(1.0 - gap / step) ** (g + 1.0) for g in self.gammas]
+        return [profile.decay_over(1.0, step, None, step - self.step) for profile in self._profiles]
 
     # ------------------------------------------------------------------ the update
 

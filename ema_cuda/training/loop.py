@@ -112,7 +112,9 @@ class BatchLoop:
                     # SuperGradients' step: the 1-based global index of the
                     # batch that completed this optimizer step.
                     ema.update(net, step=global_batch + 1, total_steps=total_steps)
-                    if tensorboard is not None and (updates is None or ema.num_updates != updates):
+                    # A PostHocEMA has one decay per profile and no last_decay: nothing to log.
+                    if tensorboard is not None and hasattr(ema, "last_decay") and (
+                            updates is None or ema.num_updates != updates):
                         # A device tensor in capturable mode: read back once per epoch, not per step.
                         decay = ema.decay_tensor.clone() if ema.capturable else ema.last_decay
                         tensorboard.add_decay(global_batch + 1, decay)
