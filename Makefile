@@ -118,8 +118,11 @@ test-torch: $(DEPS_STAMP)
 bench-deps: $(DEPS_STAMP)
 	$(if $(strip $(BENCH_EXTRAS)),$(PIP) install -q $(BENCH_EXTRAS) || echo "warning: could not install $(BENCH_EXTRAS); the benchmark skips their rows")
 
+# The fused update against the usual ways, then several EMAs in one pass and
+# the EMA inside each framework (benchmarks/frameworks.py).
 bench: $(BUILD_STAMP) bench-deps
 	$(PYTHON) -m benchmarks.bench_ema
+	$(PYTHON) -m benchmarks.frameworks
 
 demo: $(BUILD_STAMP)
 	$(PYTHON) examples/train_digits.py
