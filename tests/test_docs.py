@@ -17,19 +17,30 @@ How blocks are run (the rules a page's author needs to know):
   Its reason is mandatory and shows up in the test report as a skipped test
   (``pytest -rs``).  Skipped blocks still count as defined for the page's
   later blocks only if those blocks do not rely on them: keep them few.
+* A block that needs a framework (Lightning, timm...) says so the same way::
+
+      <!-- docs-test: needs lightning timm -->
+
+  It runs when they import.  Where one does not (the suites against an older
+  torch, whose torchvision cannot load), the block is left out of its page's
+  run and reported; under ``make test`` (EMA_CUDA_EXPECT_INTEGRATIONS=1,
+  everything installed) that is a failure instead.  Later blocks of the page
+  must not rely on such a block unless they need the same packages.
 * Failures name the page and the line in the Markdown file: each block is
   compiled with its own line numbers.
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import pytest
 
@@ -39,6 +50,7 @@ PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 _MARK = "@@docs-test block"
 _FENCE = re.compile(r"^```(\w*)\s*$")
 _SKIP = re.compile(r"^<!--\s*docs-test:\s*skip\s*(?:\((?P<reason>.*)\))?\s*-->\s*$")
+_NEEDS = re.compile(r"^<!--\s*docs-test:\s*needs\s+(?P<packages>[\w .-]+?)\s*-->\s*$")
 
 
 @dataclass
@@ -47,6 +59,7 @@ class Block:
     line: int  # 1-based line of the first code line
     code: str
     skip: Optional[str]  # the reason, when marked
+    needs: Tuple[str, ...] = ()  # packages the block imports beyond the project's own dependencies
 
 
 def extract(path: Path, root: Path = ROOT) -> List[Block]:
@@ -71,7 +84,9 @@ def extract(path: Path, root: Path = ROOT) -> List[Block]:
                 skip = (marker.group("reason") or "").strip()
                 if not skip:
                     raise AssertionError(f"{rel}:{i}: a docs-test skip marker needs a reason in parentheses")
-            blocks.append(Block(rel, start + 1, "\n".join(lines[start:end]) + "\n", skip))
+            needs = _NEEDS.match(prev)
+            blocks.append(Block(rel, start + 1, "\n".join(lines[start:end]) + "\n", skip,
+                                tuple(needs.group("packages").split()) if needs else ()))
         i = end + 1
     return blocks
 
@@ -82,7 +97,8 @@ def _stray_markers(path: Path) -> List[int]:
     return [
         n + 1
         for n, line in enumerate(lines)
-        if _SKIP.match(line.strip()) and not (n + 1 < len(lines) and lines[n + 1].startswith("```python"))
+        if (_SKIP.match(line.strip()) or _NEEDS.match(line.strip()))
+        and not (n + 1 < len(lines) and lines[n + 1].startswith("```python"))
     ]
 
 
@@ -133,14 +149,56 @@ def test_extract_reads_fences_and_markers(tmp_path):
         ```python
         b = 2
         ```
+        <!-- docs-test: needs lightning timm -->
+        ```python
+        c = 3
+        ```
         """))
     blocks = extract(md, root=tmp_path)
-    assert [(b.line, b.code, b.skip) for b in blocks] == [(3, "a = 1\n", None), (10, "b = 2\n", "needs a GPU")]
+    assert [(b.line, b.code, b.skip, b.needs) for b in blocks] == [
+        (3, "a = 1\n", None, ()), (10, "b = 2\n", "needs a GPU", ()), (14, "c = 3\n", None, ("lightning", "timm"))]
+
+
+def test_a_block_whose_package_does_not_import_is_left_out_or_fails(monkeypatch):
+    blocks = [Block("p.md", 1, "a = 1\n", None), Block("p.md", 5, "import nope\n", None, ("no_such_package_x",))]
+    monkeypatch.delenv("EMA_CUDA_EXPECT_INTEGRATIONS", raising=False)
+    with pytest.warns(UserWarning, match=r"left out: p.md:5 needs no_such_package_x \(ModuleNotFoundError"):
+        assert _runnable(blocks) == blocks[:1]
+    monkeypatch.setenv("EMA_CUDA_EXPECT_INTEGRATIONS", "1")
+    with pytest.raises(pytest.fail.Exception, match="make test` installs it"):
+        _runnable(blocks)
+
+
+@functools.lru_cache(maxsize=None)
+def _import_error(package: str) -> Optional[str]:
+    """Why ``package`` does not import in a fresh interpreter (None when it does)."""
+    proc = subprocess.run([sys.executable, "-c", f"import {package}"], capture_output=True, text=True, timeout=300)
+    if proc.returncode == 0:
+        return None
+    return (proc.stderr.strip().splitlines() or ["exit status %d" % proc.returncode])[-1]
+
+
+def _runnable(blocks: List[Block]) -> List[Block]:
+    """The blocks whose packages import; the others are reported (a failure under ``make test``)."""
+    out = []
+    for b in blocks:
+        missing = {p: _import_error(p) for p in b.needs}
+        missing = {p: why for p, why in missing.items() if why is not None}
+        if not missing:
+            out.append(b)
+            continue
+        why = f"{b.page}:{b.line} needs {', '.join(f'{p} ({w})' for p, w in missing.items())}"
+        if os.environ.get("EMA_CUDA_EXPECT_INTEGRATIONS") == "1":
+            pytest.fail(why + "; `make test` installs it (INTEGRATIONS in the Makefile)", pytrace=False)
+        warnings.warn(f"left out: {why}")
+    return out
 
 
 @pytest.mark.parametrize("page", [p for p, blocks in ALL.items() if any(not b.skip for b in blocks)])
 def test_page_blocks_run(page, tmp_path):
-    blocks = [b for b in ALL[page] if not b.skip]
+    blocks = _runnable([b for b in ALL[page] if not b.skip])
+    if not blocks:
+        pytest.skip(f"{page}: every block needs a package that does not import here")
     script = tmp_path / "run_blocks.py"
     script.write_text(_runner_script(blocks))
     work = tmp_path / "cwd"
