@@ -343,13 +343,15 @@ template <typename E, typename M, int VB>
 C10_HOST_DEVICE inline void multi_chunk_body_v(const TensorEntry* rows, int64_t stride,
                                                int profiles, int64_t start, int64_t len,
                                                int64_t tid, int64_t nthreads,
-                                               const DecayArg& decays) {
+                                               const double* decays) {
   using Acc = typename AccType<E, M>::type;
   const TensorEntry& t = rows[0];
   const M* m = static_cast<const M*>(t.model);
   const int64_t end = start + len;
   constexpr int N = VecWidth<E, M, VB>::value;
-  constexpr int kUnroll = Unroll<E, M, VB>::value;
+  // Half the single op's unroll: the model's packs stay live across the
+  // profiles' loads, and every profile adds loads in flight anyway.
+  constexpr int kUnroll = Unroll<E, M, VB>::value > 1 ? Unroll<E, M, VB>::value / 2 : 1;
 
   int64_t vbeg = end;
   int64_t vend = end;
@@ -363,7 +365,7 @@ C10_HOST_DEVICE inline void multi_chunk_body_v(const TensorEntry* rows, int64_t 
 
   for (int64_t i = start + tid; i < vbeg; i += nthreads) {
     for (int k = 0; k < profiles; ++k) {
-      const double dk = read_decay(decays, k);
+      const double dk = decays[k];
       update_one<E, M, Acc>(static_cast<E*>(rows[k * stride].ema), m, i,
                             static_cast<Acc>(dk), static_cast<Acc>(1.0 - dk));
     }
@@ -380,7 +382,7 @@ C10_HOST_DEVICE inline void multi_chunk_body_v(const TensorEntry* rows, int64_t 
     }
     for (int k = 0; k < profiles; ++k) {
       E* e = static_cast<E*>(rows[k * stride].ema);
-      const double dk = read_decay(decays, k);
+      const double dk = decays[k];
       const Acc d = static_cast<Acc>(dk);
       const Acc w = static_cast<Acc>(1.0 - dk);
       Pack<E, N> ev[kUnroll];
@@ -404,7 +406,7 @@ C10_HOST_DEVICE inline void multi_chunk_body_v(const TensorEntry* rows, int64_t 
     const Pack<M, N> mv = *reinterpret_cast<const Pack<M, N>*>(m + i);
     for (int k = 0; k < profiles; ++k) {
       E* e = static_cast<E*>(rows[k * stride].ema);
-      const double dk = read_decay(decays, k);
+      const double dk = decays[k];
       check_vector_aligned<E, N>(e + i);
       Pack<E, N> ev = *reinterpret_cast<const Pack<E, N>*>(e + i);
       lerp_pack<E, M, N, Acc>(ev, mv, static_cast<Acc>(dk), static_cast<Acc>(1.0 - dk));
@@ -413,7 +415,7 @@ C10_HOST_DEVICE inline void multi_chunk_body_v(const TensorEntry* rows, int64_t 
   }
   for (int64_t i = vend + tid; i < end; i += nthreads) {
     for (int k = 0; k < profiles; ++k) {
-      const double dk = read_decay(decays, k);
+      const double dk = decays[k];
       update_one<E, M, Acc>(static_cast<E*>(rows[k * stride].ema), m, i,
                             static_cast<Acc>(dk), static_cast<Acc>(1.0 - dk));
     }
@@ -424,7 +426,7 @@ template <typename E, typename M>
 C10_HOST_DEVICE inline void multi_chunk_body(const TensorEntry* rows, int64_t stride,
                                              int profiles, int64_t start, int64_t len,
                                              int64_t tid, int64_t nthreads,
-                                             const DecayArg& decays) {
+                                             const double* decays) {
   constexpr int kMin = sizeof(E) < sizeof(M) ? sizeof(E) : sizeof(M);
   if constexpr (kMin <= 4) {
     if (rows[0].vec_bytes == 8) {
@@ -491,57 +493,68 @@ C10_HOST_DEVICE inline void run_chunk(const TensorEntry* tensors,
 
 namespace ema_cuda {
 
-// One chunk row of a multi-EMA plan (NOTE [several EMAs]): the K profiles
-// of model tensor `c.tensor` in one pass, or one pass each.
+// One chunk row of a multi-EMA plan whose model tensor is fused (NOTE
+// [several EMAs]): its K profiles in one pass.
 C10_HOST_DEVICE inline void run_multi_chunk(const TensorEntry* tensors, int64_t stride,
                                             int profiles, const ChunkEntry& c, int64_t tid,
-                                            int64_t nthreads, const DecayArg& decays) {
+                                            int64_t nthreads, const double* decays) {
   const TensorEntry* rows = tensors + c.tensor;
-  if (rows[0].fused) {
-    dispatch_pair(rows[0].ema_dtype, rows[0].model_dtype, [&](auto e_tag, auto m_tag) {
-      using E = decltype(e_tag);
-      using M = decltype(m_tag);
-      if constexpr (!kIsCopy<E, M>) {
-        multi_chunk_body<E, M>(rows, stride, profiles, c.start, c.len, tid, nthreads, decays);
-      }
-    });
-    return;
-  }
-  for (int k = 0; k < profiles; ++k) {
-    ChunkEntry ck = c;
-    ck.tensor = static_cast<int32_t>(c.tensor + k * stride);
-    run_chunk(tensors, ck, tid, nthreads, read_decay(decays, k));
-  }
+  dispatch_pair(rows[0].ema_dtype, rows[0].model_dtype, [&](auto e_tag, auto m_tag) {
+    using E = decltype(e_tag);
+    using M = decltype(m_tag);
+    if constexpr (!kIsCopy<E, M>) {
+      multi_chunk_body<E, M>(rows, stride, profiles, c.start, c.len, tid, nthreads, decays);
+    }
+  });
+}
+
+// The profile whose decay a multi-EMA plan's chunk row uses when it runs
+// one table row (an unfused profile's row, or a copy, which uses none).
+C10_HOST_DEVICE inline int row_profile(int64_t row, int64_t stride, int profiles) {
+  const int64_t k = row / stride;
+  return static_cast<int>(k < profiles ? k : profiles - 1);
 }
 
 // The whole of one block's work in the CUDA kernel: read the decay, then a
 // grid-stride loop over the chunk rows.  The kernel calls it with
 // (blockIdx.x, gridDim.x, threadIdx.x, blockDim.x); the host emulation calls
-// it for every block and thread of the grid the launch would use.  With
-// kMulti, chunk rows below `stride` are model tensors of `profiles` EMAs
-// (NOTE [several EMAs]); the single op's kernel is kMulti = false.
-template <bool kMulti = false>
+// it for every block and thread of the grid the launch would use.
 C10_HOST_DEVICE inline void kernel_block(const TensorEntry* tensors,
                                          const ChunkEntry* chunks,
                                          int64_t num_chunks, int64_t block,
                                          int64_t grid, int64_t tid,
                                          int64_t nthreads,
-                                         const DecayArg& decay_arg,
-                                         int64_t stride = 0, int profiles = 1) {
-  if constexpr (kMulti) {
-    for (int64_t c = block; c < num_chunks; c += grid) {
-      const ChunkEntry chunk = chunks[c];
-      if (chunk.tensor < stride) {
-        run_multi_chunk(tensors, stride, profiles, chunk, tid, nthreads, decay_arg);
-      } else {
-        run_chunk(tensors, chunk, tid, nthreads, 0.0);  // a copied pair
-      }
-    }
-  } else {
-    const double decay = read_decay(decay_arg);
-    for (int64_t c = block; c < num_chunks; c += grid) {
-      const ChunkEntry chunk = chunks[c];
-      run_chunk(tensors, chunk, tid, nthreads, decay);
+                                         const DecayArg& decay_arg) {
+  const double decay = read_decay(decay_arg);
+  for (int64_t c = block; c < num_chunks; c += grid) {
+    const ChunkEntry chunk = chunks[c];
+    run_chunk(tensors, chunk, tid, nthreads, decay);
+  }
+}
+
+// The multi-EMA kernel's prologue: the block's copy of the K decays
+// (`profiles` of them), read from the launch's arguments or the decays
+// tensor by threads 0..K-1 (shared memory on the GPU, then a barrier), so
+// that the loops index an array instead of the arguments.
+C10_HOST_DEVICE inline void load_decays(const DecayArg& arg, int profiles, int64_t tid,
+                                        int64_t nthreads, double* out) {
+  for (int64_t k = tid; k < profiles; k += nthreads) out[k] = read_decay(arg, static_cast<int>(k));
+}
+
+// kernel_block of a multi-EMA plan (NOTE [several EMAs]), after
+// load_decays: chunk rows of a fused model tensor (< stride) update its
+// `profiles` EMAs; the others run one table row with its profile's decay.
+C10_HOST_DEVICE inline void multi_kernel_block(const TensorEntry* tensors,
+                                               const ChunkEntry* chunks, int64_t num_chunks,
+                                               int64_t block, int64_t grid, int64_t tid,
+                                               int64_t nthreads, const double* decays,
+                                               int64_t stride, int profiles) {
+  for (int64_t c = block; c < num_chunks; c += grid) {
+    const ChunkEntry chunk = chunks[c];
+    if (chunk.tensor < stride && tensors[chunk.tensor].fused) {
+      run_multi_chunk(tensors, stride, profiles, chunk, tid, nthreads, decays);
+    } else {
+      run_chunk(tensors, chunk, tid, nthreads, decays[row_profile(chunk.tensor, stride, profiles)]);
     }
   }
 }

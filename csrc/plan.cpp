@@ -160,8 +160,6 @@ PlanPtr build_plan(const char* op, const UpdateLists& lists, int64_t chunk) {
   plan->multi = lists.multi;
   plan->profiles = lists.profiles;
   plan->stride = lists.stride();
-  // Model tensors whose chunk rows carry the profiles (NOTE [several EMAs]).
-  const int64_t chunked = lists.multi ? lists.stride() : plan->num_tensors;
   std::vector<TensorEntry> rows(n);
   std::vector<ChunkEntry> chunks;
   for (int64_t i = 0; i < n; ++i) {
@@ -182,17 +180,16 @@ PlanPtr build_plan(const char* op, const UpdateLists& lists, int64_t chunk) {
     r.head = v.head;
     r.vec_bytes = v.vec_bytes;
     r.fused = 1;
-    if (i < chunked || copy) append_chunks(r.numel, static_cast<int32_t>(i), chunk, chunks);
     plan->ema_ptrs.push_back(raw_data_address(e));
     plan->model_ptrs.push_back(raw_data_address(m));
     plan->numels.push_back(e.numel());
     plan->ema_dtypes.push_back(signature_dtype(e, copy));
     plan->model_dtypes.push_back(signature_dtype(m, copy));
     plan->num_elements += e.numel();
-    if (i < chunked || copy) plan->num_units += r.numel;
   }
   // A model tensor's profiles share one pass when their rows agree on what
-  // the pass relies on: the EMA dtype and the aligned vectors.
+  // the pass relies on: the EMA dtype and the aligned vectors.  Its chunk
+  // rows then name row i (< stride); otherwise they name each profile's row.
   for (int64_t k = 1; lists.multi && k < lists.profiles; ++k) {
     for (int64_t i = 0; i < plan->stride; ++i) {
       const TensorEntry& a = rows[i];
@@ -201,6 +198,13 @@ PlanPtr build_plan(const char* op, const UpdateLists& lists, int64_t chunk) {
         rows[i].fused = 0;
       }
     }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (lists.multi && !lists.is_copy(i) && rows[i % plan->stride].fused && i >= plan->stride) {
+      continue;  // run by row i % stride's chunks
+    }
+    append_chunks(rows[i].numel, static_cast<int32_t>(i), chunk, chunks);
+    plan->num_units += rows[i].numel;
   }
   plan->num_chunks = static_cast<int64_t>(chunks.size());
   if (plan->device.is_cpu()) {

@@ -106,17 +106,23 @@ void emulate_cuda_multi_update(at::TensorList ema, at::TensorList model,
   const DecayArg arg = make_decays_arg(
       decays_tensor ? c10::ArrayRef<double>() : c10::ArrayRef<double>(values),
       decays_tensor ? &*decays_tensor : nullptr);
-  const int64_t grid = grid_blocks(plan->num_chunks, sm_count, kCudaBlocksPerSM);
+  const int64_t grid =
+      grid_blocks(plan->num_chunks, sm_count, k > 1 ? kCudaMultiBlocksPerSM : kCudaBlocksPerSM);
   try {
     for (int64_t block = 0; block < grid; ++block) {
+      // The launch's choice of kernel (cuda_launch), and the multi kernel's
+      // prologue: the block's copy of the decays.
+      double shared[kMaxProfiles];
       for (int64_t tid = 0; tid < threads; ++tid) {
-        // The launch's choice of kernel (cuda_launch).
+        load_decays(arg, static_cast<int>(k), tid, threads, shared);
+      }
+      for (int64_t tid = 0; tid < threads; ++tid) {
         if (k > 1) {
-          kernel_block<true>(plan->tensors(), plan->chunks(), plan->num_chunks, block, grid, tid,
-                             threads, arg, plan->stride, static_cast<int>(k));
+          multi_kernel_block(plan->tensors(), plan->chunks(), plan->num_chunks, block, grid, tid,
+                             threads, shared, plan->stride, static_cast<int>(k));
         } else {
-          kernel_block<false>(plan->tensors(), plan->chunks(), plan->num_chunks, block, grid, tid,
-                              threads, arg);
+          kernel_block(plan->tensors(), plan->chunks(), plan->num_chunks, block, grid, tid,
+                       threads, arg);
         }
       }
     }

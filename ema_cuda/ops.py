@@ -1,4 +1,6 @@
-"""The fused EMA op: ``ema[i] = ema[i] * decay + model[i] * (1 - decay)``.
+"""The fused EMA op: ``ema[i] = ema[i] * decay + model[i] * (1 - decay)``, and its
+multi-EMA form, K EMAs of one model in one pass (:func:`multi_ema_update_`,
+:class:`MultiFusedUpdater`).
 
 Two backends provide the same ops under ``torch.ops.ema_cuda``:
 

@@ -240,7 +240,7 @@ inline void touch_chunk(const TensorEntry* tensors, const ChunkEntry* chunks,
   const char* m = static_cast<const char*>(t.model) + c.start * ms;
   __builtin_prefetch(m, 0);
   __builtin_prefetch(m + (c.len - 1) * ms, 0);
-  if (c.tensor >= stride) profiles = 1;
+  if (c.tensor >= stride || !t.fused) profiles = 1;
   for (int p = 0; p < profiles; ++p) {
     const char* e = static_cast<const char*>(tensors[c.tensor + p * stride].ema) + c.start * es;
     __builtin_prefetch(e, 1);
@@ -295,7 +295,7 @@ constexpr auto kCpuChunkFns = pair_table<ChunkFns>();
 constexpr auto kCpuMultiChunkFns = pair_table<MultiChunkFns>();
 constexpr auto kCpuMultiGroup2Fns = pair_table<MultiGroupFns<2>>();
 constexpr auto kCpuMultiGroup4Fns = pair_table<MultiGroupFns<4>>();
-constexpr auto kCpuMultiGroup8Fns = pair_table<MultiGroupFns<kGroup>>();
+
 constexpr auto kCpuGroup2Fns = pair_table<GroupFns<2>>();
 constexpr auto kCpuGroup4Fns = pair_table<GroupFns<4>>();
 constexpr auto kCpuGroup8Fns = pair_table<GroupFns<kGroup>>();
@@ -362,34 +362,36 @@ void cpu_run_range_multi(const Plan& plan, const double* decays, int64_t lo, int
     const TensorEntry& t = tensors[c.tensor];
     const int64_t s = std::max(lo, begin) - begin;
     const int64_t n = std::min(hi, ends[k]) - begin - s;
-    if (c.tensor >= stride) {  // a copied pair
+    if (t.ema_dtype == kBytes) {  // a copied pair
       std::memmove(static_cast<char*>(t.ema) + c.start + s,
                    static_cast<const char*>(t.model) + c.start + s, n);
       continue;
     }
-    if (!t.fused) {
-      for (int p = 0; p < profiles; ++p) {
-        const TensorEntry& tp = tensors[c.tensor + p * stride];
-        kCpuChunkFns[tp.ema_dtype][tp.model_dtype](tp, c.start + s, n, decays[p]);
-      }
+    if (c.tensor >= stride || !t.fused) {  // one profile's row
+      kCpuChunkFns[t.ema_dtype][t.model_dtype](
+          t, c.start + s, n, decays[row_profile(c.tensor, stride, profiles)]);
       continue;
     }
+    // Each grouped tensor brings 1 + K streams: at most about 16 at once
+    // (the single op's groups of 8 pairs), past which the groups of 16
+    // pairs measured slower (kGroup's note).
+    const int group = profiles <= 3 ? 4 : 2;
     int g = 0;
     if (begin >= lo) {
-      while (g < kGroup && k + g < plan.num_chunks && ends[k + g] <= hi &&
+      while (g < group && k + g < plan.num_chunks && ends[k + g] <= hi &&
              chunks[k + g].len <= kGroupMaxLen && chunks[k + g].tensor < stride) {
+        // Only fused model tensors' rows, all of t's dtypes.
         const TensorEntry& u = tensors[chunks[k + g].tensor];
         if (!u.fused || u.ema_dtype != t.ema_dtype || u.model_dtype != t.model_dtype) break;
         ++g;
       }
     }
     if (g >= 2) {
-      const int w = g == kGroup ? kGroup : (g >= 4 ? 4 : 2);
+      const int w = g >= 4 ? 4 : 2;
       for (int j = 1; j < w; ++j) {
         touch_chunk(tensors, chunks, k + j + kTouchAhead, plan.num_chunks, stride, profiles);
       }
-      const auto& fns = w == kGroup ? kCpuMultiGroup8Fns
-                                    : (w == 4 ? kCpuMultiGroup4Fns : kCpuMultiGroup2Fns);
+      const auto& fns = w == 4 ? kCpuMultiGroup4Fns : kCpuMultiGroup2Fns;
       fns[t.ema_dtype][t.model_dtype](tensors, stride, profiles, chunks + k, decays);
       k += w - 1;
       continue;

@@ -21,16 +21,24 @@ namespace ema_cuda {
 
 namespace {
 
-// kMulti: a multi-EMA plan of `profiles` > 1 (NOTE [several EMAs]); the
-// single op's instance is kMulti = false, whose code the multi path leaves
-// as it was.
-template <bool kMulti>
 __global__ void __launch_bounds__(kCudaThreads, kCudaBlocksPerSM)
     ema_update_kernel(const TensorEntry* __restrict__ tensors,
                       const ChunkEntry* __restrict__ chunks, int64_t num_chunks,
-                      DecayArg decay_arg, int64_t stride, int profiles) {
-  kernel_block<kMulti>(tensors, chunks, num_chunks, blockIdx.x, gridDim.x, threadIdx.x,
-                       blockDim.x, decay_arg, stride, profiles);
+                      DecayArg decay_arg) {
+  kernel_block(tensors, chunks, num_chunks, blockIdx.x, gridDim.x, threadIdx.x,
+               blockDim.x, decay_arg);
+}
+
+// A multi-EMA plan of `profiles` > 1 (NOTE [several EMAs]).
+__global__ void __launch_bounds__(kCudaThreads, kCudaMultiBlocksPerSM)
+    multi_ema_update_kernel(const TensorEntry* __restrict__ tensors,
+                            const ChunkEntry* __restrict__ chunks, int64_t num_chunks,
+                            DecayArg decay_arg, int64_t stride, int profiles) {
+  __shared__ double decays[kMaxProfiles];
+  load_decays(decay_arg, profiles, threadIdx.x, blockDim.x, decays);
+  __syncthreads();
+  multi_kernel_block(tensors, chunks, num_chunks, blockIdx.x, gridDim.x, threadIdx.x,
+                     blockDim.x, decays, stride, profiles);
 }
 
 // Cached per device; atomics, since several threads may launch at once
@@ -173,16 +181,17 @@ void cuda_launch(const PlanPtr& plan_ptr, const DecayArg& arg) {
     }
   }
 
-  const int64_t blocks =
-      grid_blocks(plan.num_chunks, sm_count(plan.device.index()), kCudaBlocksPerSM);
+  const bool multi = plan.multi && plan.profiles > 1;
+  const int64_t blocks = grid_blocks(plan.num_chunks, sm_count(plan.device.index()),
+                                     multi ? kCudaMultiBlocksPerSM : kCudaBlocksPerSM);
   const auto grid = static_cast<unsigned>(blocks);
-  if (plan.multi && plan.profiles > 1) {
-    ema_update_kernel<true><<<grid, kCudaThreads, 0, stream>>>(
+  if (multi) {
+    multi_ema_update_kernel<<<grid, kCudaThreads, 0, stream>>>(
         plan.tensors(), plan.chunks(), plan.num_chunks, arg, plan.stride,
         static_cast<int>(plan.profiles));
   } else {
-    ema_update_kernel<false><<<grid, kCudaThreads, 0, stream>>>(
-        plan.tensors(), plan.chunks(), plan.num_chunks, arg, 0, 1);
+    ema_update_kernel<<<grid, kCudaThreads, 0, stream>>>(plan.tensors(), plan.chunks(),
+                                                          plan.num_chunks, arg);
   }
   check_launch(plan.device.index());
 }

@@ -22,6 +22,11 @@ constexpr int kCudaThreads = 512;
 // so that every block is resident at once.  The host emulation sizes its
 // grid the same way.
 constexpr int kCudaBlocksPerSM = 2;
+// The multi-EMA kernel (NOTE [several EMAs]) holds a model tensor's packs
+// while it loads each profile's: within 64 registers it spilled (sm_90, nvcc
+// 13.0), so it is compiled for one resident block per SM (128 registers)
+// and its grid sized to match.
+constexpr int kCudaMultiBlocksPerSM = 1;
 
 // The kernel's decay argument: `value`, or a pointer to `decay_tensor` (a
 // checked 0-dim fp32/fp64 tensor on the tensors' device) when given.  Built
