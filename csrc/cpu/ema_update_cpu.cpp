@@ -170,46 +170,6 @@ void cpu_multi_chunk(const TensorEntry* rows, int64_t stride, int profiles, int6
   }
 }
 
-// cpu_chunk_group for multi-EMA chunk rows: W small model tensors side by
-// side, each into all its profiles.
-template <typename E, typename M, int W>
-void cpu_multi_group(const TensorEntry* tensors, int64_t stride, int profiles,
-                     const ChunkEntry* rows, const double* decays) {
-  int64_t i = 0;
-  if constexpr (kVectorPath<E, M>) {
-    const M* m[W];
-    E* e[W][kMaxProfiles];
-    int64_t n = rows[0].len;
-    for (int j = 0; j < W; ++j) {
-      const TensorEntry* t = tensors + rows[j].tensor;
-      m[j] = static_cast<const M*>(t[0].model) + rows[j].start;
-      for (int k = 0; k < profiles; ++k) e[j][k] = static_cast<E*>(t[k * stride].ema) + rows[j].start;
-      n = std::min<int64_t>(n, rows[j].len);
-    }
-    FVec vd[kMaxProfiles], vw[kMaxProfiles];
-    for (int k = 0; k < profiles; ++k) {
-      vd[k] = FVec(static_cast<float>(decays[k]));
-      vw[k] = FVec(static_cast<float>(1.0 - decays[k]));
-    }
-    for (; i + 2 * kF <= n; i += 2 * kF) {
-      for (int j = 0; j < W; ++j) {
-        FVec m0, m1;
-        load2<M>(m[j] + i, m0, m1);
-        for (int k = 0; k < profiles; ++k) {
-          FVec e0, e1;
-          load2<E>(e[j][k] + i, e0, e1);
-          store2<E>(e[j][k] + i, at::vec::fmadd(e0, vd[k], m0 * vw[k]),
-                    at::vec::fmadd(e1, vd[k], m1 * vw[k]));
-        }
-      }
-    }
-  }
-  for (int j = 0; j < W; ++j) {
-    const ChunkEntry& c = rows[j];
-    cpu_multi_chunk<E, M>(tensors + c.tensor, stride, profiles, c.start + i, c.len - i, decays);
-  }
-}
-
 // Up to kGroup chunks of at most kGroupMaxLen elements are grouped (8, else
 // 4, else 2); longer ones are streams long enough for the hardware
 // prefetcher.  Kernel time over the flat-buffer limit's on 10k x 1k, two
@@ -279,22 +239,13 @@ struct GroupFns {
   static constexpr Fn fn = &cpu_chunk_group<E, M, W>;
 };
 using MultiChunkFn = void (*)(const TensorEntry*, int64_t, int, int64_t, int64_t, const double*);
-using MultiGroupFn = void (*)(const TensorEntry*, int64_t, int, const ChunkEntry*, const double*);
 struct MultiChunkFns {
   using Fn = MultiChunkFn;
   template <typename E, typename M>
   static constexpr Fn fn = &cpu_multi_chunk<E, M>;
 };
-template <int W>
-struct MultiGroupFns {
-  using Fn = MultiGroupFn;
-  template <typename E, typename M>
-  static constexpr Fn fn = &cpu_multi_group<E, M, W>;
-};
 constexpr auto kCpuChunkFns = pair_table<ChunkFns>();
 constexpr auto kCpuMultiChunkFns = pair_table<MultiChunkFns>();
-constexpr auto kCpuMultiGroup2Fns = pair_table<MultiGroupFns<2>>();
-constexpr auto kCpuMultiGroup4Fns = pair_table<MultiGroupFns<4>>();
 
 constexpr auto kCpuGroup2Fns = pair_table<GroupFns<2>>();
 constexpr auto kCpuGroup4Fns = pair_table<GroupFns<4>>();
@@ -372,13 +323,14 @@ void cpu_run_range_multi(const Plan& plan, const double* decays, int64_t lo, int
           t, c.start + s, n, decays[row_profile(c.tensor, stride, profiles)]);
       continue;
     }
-    // Each grouped tensor brings 1 + K streams: at most about 16 at once
-    // (the single op's groups of 8 pairs), past which the groups of 16
-    // pairs measured slower (kGroup's note).
-    const int group = profiles <= 3 ? 4 : 2;
+    // Small model tensors: the single op's groups, one profile after the
+    // other.  The group's model chunks (at most 8 x 64 KiB) are then read
+    // from cache by every profile but the first: the memory traffic of one
+    // pass, with the single op's tuned streams (a fused pass over groups of
+    // 1 + K streams per tensor measured slower on 10k x 1k).
     int g = 0;
     if (begin >= lo) {
-      while (g < group && k + g < plan.num_chunks && ends[k + g] <= hi &&
+      while (g < kGroup && k + g < plan.num_chunks && ends[k + g] <= hi &&
              chunks[k + g].len <= kGroupMaxLen && chunks[k + g].tensor < stride) {
         // Only fused model tensors' rows, all of t's dtypes.
         const TensorEntry& u = tensors[chunks[k + g].tensor];
@@ -387,12 +339,19 @@ void cpu_run_range_multi(const Plan& plan, const double* decays, int64_t lo, int
       }
     }
     if (g >= 2) {
-      const int w = g >= 4 ? 4 : 2;
+      const int w = g == kGroup ? kGroup : (g >= 4 ? 4 : 2);
       for (int j = 1; j < w; ++j) {
         touch_chunk(tensors, chunks, k + j + kTouchAhead, plan.num_chunks, stride, profiles);
       }
-      const auto& fns = w == 4 ? kCpuMultiGroup4Fns : kCpuMultiGroup2Fns;
-      fns[t.ema_dtype][t.model_dtype](tensors, stride, profiles, chunks + k, decays);
+      const auto& fns = w == kGroup ? kCpuGroup8Fns : (w == 4 ? kCpuGroup4Fns : kCpuGroup2Fns);
+      ChunkEntry rows[kGroup];
+      for (int p = 0; p < profiles; ++p) {
+        for (int j = 0; j < w; ++j) {
+          rows[j] = chunks[k + j];
+          rows[j].tensor += static_cast<int32_t>(p * stride);
+        }
+        fns[t.ema_dtype][t.model_dtype](tensors, rows, decays[p]);
+      }
       k += w - 1;
       continue;
     }
