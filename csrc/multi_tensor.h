@@ -337,8 +337,11 @@ C10_HOST_DEVICE inline double read_decay(const DecayArg& d, int k = 0) {
 // so the result is bit-identical to K single-op calls.  fp32 EMAs of an fp32
 // model move 4 + 8K bytes per element instead of 12K.  When the K rows of a
 // tensor cannot share one pass (different EMA dtypes, or addresses that
-// align at different elements), each profile takes its own pass over the
-// chunk, which then still finds the model's chunk in cache.
+// align at different elements: TensorEntry::fused is 0), the table holds
+// chunk rows of each profile's row instead, run like the single op's with
+// that profile's decay.  The CPU kernel runs small model tensors' chunks
+// (its groups) one profile after the other, reading the model's chunk from
+// cache after the first (cpu/ema_update_cpu.cpp).
 template <typename E, typename M, int VB>
 C10_HOST_DEVICE inline void multi_chunk_body_v(const TensorEntry* rows, int64_t stride,
                                                int profiles, int64_t start, int64_t len,
