@@ -110,10 +110,10 @@ def _extensions():
         sys.exit(f"ema_cuda: FORCE_CUDA=1 but the CUDA kernel cannot be built: {reason}")
 
     def _ptxas_flags():
-        # The kernel is sized for 64 registers (2 blocks of 512 threads per
-        # SM): a change that makes it spill to local memory is reported, and
-        # fails the build with EMA_CUDA_SPILLS_ARE_ERRORS=1 (the Makefile's
-        # test builds set it).
+        # The kernels are sized for 64 registers (2 blocks of 512 threads per
+        # SM; the multi-EMA kernel 128, one block): a change that makes one
+        # spill to local memory is reported, and fails the build with
+        # EMA_CUDA_SPILLS_ARE_ERRORS=1 (the Makefile's test builds set it).
         flags = "--warn-on-spills" + (",--warning-as-error" if _flag("EMA_CUDA_SPILLS_ARE_ERRORS") else "")
         return "-Xptxas=" + flags
 

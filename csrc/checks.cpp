@@ -31,34 +31,59 @@ const std::string& dtype_list() {
 
 // `averaged`: the tensor must have a floating dtype the kernel averages;
 // `device_ref` names the tensor whose device all must share.
-void check_one(const char* op, const char* side, size_t i, const at::Tensor& t,
-               const at::Device& device, const char* device_ref = "ema[0]",
-               bool averaged = true) {
-  TORCH_CHECK(t.defined(), op, ": ", side, "[", i, "] is an undefined tensor");
-  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", side, "[", i,
-              "] has layout ", py_layout(t.layout()), "; only strided tensors are supported");
-  TORCH_CHECK(!averaged || dtype_code(t.scalar_type()) >= 0, op, ": ", side, "[", i,
-              "] has dtype ", py_dtype(t.scalar_type()), "; expected one of ", dtype_list());
-  TORCH_CHECK(t.device() == device, op, ": ", side, "[", i, "] is on ",
+void check_one(const char* op, const RowName& name, const at::Tensor& t,
+               const at::Device& device, const RowName& device_ref, bool averaged) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", name,
+              " has layout ", py_layout(t.layout()), "; only strided tensors are supported");
+  TORCH_CHECK(!averaged || dtype_code(t.scalar_type()) >= 0, op, ": ", name,
+              " has dtype ", py_dtype(t.scalar_type()), "; expected one of ", dtype_list());
+  TORCH_CHECK(t.device() == device, op, ": ", name, " is on ",
               t.device(), " but ", device_ref, " is on ", device,
               "; all tensors must be on one device");
-  TORCH_CHECK(t.is_non_overlapping_and_dense(), op, ": ", side, "[", i,
-              "] with shape ", t.sizes(), " and strides ", t.strides(),
+  TORCH_CHECK(t.is_non_overlapping_and_dense(), op, ": ", name,
+              " with shape ", t.sizes(), " and strides ", t.strides(),
               " is not dense or overlaps itself; pass a contiguous tensor");
 }
 
-// "ema[3]" or "copy_ema[0]": how errors name row `row` of the table.
-std::string row_name(const UpdateLists& l, bool ema_side, int64_t row) {
-  std::ostringstream out;
-  if (l.is_copy(row)) {
-    out << (ema_side ? "copy_ema[" : "copy_model[") << row - l.num_averaged() << "]";
-  } else {
-    out << (ema_side ? "ema[" : "model[") << row << "]";
-  }
-  return out.str();
+// Every check of table row `row` (an averaged or a copied pair).  The model
+// tensor of a multi-EMA op is checked with each profile's row: same
+// verdict, and the first profile's row reports it.
+void check_row(const char* op, const UpdateLists& l, int64_t row, const at::Device& device,
+               const RowName& device_ref, bool grad) {
+  const bool copy = l.is_copy(row);
+  const at::Tensor& e = l.ema_at(row);
+  const at::Tensor& m = l.model_at(row);
+  const RowName en{&l, true, row}, mn{&l, false, row};
+  check_one(op, en, e, device, device_ref, !copy);
+  check_one(op, mn, m, device, device_ref, !copy);
+  TORCH_CHECK(!copy || e.scalar_type() == m.scalar_type(), op, ": ", en,
+              " has dtype ", py_dtype(e.scalar_type()), " but ", mn,
+              " has dtype ", py_dtype(m.scalar_type()),
+              "; a copied pair must share one dtype");
+  TORCH_CHECK(e.sizes() == m.sizes(), op, ": ", en, " has shape ",
+              e.sizes(), " but ", mn, " has shape ", m.sizes());
+  TORCH_CHECK(same_layout(e, m), op, ": ", en, " has strides ", e.strides(), " but ",
+              mn, " has strides ", m.strides(),
+              "; both tensors of a pair must share one memory layout");
+  TORCH_CHECK(!(grad && e.requires_grad()), op, ": ", en,
+              " requires grad; EMA tensors are updated in place and must "
+              "not require grad (or call under torch.no_grad())");
 }
 
 }  // namespace
+
+std::ostream& operator<<(std::ostream& out, const RowName& r) {
+  const UpdateLists& l = *r.lists;
+  if (l.is_copy(r.row)) {
+    return out << (r.ema_side ? "copy_ema[" : "copy_model[") << r.row - l.num_averaged() << "]";
+  }
+  if (!l.multi) return out << (r.ema_side ? "ema[" : "model[") << r.row << "]";
+  // NOTE [several EMAs]: row k * n + i is profile k's EMA of model[i].
+  const int64_t n = l.stride();
+  if (!r.ema_side) return out << "model[" << (n ? r.row % n : r.row) << "]";
+  return out << "ema[" << (n ? r.row / n : 0) << "][" << (n ? r.row % n : r.row) << "]";
+}
 
 std::string py_dtype(at::ScalarType t) {
   return "torch." + std::string(c10::getDtypeNames(t).first);
@@ -130,30 +155,27 @@ c10::Device UpdateLists::device() const {
   return c10::Device(c10::kCPU);
 }
 
-void check_lists(const char* op, at::TensorList ema, at::TensorList model) {
-  TORCH_CHECK(ema.size() == model.size(), op, ": got ", ema.size(),
-              " ema tensors but ", model.size(), " model tensors");
-  TORCH_CHECK(ema.size() < static_cast<size_t>(INT32_MAX), op,
-              ": too many tensors (", ema.size(), ")");
-  if (ema.empty()) return;
-  const at::Device device = ema[0].device();
+void check_lists(const char* op, const UpdateLists& l) {
+  if (l.multi) {
+    TORCH_CHECK(static_cast<int64_t>(l.ema.size()) == l.profiles * l.stride(), op, ": got ",
+                l.ema.size(), " ema tensors for ", l.profiles, " decays and ", l.model.size(),
+                " model tensors; expected ", l.profiles, " x ", l.model.size(), " = ",
+                l.profiles * l.stride(), " (profile-major: ema[k * ", l.model.size(),
+                " + i] is profile k's EMA of model[i])");
+  } else {
+    TORCH_CHECK(l.ema.size() == l.model.size(), op, ": got ", l.ema.size(),
+                " ema tensors but ", l.model.size(), " model tensors");
+  }
+  TORCH_CHECK(l.ema.size() < static_cast<size_t>(INT32_MAX), op,
+              ": too many tensors (", l.ema.size(), ")");
+  if (l.ema.empty()) return;
+  const at::Device device = l.ema[0].device();
   const bool grad = c10::GradMode::is_enabled();
-  const int64_t n = static_cast<int64_t>(ema.size());
-  const UpdateLists lists{ema, model};
+  const int64_t n = l.num_averaged();
+  const RowName ref{&l, true, 0};
   for (int64_t i = 0; i < n; ++i) {
-    prefetch_pairs_ahead(lists, i, n);
-    const at::Tensor& e = ema[i];
-    const at::Tensor& m = model[i];
-    check_one(op, "ema", i, e, device);
-    check_one(op, "model", i, m, device);
-    TORCH_CHECK(e.sizes() == m.sizes(), op, ": ema[", i, "] has shape ",
-                e.sizes(), " but model[", i, "] has shape ", m.sizes());
-    TORCH_CHECK(same_layout(e, m), op, ": ema[", i, "] has strides ", e.strides(), " but model[",
-                i, "] has strides ", m.strides(),
-                "; both tensors of a pair must share one memory layout");
-    TORCH_CHECK(!(grad && e.requires_grad()), op, ": ema[", i,
-                "] requires grad; EMA tensors are updated in place and must "
-                "not require grad (or call under torch.no_grad())");
+    prefetch_pairs_ahead(l, i, n);
+    check_row(op, l, i, device, ref, grad);
   }
 }
 
@@ -165,25 +187,10 @@ void check_copy_lists(const char* op, const UpdateLists& l) {
               ": too many tensors (", l.num_rows(), ")");
   if (l.copy_ema.empty()) return;
   const at::Device device = l.device();
-  const char* ref = l.ema.empty() ? "copy_ema[0]" : "ema[0]";
+  const RowName ref{&l, true, l.ema.empty() ? l.num_averaged() : 0};
   const bool grad = c10::GradMode::is_enabled();
-  for (size_t j = 0; j < l.copy_ema.size(); ++j) {
-    const at::Tensor& e = l.copy_ema[j];
-    const at::Tensor& m = l.copy_model[j];
-    check_one(op, "copy_ema", j, e, device, ref, /*averaged=*/false);
-    check_one(op, "copy_model", j, m, device, ref, /*averaged=*/false);
-    TORCH_CHECK(e.scalar_type() == m.scalar_type(), op, ": copy_ema[", j,
-                "] has dtype ", py_dtype(e.scalar_type()), " but copy_model[", j,
-                "] has dtype ", py_dtype(m.scalar_type()),
-                "; a copied pair must share one dtype");
-    TORCH_CHECK(e.sizes() == m.sizes(), op, ": copy_ema[", j, "] has shape ",
-                e.sizes(), " but copy_model[", j, "] has shape ", m.sizes());
-    TORCH_CHECK(same_layout(e, m), op, ": copy_ema[", j, "] has strides ", e.strides(),
-                " but copy_model[", j, "] has strides ", m.strides(),
-                "; both tensors of a pair must share one memory layout");
-    TORCH_CHECK(!(grad && e.requires_grad()), op, ": copy_ema[", j,
-                "] requires grad; EMA tensors are updated in place and must "
-                "not require grad (or call under torch.no_grad())");
+  for (int64_t row = l.num_averaged(); row < l.num_rows(); ++row) {
+    check_row(op, l, row, device, ref, grad);
   }
 }
 
@@ -208,14 +215,18 @@ void check_no_overlap(const char* op, const UpdateLists& l) {
   });
   for (size_t k = 1; k < spans.size(); ++k) {
     TORCH_CHECK(spans[k].lo >= spans[k - 1].hi, op, ": ",
-                row_name(l, true, spans[k - 1].row), " and ",
-                row_name(l, true, spans[k].row),
+                RowName{&l, true, spans[k - 1].row}, " and ",
+                RowName{&l, true, spans[k].row},
                 " overlap in memory (tied or aliased tensors); pass each "
                 "storage once");
   }
   // A model tensor may be read by its own pair in place (same range), but
   // must not overlap any other EMA tensor: that would be a write/read race.
+  // With several profiles it would overlap every EMA but one: refused.  A
+  // multi-EMA model tensor is looked at once, as row i (profile 0).
+  const int64_t models = l.multi ? l.stride() : l.num_averaged();
   for (int64_t j = 0; j < rows; ++j) {
+    if (j >= models && !l.is_copy(j)) continue;
     const at::Tensor& m = l.model_at(j);
     if (m.numel() == 0) continue;
     const uintptr_t lo = reinterpret_cast<uintptr_t>(m.data_ptr());
@@ -227,9 +238,9 @@ void check_no_overlap(const char* op, const UpdateLists& l) {
     while (it != spans.begin()) {
       --it;
       if (it->hi <= lo) break;
-      const bool same_pair = it->row == j && it->lo == lo && it->hi == hi;
-      TORCH_CHECK(same_pair, op, ": ", row_name(l, false, j), " overlaps ",
-                  row_name(l, true, it->row),
+      const bool same_pair = it->row == j && it->lo == lo && it->hi == hi && l.profiles == 1;
+      TORCH_CHECK(same_pair, op, ": ", RowName{&l, false, j}, " overlaps ",
+                  RowName{&l, true, it->row},
                   " in memory; the EMA must not alias the model");
     }
   }
@@ -240,14 +251,14 @@ void check_decay(const char* op, double decay) {
               ": decay must be a finite number in [0, 1], got ", py_float(decay));
 }
 
-void check_decay_tensor(const char* op, const at::Tensor& decay,
-                        at::TensorList ema) {
-  TORCH_CHECK(decay.defined(), op, ": decay is an undefined tensor");
-  TORCH_CHECK(decay.dim() == 0, op,
-              ": a decay tensor must be 0-dim, got shape ", decay.sizes());
+namespace {
+// What a decay tensor of either op must be: its dtype and device (`what`
+// names it: "decay tensor" or "decays tensor").
+void check_decay_tensor_kind(const char* op, const char* what, const at::Tensor& decay,
+                             at::TensorList ema) {
   const at::ScalarType t = decay.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kDouble, op,
-              ": a decay tensor must be torch.float32 or torch.float64, got dtype ",
+              ": a ", what, " must be torch.float32 or torch.float64, got dtype ",
               py_dtype(t),
               (t == at::kBFloat16 || t == at::kHalf
                    ? "; decays near 1 are not representable in 16 bits (0.9999 "
@@ -255,10 +266,53 @@ void check_decay_tensor(const char* op, const at::Tensor& decay,
                    : ""));
   if (!ema.empty()) {
     TORCH_CHECK(decay.device() == ema[0].device(), op,
-                ": the decay tensor is on ", decay.device(),
+                ": the ", what, " is on ", decay.device(),
                 " but the tensors are on ", ema[0].device(),
                 "; it is read on the tensors' device (no host sync)");
   }
+}
+
+void check_profile_count(const char* op, int64_t k, int64_t expected) {
+  TORCH_CHECK(k >= 1 && k <= kMaxProfiles, op, ": got ", k,
+              " decays; one multi-EMA update takes 1 to ", kMaxProfiles, " profiles");
+  TORCH_CHECK(expected < 0 || k == expected, op, ": got ", k, " decays for ", expected,
+              " EMA profiles");
+}
+}  // namespace
+
+void check_decay_tensor(const char* op, const at::Tensor& decay,
+                        at::TensorList ema) {
+  TORCH_CHECK(decay.defined(), op, ": decay is an undefined tensor");
+  TORCH_CHECK(decay.dim() == 0, op,
+              ": a decay tensor must be 0-dim, got shape ", decay.sizes());
+  check_decay_tensor_kind(op, "decay tensor", decay, ema);
+}
+
+void check_decays(const char* op, c10::ArrayRef<double> decays, int64_t expected) {
+  check_profile_count(op, static_cast<int64_t>(decays.size()), expected);
+  for (size_t k = 0; k < decays.size(); ++k) {
+    TORCH_CHECK(std::isfinite(decays[k]) && decays[k] >= 0.0 && decays[k] <= 1.0, op,
+                ": decays[", k, "] must be a finite number in [0, 1], got ",
+                py_float(decays[k]));
+  }
+}
+
+void check_decays_tensor(const char* op, const at::Tensor& decays, at::TensorList ema,
+                         int64_t expected) {
+  TORCH_CHECK(decays.defined(), op, ": decays is an undefined tensor");
+  TORCH_CHECK(decays.dim() == 1, op,
+              ": a decays tensor must be 1-dim (one decay per profile), got shape ",
+              decays.sizes());
+  check_profile_count(op, decays.numel(), expected);
+  check_decay_tensor_kind(op, "decays tensor", decays, ema);
+}
+
+std::vector<double> read_decays(const char* op, const at::Tensor& decays) {
+  const at::Tensor host = decays.to(at::kCPU, at::kDouble).contiguous();
+  const double* p = host.const_data_ptr<double>();
+  std::vector<double> out(p, p + host.numel());
+  check_decays(op, out);
+  return out;
 }
 
 }  // namespace ema_cuda

@@ -9,7 +9,9 @@
 #pragma once
 
 #include <cstdint>
+#include <ostream>
 #include <string>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/Device.h>
@@ -17,32 +19,58 @@
 #include <c10/util/ArrayRef.h>
 
 #include "dtypes.h"
+#include "multi_tensor.h"
 
 namespace ema_cuda {
 
 // How errors name the caller.
 constexpr const char* kOpName = "ema_cuda::ema_update_";
 constexpr const char* kUpdaterName = "ema_cuda.FusedUpdater";
+constexpr const char* kMultiOpName = "ema_cuda::multi_ema_update_";
+constexpr const char* kMultiUpdaterName = "ema_cuda.MultiFusedUpdater";
 
 // The tensors of one update: pairs averaged (ema[i] from model[i]) and pairs
 // copied verbatim (copy_ema[j] := copy_model[j], e.g. integer buffers), all
 // in one launch.  The table holds the averaged pairs first, then the copies.
+// A multi-EMA update (`multi`, NOTE [several EMAs] in multi_tensor.h) holds
+// `profiles` EMAs of each model tensor, profile-major: row k * n + i is
+// ema[k * n + i] from model[i], n = model.size().
 struct UpdateLists {
   at::TensorList ema, model;
   at::TensorList copy_ema = {}, copy_model = {};
+  int64_t profiles = 1;
+  bool multi = false;
 
   int64_t num_averaged() const { return static_cast<int64_t>(ema.size()); }
   int64_t num_rows() const { return static_cast<int64_t>(ema.size() + copy_ema.size()); }
+  // Rows per profile: the model tensors.
+  int64_t stride() const { return static_cast<int64_t>(model.size()); }
   bool is_copy(int64_t row) const { return row >= num_averaged(); }
   const at::Tensor& ema_at(int64_t row) const {
     return row < num_averaged() ? ema[row] : copy_ema[row - num_averaged()];
   }
   const at::Tensor& model_at(int64_t row) const {
-    return row < num_averaged() ? model[row] : copy_model[row - num_averaged()];
+    if (row >= num_averaged()) return copy_model[row - num_averaged()];
+    return model[profiles == 1 ? row : row % stride()];
   }
   // The device of the first tensor (CPU when there is none).
   c10::Device device() const;
 };
+
+// The lists of a multi-EMA update of `profiles` profiles.
+inline UpdateLists multi_lists(at::TensorList ema, at::TensorList model, int64_t profiles) {
+  return UpdateLists{ema, model, {}, {}, profiles, /*multi=*/true};
+}
+
+// How an error names one side of table row `row`: "ema[3]", "model[3]",
+// "copy_ema[0]", or for a multi-EMA update "ema[1][3]" (profile 1's EMA of
+// model[3]).  Written by operator<< only when a check fails.
+struct RowName {
+  const UpdateLists* lists;
+  bool ema_side;
+  int64_t row;
+};
+std::ostream& operator<<(std::ostream& out, const RowName& name);
 
 // The table code of an averaged dtype (dtypes.h), or -1.
 inline int8_t dtype_code(at::ScalarType t) {
@@ -65,7 +93,8 @@ std::string py_float(double x);
 
 // Checks that can change from call to call: list lengths, dtypes, devices,
 // shapes, layouts, autograd.  O(number of tensors); never touches data.
-void check_lists(const char* op, at::TensorList ema, at::TensorList model);
+// A multi-EMA update's lengths: ema holds profiles x model tensors.
+void check_lists(const char* op, const UpdateLists& lists);
 // The same for the copied pairs: any dtype, one dtype per pair, on
 // `lists.device()`.
 void check_copy_lists(const char* op, const UpdateLists& lists);
@@ -74,6 +103,15 @@ void check_copy_lists(const char* op, const UpdateLists& lists);
 void check_no_overlap(const char* op, const UpdateLists& lists);
 void check_decay(const char* op, double decay);
 void check_decay_tensor(const char* op, const at::Tensor& decay, at::TensorList ema);
+// The multi-EMA op's decays: 1 to kMaxProfiles of them (`expected` of them
+// unless negative), each a finite number in [0, 1]; or a 1-dim fp32/fp64
+// tensor of as many on the tensors' device (its values are not read here).
+void check_decays(const char* op, c10::ArrayRef<double> decays, int64_t expected = -1);
+void check_decays_tensor(const char* op, const at::Tensor& decays, at::TensorList ema,
+                         int64_t expected = -1);
+// A host copy of a decays tensor's values, checked as `check_decays` does
+// (the CPU kernels read them on the host anyway).
+std::vector<double> read_decays(const char* op, const at::Tensor& decays);
 
 // The layout rule of one pair: same strides, or both contiguous (strides of
 // size-1 dimensions do not matter then).

@@ -35,7 +35,12 @@ struct TensorEntry {
   // Bytes per vector of the narrower side: 16, else 8, else 4, the widest
   // for which the pair can be aligned together (0 when none can).
   int8_t vec_bytes;
-  int8_t pad_[4];
+  // Multi-EMA plans, on a model tensor's first profile row only: 1 when the
+  // rows of all its profiles share the EMA dtype, head and vector size, so
+  // that one pass reads each model element once for all of them (NOTE
+  // [several EMAs]); 0 otherwise, and then each profile takes its own pass.
+  int8_t fused;
+  int8_t pad_[3];
 };
 
 // One row per chunk of at most `chunk_size` elements.  16 bytes.
@@ -302,6 +307,145 @@ C10_HOST_DEVICE inline void chunk_body(const TensorEntry& t, int64_t start,
   chunk_body_v<E, M, 16>(t, start, len, tid, nthreads, d, w);
 }
 
+// Most EMA profiles one multi-EMA call updates: their decays travel in the
+// launch's arguments (a few bytes each) or in a K-element tensor.
+constexpr int kMaxProfiles = 16;
+
+// The decays of one launch, either values baked into it or a pointer to a
+// fp32/fp64 tensor on the tensors' device (0-dim for the single op, K
+// elements `stride` apart for the multi op), read by every thread (no host
+// sync; capturable in a CUDA graph).
+struct DecayArg {
+  double values[kMaxProfiles];
+  const void* ptr;
+  int64_t stride;  // of the decay tensor, in elements
+  int8_t dtype;    // kF32 or kF64 when ptr is set
+};
+
+C10_HOST_DEVICE inline double read_decay(const DecayArg& d, int k = 0) {
+  if (d.ptr == nullptr) return d.values[k];
+  if (d.dtype == kF64) return static_cast<const double*>(d.ptr)[k * d.stride];
+  return static_cast<double>(static_cast<const float*>(d.ptr)[k * d.stride]);
+}
+
+// NOTE [several EMAs]: the multi-EMA op keeps K EMAs (profiles) of one
+// model.  Its table holds K rows per model tensor, profile-major (row
+// k * stride + i is profile k's EMA of model tensor i, `stride` the number of
+// model tensors), and one set of chunk rows per model tensor.  A chunk reads
+// each model element once and updates the K EMAs from it, each with the very
+// expression of the single op (NOTE [update arithmetic]) and its own decay,
+// so the result is bit-identical to K single-op calls.  fp32 EMAs of an fp32
+// model move 4 + 8K bytes per element instead of 12K.  When the K rows of a
+// tensor cannot share one pass (different EMA dtypes, or addresses that
+// align at different elements: TensorEntry::fused is 0), the table holds
+// chunk rows of each profile's row instead, run like the single op's with
+// that profile's decay.  The CPU kernel runs small model tensors' chunks
+// (its groups) one profile after the other, reading the model's chunk from
+// cache after the first (cpu/ema_update_cpu.cpp).
+template <typename E, typename M, int VB>
+C10_HOST_DEVICE inline void multi_chunk_body_v(const TensorEntry* rows, int64_t stride,
+                                               int profiles, int64_t start, int64_t len,
+                                               int64_t tid, int64_t nthreads,
+                                               const double* decays) {
+  using Acc = typename AccType<E, M>::type;
+  const TensorEntry& t = rows[0];
+  const M* m = static_cast<const M*>(t.model);
+  const int64_t end = start + len;
+  constexpr int N = VecWidth<E, M, VB>::value;
+  // Half the single op's unroll: the model's packs stay live across the
+  // profiles' loads, and every profile adds loads in flight anyway.
+  constexpr int kUnroll = Unroll<E, M, VB>::value > 1 ? Unroll<E, M, VB>::value / 2 : 1;
+
+  int64_t vbeg = end;
+  int64_t vend = end;
+  if (t.head >= 0) {
+    const int64_t h = t.head;
+    const int64_t s = start < h ? h : start;
+    vbeg = h + ((s - h + N - 1) / N) * N;
+    if (vbeg > end) vbeg = end;
+    vend = vbeg + ((end - vbeg) / N) * N;
+  }
+
+  for (int64_t i = start + tid; i < vbeg; i += nthreads) {
+    for (int k = 0; k < profiles; ++k) {
+      const double dk = decays[k];
+      update_one<E, M, Acc>(static_cast<E*>(rows[k * stride].ema), m, i,
+                            static_cast<Acc>(dk), static_cast<Acc>(1.0 - dk));
+    }
+  }
+  const int64_t nvec = (vend - vbeg) / N;
+  int64_t v = tid;
+  for (; v + (kUnroll - 1) * nthreads < nvec; v += kUnroll * nthreads) {
+    Pack<M, N> mv[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = vbeg + (v + u * nthreads) * N;
+      check_vector_aligned<M, N>(m + i);
+      mv[u] = *reinterpret_cast<const Pack<M, N>*>(m + i);
+    }
+    for (int k = 0; k < profiles; ++k) {
+      E* e = static_cast<E*>(rows[k * stride].ema);
+      const double dk = decays[k];
+      const Acc d = static_cast<Acc>(dk);
+      const Acc w = static_cast<Acc>(1.0 - dk);
+      Pack<E, N> ev[kUnroll];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = vbeg + (v + u * nthreads) * N;
+        check_vector_aligned<E, N>(e + i);
+        ev[u] = *reinterpret_cast<const Pack<E, N>*>(e + i);
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int64_t i = vbeg + (v + u * nthreads) * N;
+        lerp_pack<E, M, N, Acc>(ev[u], mv[u], d, w);
+        *reinterpret_cast<Pack<E, N>*>(e + i) = ev[u];
+      }
+    }
+  }
+  for (; v < nvec; v += nthreads) {
+    const int64_t i = vbeg + v * N;
+    check_vector_aligned<M, N>(m + i);
+    const Pack<M, N> mv = *reinterpret_cast<const Pack<M, N>*>(m + i);
+    for (int k = 0; k < profiles; ++k) {
+      E* e = static_cast<E*>(rows[k * stride].ema);
+      const double dk = decays[k];
+      check_vector_aligned<E, N>(e + i);
+      Pack<E, N> ev = *reinterpret_cast<const Pack<E, N>*>(e + i);
+      lerp_pack<E, M, N, Acc>(ev, mv, static_cast<Acc>(dk), static_cast<Acc>(1.0 - dk));
+      *reinterpret_cast<Pack<E, N>*>(e + i) = ev;
+    }
+  }
+  for (int64_t i = vend + tid; i < end; i += nthreads) {
+    for (int k = 0; k < profiles; ++k) {
+      const double dk = decays[k];
+      update_one<E, M, Acc>(static_cast<E*>(rows[k * stride].ema), m, i,
+                            static_cast<Acc>(dk), static_cast<Acc>(1.0 - dk));
+    }
+  }
+}
+
+template <typename E, typename M>
+C10_HOST_DEVICE inline void multi_chunk_body(const TensorEntry* rows, int64_t stride,
+                                             int profiles, int64_t start, int64_t len,
+                                             int64_t tid, int64_t nthreads,
+                                             const double* decays) {
+  constexpr int kMin = sizeof(E) < sizeof(M) ? sizeof(E) : sizeof(M);
+  if constexpr (kMin <= 4) {
+    if (rows[0].vec_bytes == 8) {
+      multi_chunk_body_v<E, M, 8>(rows, stride, profiles, start, len, tid, nthreads, decays);
+      return;
+    }
+  }
+  if constexpr (kMin <= 2) {
+    if (rows[0].vec_bytes == 4) {
+      multi_chunk_body_v<E, M, 4>(rows, stride, profiles, start, len, tid, nthreads, decays);
+      return;
+    }
+  }
+  multi_chunk_body_v<E, M, 16>(rows, stride, profiles, start, len, tid, nthreads, decays);
+}
+
 // Maps a dtype code to its C++ type and calls f(E{}, M{}) -- shared by the
 // CUDA kernel and the host emulation so both dispatch identically.  A kBytes
 // row (both codes kBytes) calls f(Byte{}, Byte{}).  The cases come from the
@@ -333,21 +477,6 @@ C10_HOST_DEVICE inline void dispatch_pair(int ema_dtype, int model_dtype, F&& f)
   }
 }
 
-// The decay, either a value baked into the launch or a pointer to a 0-dim
-// fp32/fp64 tensor on the tensors' device, read by every thread (no host
-// sync; capturable in a CUDA graph).
-struct DecayArg {
-  double value;
-  const void* ptr;
-  int8_t dtype;  // kF32 or kF64 when ptr is set
-};
-
-C10_HOST_DEVICE inline double read_decay(const DecayArg& d) {
-  if (d.ptr == nullptr) return d.value;
-  if (d.dtype == kF64) return *static_cast<const double*>(d.ptr);
-  return static_cast<double>(*static_cast<const float*>(d.ptr));
-}
-
 // Runs one chunk row with the CUDA path's body (decay already read).
 C10_HOST_DEVICE inline void run_chunk(const TensorEntry* tensors,
                                       const ChunkEntry& c, int64_t tid,
@@ -367,6 +496,28 @@ C10_HOST_DEVICE inline void run_chunk(const TensorEntry* tensors,
 
 namespace ema_cuda {
 
+// One chunk row of a multi-EMA plan whose model tensor is fused (NOTE
+// [several EMAs]): its K profiles in one pass.
+C10_HOST_DEVICE inline void run_multi_chunk(const TensorEntry* tensors, int64_t stride,
+                                            int profiles, const ChunkEntry& c, int64_t tid,
+                                            int64_t nthreads, const double* decays) {
+  const TensorEntry* rows = tensors + c.tensor;
+  dispatch_pair(rows[0].ema_dtype, rows[0].model_dtype, [&](auto e_tag, auto m_tag) {
+    using E = decltype(e_tag);
+    using M = decltype(m_tag);
+    if constexpr (!kIsCopy<E, M>) {
+      multi_chunk_body<E, M>(rows, stride, profiles, c.start, c.len, tid, nthreads, decays);
+    }
+  });
+}
+
+// The profile whose decay a multi-EMA plan's chunk row uses when it runs
+// one table row (an unfused profile's row, or a copy, which uses none).
+C10_HOST_DEVICE inline int row_profile(int64_t row, int64_t stride, int profiles) {
+  const int64_t k = row / stride;
+  return static_cast<int>(k < profiles ? k : profiles - 1);
+}
+
 // The whole of one block's work in the CUDA kernel: read the decay, then a
 // grid-stride loop over the chunk rows.  The kernel calls it with
 // (blockIdx.x, gridDim.x, threadIdx.x, blockDim.x); the host emulation calls
@@ -381,6 +532,33 @@ C10_HOST_DEVICE inline void kernel_block(const TensorEntry* tensors,
   for (int64_t c = block; c < num_chunks; c += grid) {
     const ChunkEntry chunk = chunks[c];
     run_chunk(tensors, chunk, tid, nthreads, decay);
+  }
+}
+
+// The multi-EMA kernel's prologue: the block's copy of the K decays
+// (`profiles` of them), read from the launch's arguments or the decays
+// tensor by threads 0..K-1 (shared memory on the GPU, then a barrier), so
+// that the loops index an array instead of the arguments.
+C10_HOST_DEVICE inline void load_decays(const DecayArg& arg, int profiles, int64_t tid,
+                                        int64_t nthreads, double* out) {
+  for (int64_t k = tid; k < profiles; k += nthreads) out[k] = read_decay(arg, static_cast<int>(k));
+}
+
+// kernel_block of a multi-EMA plan (NOTE [several EMAs]), after
+// load_decays: chunk rows of a fused model tensor (< stride) update its
+// `profiles` EMAs; the others run one table row with its profile's decay.
+C10_HOST_DEVICE inline void multi_kernel_block(const TensorEntry* tensors,
+                                               const ChunkEntry* chunks, int64_t num_chunks,
+                                               int64_t block, int64_t grid, int64_t tid,
+                                               int64_t nthreads, const double* decays,
+                                               int64_t stride, int profiles) {
+  for (int64_t c = block; c < num_chunks; c += grid) {
+    const ChunkEntry chunk = chunks[c];
+    if (chunk.tensor < stride && tensors[chunk.tensor].fused) {
+      run_multi_chunk(tensors, stride, profiles, chunk, tid, nthreads, decays);
+    } else {
+      run_chunk(tensors, chunk, tid, nthreads, decays[row_profile(chunk.tensor, stride, profiles)]);
+    }
   }
 }
 

@@ -38,47 +38,66 @@ inline int8_t signature_dtype(const at::Tensor& t, bool copy) {
 
 bool Plan::matches(const UpdateLists& l, int64_t chunk) const {
   if (chunk != chunk_size || l.num_averaged() != num_tensors ||
-      static_cast<int64_t>(l.copy_ema.size()) != num_copies ||
-      l.model.size() != l.ema.size() || l.copy_model.size() != l.copy_ema.size()) {
+      static_cast<int64_t>(l.copy_ema.size()) != num_copies || l.multi != multi ||
+      l.profiles != profiles || l.stride() * l.profiles != l.num_averaged() ||
+      l.copy_model.size() != l.copy_ema.size()) {
     return false;
   }
   const int64_t rows = num_tensors + num_copies;
   if (rows > 0 && l.device() != device) return false;
   const bool grad = c10::GradMode::is_enabled();
+  auto row_matches = [&](int64_t i, const at::Tensor& e, const at::Tensor& m, bool copy) {
+    // Cheapest and most likely to differ first.  The const address: no
+    // copy-on-write materialisation on this path.  Equal shapes and the
+    // EMA's count imply the model's count.  The address also fixes the
+    // device: CUDA allocations and host memory never share an address
+    // (unified addressing), and a tensor without data reads as 0.
+    return raw_data_address(e) == ema_ptrs[i] && raw_data_address(m) == model_ptrs[i] &&
+           e.numel() == numels[i] && signature_dtype(e, copy) == ema_dtypes[i] &&
+           signature_dtype(m, copy) == model_dtypes[i] && same_shape_dense_layout(e, m) &&
+           !(grad && e.requires_grad());
+  };
+  // Rows [lo, hi) of a plan with one profile; of a multi-EMA plan, model
+  // tensors [lo, hi) with the rows of all their profiles (each model
+  // tensor's TensorImpl read once, while it is in cache), then copies.
+  const int64_t n = multi ? stride : rows;
   auto range_matches = [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) {
-      prefetch_pairs_ahead(l, i, hi);
-      const at::Tensor& e = l.ema_at(i);
-      const at::Tensor& m = l.model_at(i);
-      const bool copy = l.is_copy(i);
-      // Cheapest and most likely to differ first.  The const address: no
-      // copy-on-write materialisation on this path.  Equal shapes and the
-      // EMA's count imply the model's count.  The address also fixes the
-      // device: CUDA allocations and host memory never share an address
-      // (unified addressing), and a tensor without data reads as 0.
-      if (raw_data_address(e) != ema_ptrs[i] || raw_data_address(m) != model_ptrs[i] ||
-          e.numel() != numels[i] ||
-          signature_dtype(e, copy) != ema_dtypes[i] ||
-          signature_dtype(m, copy) != model_dtypes[i] ||
-          !same_shape_dense_layout(e, m) || (grad && e.requires_grad())) {
-        return false;
+      if (!multi) {
+        prefetch_pairs_ahead(l, i, hi);
+        if (!row_matches(i, l.ema_at(i), l.model_at(i), l.is_copy(i))) return false;
+        continue;
+      }
+      if (i + kPrefetchImpl < hi) {
+        prefetch_impl(l.model[i + kPrefetchImpl]);
+        for (int64_t k = 0; k < profiles; ++k) prefetch_impl(l.ema[k * stride + i + kPrefetchImpl]);
+      }
+      for (int64_t k = 0; k < profiles; ++k) {
+        const int64_t r = k * stride + i;
+        if (!row_matches(r, l.ema[r], l.model[i], false)) return false;
       }
     }
     return true;
   };
-  if (rows < kParallelCheckPairs || !device.is_cpu() || at::get_num_threads() == 1) {
-    return range_matches(0, rows);
+  auto copies_match = [&] {
+    for (int64_t r = num_tensors; multi && r < rows; ++r) {
+      if (!row_matches(r, l.ema_at(r), l.model_at(r), true)) return false;
+    }
+    return true;
+  };
+  if (n < kParallelCheckPairs || !device.is_cpu() || at::get_num_threads() == 1) {
+    return range_matches(0, n) && copies_match();
   }
   // NOTE [busy CPU]: claimed in pieces, so a late thread never holds it up.
   constexpr int64_t kPiece = kParallelCheckPairs / 2;
   std::atomic<bool> ok{true};
-  WorkPool::run((rows + kPiece - 1) / kPiece, at::get_num_threads() - 1, [&](int64_t p) {
+  WorkPool::run((n + kPiece - 1) / kPiece, at::get_num_threads() - 1, [&](int64_t p) {
     if (ok.load(std::memory_order_relaxed) &&
-        !range_matches(p * kPiece, std::min(rows, (p + 1) * kPiece))) {
+        !range_matches(p * kPiece, std::min(n, (p + 1) * kPiece))) {
       ok = false;
     }
   });
-  return ok.load();
+  return ok.load() && copies_match();
 }
 
 const TensorEntry* Plan::tensors() const {
@@ -138,6 +157,9 @@ PlanPtr build_plan(const char* op, const UpdateLists& lists, int64_t chunk) {
   plan->chunk_size = chunk;
   plan->num_tensors = lists.num_averaged();
   plan->num_copies = n - plan->num_tensors;
+  plan->multi = lists.multi;
+  plan->profiles = lists.profiles;
+  plan->stride = lists.stride();
   std::vector<TensorEntry> rows(n);
   std::vector<ChunkEntry> chunks;
   for (int64_t i = 0; i < n; ++i) {
@@ -157,14 +179,32 @@ PlanPtr build_plan(const char* op, const UpdateLists& lists, int64_t chunk) {
                                          r.ema_dtype, r.model_dtype);
     r.head = v.head;
     r.vec_bytes = v.vec_bytes;
-    append_chunks(r.numel, static_cast<int32_t>(i), chunk, chunks);
+    r.fused = 1;
     plan->ema_ptrs.push_back(raw_data_address(e));
     plan->model_ptrs.push_back(raw_data_address(m));
     plan->numels.push_back(e.numel());
     plan->ema_dtypes.push_back(signature_dtype(e, copy));
     plan->model_dtypes.push_back(signature_dtype(m, copy));
     plan->num_elements += e.numel();
-    plan->num_units += r.numel;
+  }
+  // A model tensor's profiles share one pass when their rows agree on what
+  // the pass relies on: the EMA dtype and the aligned vectors.  Its chunk
+  // rows then name row i (< stride); otherwise they name each profile's row.
+  for (int64_t k = 1; lists.multi && k < lists.profiles; ++k) {
+    for (int64_t i = 0; i < plan->stride; ++i) {
+      const TensorEntry& a = rows[i];
+      const TensorEntry& b = rows[k * plan->stride + i];
+      if (a.ema_dtype != b.ema_dtype || a.head != b.head || a.vec_bytes != b.vec_bytes) {
+        rows[i].fused = 0;
+      }
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (lists.multi && !lists.is_copy(i) && rows[i % plan->stride].fused && i >= plan->stride) {
+      continue;  // run by row i % stride's chunks
+    }
+    append_chunks(rows[i].numel, static_cast<int32_t>(i), chunk, chunks);
+    plan->num_units += rows[i].numel;
   }
   plan->num_chunks = static_cast<int64_t>(chunks.size());
   if (plan->device.is_cpu()) {
@@ -223,7 +263,7 @@ int64_t release_captured_plans() {
 PlanPtr get_plan(const char* op, const UpdateLists& lists, int64_t chunk) {
   PlanPtr p = find_plan(lists, chunk);
   if (p) return p;
-  check_lists(op, lists.ema, lists.model);
+  check_lists(op, lists);
   check_copy_lists(op, lists);
   // Building a plan copies the table host-to-device, which a CUDA stream
   // capture cannot record.

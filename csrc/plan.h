@@ -21,11 +21,18 @@ namespace ema_cuda {
 struct Plan {
   c10::Device device = c10::Device(c10::kCPU);
   int64_t chunk_size = 0;
-  int64_t num_tensors = 0;  // averaged pairs
+  int64_t num_tensors = 0;  // averaged pairs (profiles x stride of a multi-EMA plan)
+  // NOTE [several EMAs] (multi_tensor.h): a multi-EMA plan holds `profiles`
+  // rows per model tensor, profile-major, `stride` (the number of model
+  // tensors) apart; its chunk rows cover the model tensors and the copies.
+  bool multi = false;
+  int64_t profiles = 1;
+  int64_t stride = 0;
   int64_t num_copies = 0;   // copied pairs, rows num_tensors.. of the table
   int64_t num_chunks = 0;
   int64_t num_elements = 0;  // of all pairs
   int64_t num_units = 0;     // sum of the chunks' lengths (a copy counts bytes)
+                             // (a multi-EMA chunk counts each model element once)
   // Signature: what the rows below were built from.  A plan is reused only
   // when every live tensor still matches, so its raw pointers are never stale.
   // Dtypes: the DTypeCode of an averaged pair, the ScalarType of a copied one.
@@ -59,7 +66,8 @@ struct Plan {
   // fixes the device), element count and dtype, one shape, and a dense layout
   // shared by the pair
   // (everything `check_lists`/`check_copy_lists` accepted and the overlap
-  // check relied on), and no EMA tensor that requires grad under grad mode.
+  // check relied on), and no EMA tensor that requires grad under grad mode;
+  // for a multi-EMA plan also the same number of profiles.
   // `resize_` keeps the address but not the count; `as_strided_` keeps both
   // but not the layout; `p.data = p.data[:k]` keeps the address: each is a
   // mismatch, and the caller then validates the lists from scratch, so it

@@ -27,26 +27,22 @@ class ListUpdater {
   // all in one launch.
   ListUpdater(std::vector<at::Tensor> ema, std::vector<at::Tensor> model,
               std::vector<at::Tensor> copy_ema, std::vector<at::Tensor> copy_model)
-      : ema_(std::move(ema)),
-        model_(std::move(model)),
-        copy_ema_(std::move(copy_ema)),
-        copy_model_(std::move(copy_model)) {
-    refresh();
-  }
+      : ListUpdater(std::move(ema), std::move(model), std::move(copy_ema),
+                    std::move(copy_model), 1, false) {}
 
   void update(double decay) {
-    check_decay(kUpdaterName, decay);
-    release_gil_and_run(ensure_plan(), nullptr, decay);
+    check_decay(name_, decay);
+    run(ensure_plan(), make_decay_arg(decay, nullptr), &decay);
   }
 
   void update_tensor(const at::Tensor& decay) {
-    check_decay_tensor(kUpdaterName, decay, ema_.empty() ? copy_ema_ : ema_);
+    check_decay_tensor(name_, decay, ema_.empty() ? copy_ema_ : ema_);
     double value = 0.0;
     if (!decay.is_cuda()) {
       value = decay.item<double>();
-      check_decay(kUpdaterName, value);
+      check_decay(name_, value);
     }
-    release_gil_and_run(ensure_plan(), decay.is_cuda() ? &decay : nullptr, value);
+    run(ensure_plan(), make_decay_arg(value, decay.is_cuda() ? &decay : nullptr), &value);
   }
 
   // True when an update would run now: the held plan is valid, or a plan for
@@ -71,13 +67,26 @@ class ListUpdater {
   int64_t num_chunks() const { return plan_->num_chunks; }
   int64_t rebuilds() const { return rebuilds_; }
 
- private:
+ protected:
+  ListUpdater(std::vector<at::Tensor> ema, std::vector<at::Tensor> model,
+              std::vector<at::Tensor> copy_ema, std::vector<at::Tensor> copy_model,
+              int64_t profiles, bool multi)
+      : ema_(std::move(ema)),
+        model_(std::move(model)),
+        copy_ema_(std::move(copy_ema)),
+        copy_model_(std::move(copy_model)),
+        profiles_(profiles),
+        multi_(multi),
+        name_(multi ? kMultiUpdaterName : kUpdaterName) {
+    refresh();
+  }
+
   // The tensors are held here, so their storages stay alive; but a tensor's
   // storage, size or layout can still change (`p.data = ...`, `set_`,
   // `resize_`, `module.to()` on a parameter).  Each call checks the held plan
   // (NOTE [plan validity]); a change means a full re-validation before
   // anything is written.
-  UpdateLists lists() const { return {ema_, model_, copy_ema_, copy_model_}; }
+  UpdateLists lists() const { return {ema_, model_, copy_ema_, copy_model_, profiles_, multi_}; }
 
   // The plan to run: the held one while it is valid (NOTE [plan validity]),
   // else a fully re-validated one.  Returned by value: another Python thread
@@ -92,22 +101,55 @@ class ListUpdater {
   // `get_plan` validates the lists unless a valid plan is cached for them.
   void refresh() {
     const UpdateLists l = lists();
-    plan_ = get_plan(kUpdaterName, l, chunk_size_for(l.device()));
+    plan_ = get_plan(name_, l, chunk_size_for(l.device()));
     ++rebuilds_;
   }
 
-  void release_gil_and_run(PlanPtr plan, const at::Tensor* decay_tensor, double decay) {
+  // `arg` for the CUDA kernel, `host` (the checked values) for the CPU one.
+  void run(PlanPtr plan, const DecayArg& arg, const double* host) {
     pybind11::gil_scoped_release no_gil;
     if (plan->device.is_cuda()) {
-      cuda_launch(plan, decay_tensor, decay);
+      cuda_launch(plan, arg);
     } else {
-      cpu_update(*plan, decay);
+      cpu_multi_update(*plan, host);
     }
   }
 
   std::vector<at::Tensor> ema_, model_, copy_ema_, copy_model_;
+  const int64_t profiles_;
+  const bool multi_;
+  const char* const name_;
   PlanPtr plan_;
   int64_t rebuilds_ = -1;  // the constructor's build is not a rebuild
+};
+
+// MultiFusedUpdater's C++ side: `profiles` EMAs of one model's tensors
+// (ema profile-major, NOTE [several EMAs]), all in one launch.
+class MultiListUpdater : public ListUpdater {
+ public:
+  MultiListUpdater(std::vector<at::Tensor> ema, std::vector<at::Tensor> model, int64_t profiles)
+      : ListUpdater(std::move(ema), std::move(model), {}, {}, checked_profiles(profiles), true) {}
+
+  void update_decays(const std::vector<double>& decays) {
+    check_decays(name_, decays, profiles_);
+    run(ensure_plan(), make_decays_arg(decays, nullptr), decays.data());
+  }
+
+  void update_decays_tensor(const at::Tensor& decays) {
+    check_decays_tensor(name_, decays, ema_, profiles_);
+    std::vector<double> host;
+    if (!decays.is_cuda()) host = read_decays(name_, decays);
+    run(ensure_plan(), make_decays_arg(host, decays.is_cuda() ? &decays : nullptr), host.data());
+  }
+
+  int64_t profiles() const { return profiles_; }
+
+ private:
+  static int64_t checked_profiles(int64_t profiles) {
+    TORCH_CHECK(profiles >= 1 && profiles <= kMaxProfiles, kMultiUpdaterName, ": got ", profiles,
+                " EMA profiles; one multi-EMA update takes 1 to ", kMaxProfiles, " profiles");
+    return profiles;
+  }
 };
 
 // ModelEMA's per-step check that its cached plan still describes both module
@@ -167,4 +209,15 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("num_elements", &ListUpdater::num_elements)
       .def_property_readonly("num_chunks", &ListUpdater::num_chunks)
       .def_property_readonly("rebuilds", &ListUpdater::rebuilds);
+  pybind11::class_<ema_cuda::MultiListUpdater>(m, "MultiListUpdater")
+      .def(pybind11::init<std::vector<at::Tensor>, std::vector<at::Tensor>, int64_t>(),
+           pybind11::arg("ema"), pybind11::arg("model"), pybind11::arg("profiles"))
+      .def("update", &ema_cuda::MultiListUpdater::update_decays, pybind11::arg("decays"))
+      .def("update_tensor", &ema_cuda::MultiListUpdater::update_decays_tensor, pybind11::arg("decays"))
+      .def("ready", &ema_cuda::MultiListUpdater::ready)
+      .def_property_readonly("profiles", &ema_cuda::MultiListUpdater::profiles)
+      .def_property_readonly("num_tensors", &ema_cuda::MultiListUpdater::num_tensors)
+      .def_property_readonly("num_elements", &ema_cuda::MultiListUpdater::num_elements)
+      .def_property_readonly("num_chunks", &ema_cuda::MultiListUpdater::num_chunks)
+      .def_property_readonly("rebuilds", &ema_cuda::MultiListUpdater::rebuilds);
 }

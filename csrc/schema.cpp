@@ -17,6 +17,12 @@ TORCH_LIBRARY(ema_cuda, m) {
   // syncing the host on CUDA).
   m.def("ema_update_.Tensor(Tensor(a!)[] ema, Tensor[] model, Tensor decay) -> ()");
   m.def("ema_update_(Tensor(a!)[] ema, Tensor[] model, float decay) -> ()");
+  // K EMAs of one model in one pass (NOTE [several EMAs]): `ema` holds
+  // K x len(model) tensors, profile-major (ema[k * n + i] is profile k's EMA
+  // of model[i]), K = the number of decays (1 to 16).  Tensor overload
+  // first, as above: a 1-dim fp32/fp64 tensor of K decays on the device.
+  m.def("multi_ema_update_.Tensor(Tensor(a!)[] ema, Tensor[] model, Tensor decays) -> ()");
+  m.def("multi_ema_update_(Tensor(a!)[] ema, Tensor[] model, float[] decays) -> ()");
   // NOTE [captured plans]: ema_cuda.ops.release_captured_plans().
   m.def("_release_captured_plans() -> int", &release_captured_plans);
 }
@@ -26,6 +32,8 @@ TORCH_LIBRARY(ema_cuda, m) {
 TORCH_LIBRARY_IMPL(ema_cuda, Autograd, m) {
   m.impl("ema_update_", torch::CppFunction::makeFallthrough());
   m.impl("ema_update_.Tensor", torch::CppFunction::makeFallthrough());
+  m.impl("multi_ema_update_", torch::CppFunction::makeFallthrough());
+  m.impl("multi_ema_update_.Tensor", torch::CppFunction::makeFallthrough());
 }
 
 }  // namespace ema_cuda

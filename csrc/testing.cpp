@@ -81,6 +81,56 @@ void emulate_cuda_update(at::TensorList ema, at::TensorList model,
   }
 }
 
+// The multi-EMA launch (NOTE [several EMAs]) run on the CPU like
+// `emulate_cuda_update_`: the plan's table, the grid, and for every block
+// and thread the kernel's body, reading the decays through a pointer like
+// the kernel when `decays_tensor` is given (which then replaces `decays`).
+void emulate_cuda_multi_update(at::TensorList ema, at::TensorList model,
+                               at::ArrayRef<double> decays, int64_t chunk_size,
+                               int64_t threads, int64_t sm_count,
+                               const std::optional<at::Tensor>& decays_tensor) {
+  const char* op = "ema_cuda_testing::emulate_cuda_multi_update_";
+  std::vector<double> values(decays.begin(), decays.end());
+  if (decays_tensor.has_value()) {
+    check_decays_tensor(op, *decays_tensor, ema);
+    values = read_decays(op, *decays_tensor);
+  } else {
+    check_decays(op, decays);
+  }
+  TORCH_CHECK(chunk_size > 0 && chunk_size <= INT32_MAX, op,
+              ": chunk_size must be in [1, 2^31), got ", chunk_size);
+  TORCH_CHECK(threads > 0 && sm_count > 0, op,
+              ": threads and sm_count must be positive, got ", threads, " and ", sm_count);
+  const auto k = static_cast<int64_t>(values.size());
+  PlanPtr plan = get_plan(op, multi_lists(ema, model, k), chunk_size);
+  const DecayArg arg = make_decays_arg(
+      decays_tensor ? c10::ArrayRef<double>() : c10::ArrayRef<double>(values),
+      decays_tensor ? &*decays_tensor : nullptr);
+  const int64_t grid =
+      grid_blocks(plan->num_chunks, sm_count, k > 1 ? kCudaMultiBlocksPerSM : kCudaBlocksPerSM);
+  try {
+    for (int64_t block = 0; block < grid; ++block) {
+      // The launch's choice of kernel (cuda_launch), and the multi kernel's
+      // prologue: the block's copy of the decays.
+      double shared[kMaxProfiles];
+      for (int64_t tid = 0; tid < threads; ++tid) {
+        load_decays(arg, static_cast<int>(k), tid, threads, shared);
+      }
+      for (int64_t tid = 0; tid < threads; ++tid) {
+        if (k > 1) {
+          multi_kernel_block(plan->tensors(), plan->chunks(), plan->num_chunks, block, grid, tid,
+                             threads, shared, plan->stride, static_cast<int>(k));
+        } else {
+          kernel_block(plan->tensors(), plan->chunks(), plan->num_chunks, block, grid, tid,
+                       threads, arg);
+        }
+      }
+    }
+  } catch (const std::runtime_error& e) {
+    TORCH_CHECK(false, op, ": ", e.what());
+  }
+}
+
 // The chunk rows a plan would hold for tensors of these sizes, as an int64
 // tensor [num_chunks, 3] of (tensor, start, len): lets tests check the
 // 64-bit index arithmetic for sizes no test machine can allocate.
@@ -140,6 +190,10 @@ TORCH_LIBRARY(ema_cuda_testing, m) {
       "Tensor(b!)[] copy_ema, Tensor[] copy_model, float decay, "
       "int chunk_size=65536, int threads=512, int sm_count=132, "
       "Tensor? decay_tensor=None, int first_chunk=0, int end_chunk=-1) -> ()");
+  m.def(
+      "emulate_cuda_multi_update_(Tensor(a!)[] ema, Tensor[] model, float[] decays, "
+      "int chunk_size=65536, int threads=512, int sm_count=132, "
+      "Tensor? decays_tensor=None) -> ()");
   m.def("cpu_update_range_(Tensor(a!)[] ema, Tensor[] model, float decay, int lo, int hi) -> ()");
   m.def("plan_chunks(int[] numels, int chunk_size) -> Tensor", &plan_chunks);
   m.def("vector_head(int ema_addr, int model_addr, ScalarType ema_dtype, "
@@ -155,12 +209,14 @@ TORCH_LIBRARY(ema_cuda_testing, m) {
 
 TORCH_LIBRARY_IMPL(ema_cuda_testing, CPU, m) {
   m.impl("emulate_cuda_update_", &emulate_cuda_update);
+  m.impl("emulate_cuda_multi_update_", &emulate_cuda_multi_update);
   m.impl("cpu_update_range_", &cpu_update_range);
 }
 
 // Like the public op: the EMA tensors never take part in autograd.
 TORCH_LIBRARY_IMPL(ema_cuda_testing, Autograd, m) {
   m.impl("emulate_cuda_update_", torch::CppFunction::makeFallthrough());
+  m.impl("emulate_cuda_multi_update_", torch::CppFunction::makeFallthrough());
   m.impl("cpu_update_range_", torch::CppFunction::makeFallthrough());
 }
 

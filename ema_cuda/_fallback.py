@@ -16,10 +16,22 @@ from typing import Dict, List, Sequence, Tuple, Union
 
 import torch
 
-from ema_cuda._checks import check_copy_lists, check_decay, check_decay_tensor, check_lists, check_no_overlap
+from ema_cuda._checks import (
+    check_copy_lists,
+    check_decay,
+    check_decay_tensor,
+    check_decays,
+    check_decays_tensor,
+    check_lists,
+    MAX_PROFILES,
+    check_multi_lists,
+    check_no_overlap,
+)
 
 OP_NAME = "ema_cuda::ema_update_"
 UPDATER_NAME = "ema_cuda.FusedUpdater"
+MULTI_OP_NAME = "ema_cuda::multi_ema_update_"
+MULTI_UPDATER_NAME = "ema_cuda.MultiFusedUpdater"
 
 
 def _acc_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
@@ -96,6 +108,37 @@ def update_tensor(ema: List[torch.Tensor], model: List[torch.Tensor], decay: tor
     apply(ema, model, decay)
 
 
+def _decays_tensor_values(op: str, decays: torch.Tensor, ema: Sequence[torch.Tensor], expected=None) -> None:
+    """The decays tensor's checks; off CUDA its values are read anyway, so their range is checked too."""
+    check_decays_tensor(op, decays, ema, expected)
+    if not decays.is_cuda:
+        check_decays(op, decays.tolist())
+
+
+def apply_multi(ema: List[torch.Tensor], model: List[torch.Tensor], decays) -> None:
+    """Profile k's EMAs ``ema[k * n:(k + 1) * n]`` from ``model`` with ``decays[k]``: :func:`apply` once per
+    profile, so the result is that of one single-op update per profile, bit for bit.  No checks."""
+    n = len(model)
+    for k in range(len(decays)):
+        apply(ema[k * n : (k + 1) * n], model, decays[k])
+
+
+def multi_update(ema: List[torch.Tensor], model: List[torch.Tensor], decays: List[float]) -> None:
+    """``ema_cuda::multi_ema_update_`` with float decays: every check, then :func:`apply_multi`."""
+    check_decays(MULTI_OP_NAME, decays)
+    check_multi_lists(MULTI_OP_NAME, ema, model, len(decays))
+    check_no_overlap(MULTI_OP_NAME, ema, model, profiles=len(decays))
+    apply_multi(ema, model, decays)
+
+
+def multi_update_tensor(ema: List[torch.Tensor], model: List[torch.Tensor], decays: torch.Tensor) -> None:
+    """``ema_cuda::multi_ema_update_.Tensor``: every check, then :func:`apply_multi`."""
+    _decays_tensor_values(MULTI_OP_NAME, decays, ema)
+    check_multi_lists(MULTI_OP_NAME, ema, model, decays.numel())
+    check_no_overlap(MULTI_OP_NAME, ema, model, profiles=decays.numel())
+    apply_multi(ema, model, decays)
+
+
 class ListUpdater:
     """What ``ema_cuda._C.ListUpdater`` does, in Python: the fallback side of :class:`ema_cuda.FusedUpdater`.
 
@@ -153,6 +196,45 @@ class ListUpdater:
         return len(self._copy_ema)
 
 
+class MultiListUpdater:
+    """What ``ema_cuda._C.MultiListUpdater`` does, in Python: the fallback side of
+    :class:`ema_cuda.ops.MultiFusedUpdater` (``profiles`` EMAs of each model tensor, ``ema`` profile-major)."""
+
+    def __init__(self, ema: Sequence[torch.Tensor], model: Sequence[torch.Tensor], profiles: int):
+        if not 1 <= profiles <= MAX_PROFILES:
+            raise RuntimeError(
+                f"{MULTI_UPDATER_NAME}: got {profiles} EMA profiles; one multi-EMA update takes 1 to {MAX_PROFILES} "
+                "profiles"
+            )
+        self._ema, self._model, self.profiles = list(ema), list(model), profiles
+        self._check()
+
+    def _check(self) -> None:
+        check_multi_lists(MULTI_UPDATER_NAME, self._ema, self._model, self.profiles)
+        check_no_overlap(MULTI_UPDATER_NAME, self._ema, self._model, profiles=self.profiles)
+
+    def ready(self) -> bool:
+        try:
+            self._check()
+        except (RuntimeError, TypeError):
+            return False
+        return True
+
+    def update(self, decays: List[float]) -> None:
+        check_decays(MULTI_UPDATER_NAME, decays, self.profiles)
+        self._check()
+        apply_multi(self._ema, self._model, decays)
+
+    def update_tensor(self, decays: torch.Tensor) -> None:
+        _decays_tensor_values(MULTI_UPDATER_NAME, decays, self._ema, self.profiles)
+        self._check()
+        apply_multi(self._ema, self._model, decays)
+
+    @property
+    def num_tensors(self) -> int:
+        return len(self._ema)
+
+
 _library = None
 
 
@@ -170,4 +252,10 @@ def define_ops() -> None:
     # must not require grad, which the checks enforce).
     lib.impl("ema_update_", torch.library.fallthrough_kernel, "Autograd")
     lib.impl("ema_update_.Tensor", torch.library.fallthrough_kernel, "Autograd")
+    lib.define("multi_ema_update_.Tensor(Tensor(a!)[] ema, Tensor[] model, Tensor decays) -> ()")
+    lib.define("multi_ema_update_(Tensor(a!)[] ema, Tensor[] model, float[] decays) -> ()")
+    lib.impl("multi_ema_update_", multi_update, "CompositeExplicitAutograd")
+    lib.impl("multi_ema_update_.Tensor", multi_update_tensor, "CompositeExplicitAutograd")
+    lib.impl("multi_ema_update_", torch.library.fallthrough_kernel, "Autograd")
+    lib.impl("multi_ema_update_.Tensor", torch.library.fallthrough_kernel, "Autograd")
     _library = lib

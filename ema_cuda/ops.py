@@ -1,4 +1,6 @@
-"""The fused EMA op: ``ema[i] = ema[i] * decay + model[i] * (1 - decay)``.
+"""The fused EMA op: ``ema[i] = ema[i] * decay + model[i] * (1 - decay)``, and its
+multi-EMA form, K EMAs of one model in one pass (:func:`multi_ema_update_`,
+:class:`MultiFusedUpdater`).
 
 Two backends provide the same ops under ``torch.ops.ema_cuda``:
 
@@ -22,12 +24,19 @@ from __future__ import annotations
 import operator
 import os
 import warnings
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import torch
 
 from ema_cuda import _fallback
-from ema_cuda._checks import check_decay, check_decay_tensor, check_lists
+from ema_cuda._checks import (
+    check_decay,
+    check_decay_tensor,
+    check_decays,
+    check_decays_tensor,
+    check_lists,
+    check_multi_lists,
+)
 
 # Part of this module's API (the EMA layer packs its tensors by these rules).
 from ema_cuda._checks import SUPPORTED_DTYPES, is_dense, same_layout  # noqa: F401
@@ -35,6 +44,8 @@ from ema_cuda._checks import SUPPORTED_DTYPES, is_dense, same_layout  # noqa: F4
 __all__ = [
     "ema_update_",
     "FusedUpdater",
+    "multi_ema_update_",
+    "MultiFusedUpdater",
     "backend",
     "cuda_kernel_available",
     "fallback_reason",
@@ -43,6 +54,7 @@ __all__ = [
 ]
 
 OP_NAME = _fallback.OP_NAME
+MULTI_OP_NAME = _fallback.MULTI_OP_NAME
 _BACKEND_ENV = "EMA_CUDA_BACKEND"
 _C = None
 _fallback_reason: Optional[str] = None
@@ -152,6 +164,18 @@ def _ema_update_tensor_fake(ema, model, decay):
     check_lists(OP_NAME, ema, model)
 
 
+@torch.library.register_fake("ema_cuda::multi_ema_update_")
+def _multi_ema_update_fake(ema, model, decays):
+    check_decays(MULTI_OP_NAME, decays)
+    check_multi_lists(MULTI_OP_NAME, ema, model, len(decays))
+
+
+@torch.library.register_fake("ema_cuda::multi_ema_update_.Tensor")
+def _multi_ema_update_tensor_fake(ema, model, decays):
+    check_decays_tensor(MULTI_OP_NAME, decays, ema)
+    check_multi_lists(MULTI_OP_NAME, ema, model, decays.numel())
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -253,6 +277,108 @@ class FusedUpdater:
 
     def __len__(self) -> int:
         return len(self.ema)
+
+
+def _flatten_profiles(
+    name: str, emas: Sequence[Sequence[torch.Tensor]], model: Sequence[torch.Tensor], decays=None
+) -> List[torch.Tensor]:
+    """``emas`` (K lists, each pairing ``model[i]`` with ``emas[k][i]``) as the op's profile-major list."""
+    emas = [list(e) for e in emas]
+    if decays is not None:
+        count = decays.numel() if isinstance(decays, torch.Tensor) and decays.dim() == 1 else None
+        if not isinstance(decays, torch.Tensor):
+            count = len(decays)
+        if count is not None and count != len(emas):
+            raise RuntimeError(f"{name}: got {len(emas)} EMA lists but {count} decays; one decay per EMA list")
+    for k, e in enumerate(emas):
+        if len(e) != len(model):
+            raise RuntimeError(
+                f"{name}: ema[{k}] has {len(e)} tensors but model has {len(model)}; each EMA list pairs one tensor "
+                "with each model tensor"
+            )
+    return [t for e in emas for t in e]
+
+
+def multi_ema_update_(
+    emas: Sequence[Sequence[torch.Tensor]],
+    model: Sequence[torch.Tensor],
+    decays: Union[Sequence[float], torch.Tensor],
+) -> None:
+    """Updates K EMAs of one model in one pass: ``emas[k][i] = lerp(emas[k][i], model[i], 1 - decays[k])``.
+
+    Each model element is read once for all K EMAs (fp32: 4 + 8K bytes per
+    element instead of 12K); per EMA the arithmetic is :func:`ema_update_`'s,
+    and the result is bit-identical to K calls of it with the same decays.
+
+    Args:
+        emas: K lists of EMA tensors (1 <= K <= 16), ``emas[k][i]`` pairing
+            with ``model[i]`` under :func:`ema_update_`'s rules (dtypes,
+            shape, layout, device).  No EMA tensor may overlap another, in the
+            same list or another, or a model tensor.
+        model: the tensors averaged in, read once.
+        decays: K Python floats in ``[0, 1]``, or a 1-dim float32/float64
+            tensor of K elements on the tensors' device (read by the CUDA
+            kernel: no host sync, capturable in a CUDA graph; its range is then
+            not checked).
+
+    Flattens to one call of ``torch.ops.ema_cuda.multi_ema_update_`` with the
+    EMAs profile-major (``emas[k][i]`` at ``k * len(model) + i``); its errors
+    name ``ema[k][i]``.  Every check runs before any write.  For a per-step
+    update of the same lists, :class:`MultiFusedUpdater` is the hot path.
+    """
+    model = list(model)
+    if not isinstance(decays, torch.Tensor):
+        decays = [float(d) for d in decays]
+    flat = _flatten_profiles(MULTI_OP_NAME, emas, model, decays)
+    if not flat and not model and not isinstance(decays, torch.Tensor):
+        # No tensor to dispatch on: still a checked no-op (as ema_update_).
+        check_decays(MULTI_OP_NAME, decays)
+        return
+    if isinstance(decays, torch.Tensor):
+        torch.ops.ema_cuda.multi_ema_update_.Tensor(flat, model, decays)
+    else:
+        torch.ops.ema_cuda.multi_ema_update_.default(flat, model, decays)
+
+
+class MultiFusedUpdater:
+    """:class:`FusedUpdater` for K EMAs of one model: ``update(decays)`` does what
+    ``multi_ema_update_(emas, model, decays)`` does, from a plan built once.
+
+    ``emas`` is K lists (1 <= K <= 16), ``emas[k][i]`` pairing with
+    ``model[i]``; each update reads every model element once for all K EMAs,
+    in one kernel launch (CUDA) or one parallel region (CPU), and checks per
+    call only that the live tensors still match the plan (NOTE [plan
+    validity]).  ``decays`` is K floats, or a 1-dim float32/float64 tensor of
+    K elements on the tensors' device (the form a CUDA graph captures).
+    ``len()`` is the number of model tensors, :attr:`profiles` is K.
+    """
+
+    def __init__(self, emas: Sequence[Sequence[torch.Tensor]], model: Sequence[torch.Tensor]):
+        self.emas = [list(e) for e in emas]
+        self.model = list(model)
+        flat = _flatten_profiles(_fallback.MULTI_UPDATER_NAME, self.emas, self.model)
+        updater = _C.MultiListUpdater if _C is not None else _fallback.MultiListUpdater
+        self._impl = updater(flat, self.model, len(self.emas))
+
+    @property
+    def profiles(self) -> int:
+        """K, the number of EMAs of each model tensor."""
+        return len(self.emas)
+
+    def ready(self) -> bool:
+        """True when :meth:`update` would run now; False when the lists can no longer be updated
+        (as :meth:`FusedUpdater.ready`)."""
+        return bool(self._impl.ready())
+
+    def update(self, decays: Union[Sequence[float], torch.Tensor]) -> None:
+        """One step of every EMA: ``emas[k]`` with ``decays[k]`` (K floats, or a 1-dim tensor of K)."""
+        if isinstance(decays, torch.Tensor):
+            self._impl.update_tensor(decays)
+        else:
+            self._impl.update([float(d) for d in decays])
+
+    def __len__(self) -> int:
+        return len(self.model)
 
 
 def entries_unchanged(owners: tuple, keys: tuple, objects: tuple, registries: tuple, sizes: tuple) -> bool:

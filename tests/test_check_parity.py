@@ -386,3 +386,147 @@ def test_both_sides_accept_alike(name, path):
         results.append(x.ema + x.copy_ema)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=2e-7, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- the multi-EMA op
+
+
+@dataclass
+class MultiInputs:
+    """``ema`` profile-major: ``ema[k * len(model) + i]`` is profile k's EMA of ``model[i]``."""
+
+    ema: List[torch.Tensor]
+    model: List[torch.Tensor]
+    decays: Union[List[float], torch.Tensor]
+    profiles: int = 0  # the updater's profile count; 0: one per decay
+
+    def k(self):
+        return self.profiles or len(self.decays)
+
+    def written(self):
+        return [t for t in self.ema if t.layout == torch.strided and t.device.type != "meta"]
+
+
+def _multi(k=2, sizes=(10, 20, 30), decays=None):
+    model = [torch.randn(s) for s in sizes]
+    ema = [torch.randn(s) for _ in range(k) for s in sizes]
+    return MultiInputs(ema, model, decays if decays is not None else [0.5 + 0.1 * j for j in range(k)])
+
+
+def _multi_with(row, tensor=None, model_row=None, model_tensor=None, **kw):
+    x = _multi(**kw)
+    if tensor is not None:
+        x.ema[row] = tensor
+    if model_tensor is not None:
+        x.model[model_row] = model_tensor
+    return x
+
+
+def _multi_shared_across_profiles():
+    x = _multi()
+    x.ema[4] = x.ema[1]
+    return x
+
+
+def _multi_model_is_a_later_ema():
+    x = _multi()
+    x.ema[3] = x.model[0]
+    return x
+
+
+def _multi_decays(decays, profiles=0):
+    x = _multi(decays=decays)
+    if profiles:
+        x = MultiInputs(_multi(k=profiles).ema, x.model, decays, profiles)
+    return x
+
+
+MULTI_CASES = [
+    Case("lengths", lambda: MultiInputs(_multi().ema[:5], _multi().model, [0.5, 0.6]),
+         r"got 5 ema tensors for 2 decays and 3 model tensors; expected 2 x 3 = 6"),
+    Case("int ema of profile 1", lambda: _multi_with(5, torch.zeros(30, dtype=torch.int64)),
+         r"ema\[1\]\[2\] has dtype torch\.int64; expected one of"),
+    Case("int model", lambda: _multi_with(0, model_row=1, model_tensor=torch.zeros(20, dtype=torch.int32)),
+         r"model\[1\] has dtype torch\.int32"),
+    Case("shape in profile 1", lambda: _multi_with(3, torch.randn(7)), r"ema\[1\]\[0\] has shape \[7\] but model\[0\] has shape \[10\]"),
+    Case("strided ema", lambda: _multi_with(4, torch.randn(40)[::2]), r"ema\[1\]\[1\] with shape \[20\] and strides \[2\] is not dense"),
+    Case("pair layouts", lambda: _multi_with(3, torch.randn(3, 4), 0, torch.randn(4, 3).t(), sizes=((3, 4), 20)),
+         r"ema\[0\]\[0\] has strides \[4, 1\] but model\[0\] has strides \[1, 3\]"),
+    Case("one tensor in two profiles", _multi_shared_across_profiles, r"ema\[0\]\[1\] and ema\[1\]\[1\] overlap in memory"),
+    Case("model is a later profile's ema", _multi_model_is_a_later_ema, r"model\[0\] overlaps ema\[1\]\[0\] in memory"),
+    Case("model on meta", lambda: _multi_with(0, model_row=1, model_tensor=torch.empty(20, device="meta")),
+         r"model\[1\] is on meta but ema\[0\]\[0\] is on cpu", op=False),
+    Case("ema requires grad", lambda: _multi_with(5, torch.zeros(30, requires_grad=True)), r"ema\[1\]\[2\] requires grad"),
+    Case("decays nan", lambda: _multi_decays([0.5, float("nan")]), r"decays\[1\] must be a finite number in \[0, 1\], got nan"),
+    Case("decays above one", lambda: _multi_decays([1.5, 0.5]), r"decays\[0\] must be a finite number in \[0, 1\], got 1\.5$"),
+    Case("no decays", lambda: _multi_decays([]), r"got 0 decays; one multi-EMA update takes 1 to 16 profiles", updater=False),
+    Case("17 decays", lambda: _multi_decays([0.5] * 17), r"got 17 decays; one multi-EMA update takes 1 to 16", updater=False),
+    Case("decays for other profiles", lambda: _multi_decays([0.5, 0.5, 0.5], profiles=2), r"got 3 decays for 2 EMA profiles",
+         op=False),
+    Case("decays tensor 0-dim", lambda: _multi_decays(torch.tensor(0.5)), r"a decays tensor must be 1-dim \(one decay per profile\), got shape \[\]",
+         updater=False),
+    Case("decays tensor 2-dim", lambda: _multi_decays(torch.tensor([[0.5, 0.5]]), profiles=2), r"must be 1-dim .*got shape \[1, 2\]"),
+    Case("decays tensor bf16", lambda: _multi_decays(torch.tensor([0.5, 0.5], dtype=torch.bfloat16)),
+         r"a decays tensor must be torch\.float32 or torch\.float64, got dtype torch\.bfloat16; decays near 1"),
+    Case("decays tensor int", lambda: _multi_decays(torch.tensor([1, 1])), r"got dtype torch\.int64$"),
+    Case("decays tensor out of range", lambda: _multi_decays(torch.tensor([0.5, 1.25])), r"decays\[1\] must be .* got 1\.25$"),
+    Case("decays tensor on meta", lambda: _multi_decays(torch.tensor([0.5, 0.5], device="meta")),
+         r"the decays tensor is on meta but the tensors are on cpu", op=False),
+    Case("bad decays and bad lists", lambda: MultiInputs(_multi().ema[:5], _multi().model, [0.5, 2.0]), r"decays\[1\] must be",
+         updater=False),
+]
+
+
+def _multi_step(updater, decays):
+    if isinstance(decays, torch.Tensor):
+        updater.update_tensor(decays)
+    else:
+        updater.update(decays)
+
+
+def _compiled_multi_updater(x: MultiInputs):
+    _multi_step(ops._C.MultiListUpdater(x.ema, x.model, x.k()), x.decays)
+
+
+def _python_multi_updater(x: MultiInputs):
+    _multi_step(_fallback.MultiListUpdater(x.ema, x.model, x.k()), x.decays)
+
+
+def _compiled_multi_op(x: MultiInputs):
+    overload = "Tensor" if isinstance(x.decays, torch.Tensor) else "default"
+    getattr(torch.ops.ema_cuda.multi_ema_update_, overload)(x.ema, x.model, x.decays)
+
+
+def _python_multi_op(x: MultiInputs):
+    if isinstance(x.decays, torch.Tensor):
+        _fallback.multi_update_tensor(x.ema, x.model, x.decays)
+    else:
+        _fallback.multi_update(x.ema, x.model, x.decays)
+
+
+MULTI_SIDES = {"updater": (_compiled_multi_updater, _python_multi_updater), "op": (_compiled_multi_op, _python_multi_op)}
+
+
+@pytest.mark.parametrize(
+    "case,path",
+    [pytest.param(c, "updater", id=f"updater-{c.name}") for c in MULTI_CASES if c.updater]
+    + [pytest.param(c, "op", id=f"op-{c.name}") for c in MULTI_CASES if c.op],
+)
+def test_both_sides_of_the_multi_op_reject_alike(case, path):
+    compiled, python = MULTI_SIDES[path]
+    from_cpp = _rejected(compiled, case)
+    from_python = _rejected(python, case)
+    assert type(from_cpp) is type(from_python)
+    assert str(from_cpp) == str(from_python)
+
+
+@pytest.mark.parametrize("path", ["updater", "op"])
+def test_both_sides_of_the_multi_op_accept_alike(path):
+    results = []
+    for run in MULTI_SIDES[path]:
+        torch.manual_seed(0)
+        x = _multi(k=3, decays=[0.0, 1.0, 0.3])
+        run(x)
+        results.append(x.ema)
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=2e-7, atol=1e-7)

@@ -120,6 +120,56 @@ void cpu_chunk_group(const TensorEntry* tensors, const ChunkEntry* rows,
   }
 }
 
+// The decays of a multi-EMA update as each kernel uses them: d and 1 - d
+// (the latter computed in double), in the accumulation type.
+template <typename Acc>
+struct Weights {
+  Acc d[kMaxProfiles], w[kMaxProfiles];
+  Weights(const double* decays, int profiles) {
+    for (int k = 0; k < profiles; ++k) {
+      d[k] = static_cast<Acc>(decays[k]);
+      w[k] = static_cast<Acc>(1.0 - decays[k]);
+    }
+  }
+};
+
+// Elements [start, start + len) of a model tensor into its `profiles` EMAs
+// (rows[k * stride]), each model element read once (NOTE [several EMAs]):
+// per profile the arithmetic of cpu_chunk.
+template <typename E, typename M>
+void cpu_multi_chunk(const TensorEntry* rows, int64_t stride, int profiles, int64_t start,
+                     int64_t len, const double* decays) {
+  using Acc = typename AccType<E, M>::type;
+  const M* m = static_cast<const M*>(rows[0].model) + start;
+  E* e[kMaxProfiles];
+  for (int k = 0; k < profiles; ++k) e[k] = static_cast<E*>(rows[k * stride].ema) + start;
+  const Weights<Acc> wt(decays, profiles);
+  int64_t i = 0;
+  if constexpr (kVectorPath<E, M>) {
+    FVec vd[kMaxProfiles], vw[kMaxProfiles];
+    for (int k = 0; k < profiles; ++k) {
+      vd[k] = FVec(wt.d[k]);
+      vw[k] = FVec(wt.w[k]);
+    }
+    for (; i + 2 * kF <= len; i += 2 * kF) {
+      FVec m0, m1;
+      load2<M>(m + i, m0, m1);
+      for (int k = 0; k < profiles; ++k) {
+        FVec e0, e1;
+        load2<E>(e[k] + i, e0, e1);
+        store2<E>(e[k] + i, at::vec::fmadd(e0, vd[k], m0 * vw[k]),
+                  at::vec::fmadd(e1, vd[k], m1 * vw[k]));
+      }
+    }
+  }
+  for (; i < len; ++i) {
+    const Acc mi = static_cast<Acc>(m[i]);
+    for (int k = 0; k < profiles; ++k) {
+      e[k][i] = static_cast<E>(ema_fma<Acc>(static_cast<Acc>(e[k][i]), wt.d[k], mi, wt.w[k]));
+    }
+  }
+}
+
 // Up to kGroup chunks of at most kGroupMaxLen elements are grouped (8, else
 // 4, else 2); longer ones are streams long enough for the hardware
 // prefetcher.  Kernel time over the flat-buffer limit's on 10k x 1k, two
@@ -140,18 +190,22 @@ constexpr int64_t kGroupMaxLen = 1 << 14;
 // nothing.
 constexpr int64_t kTouchAhead = 8;
 
+// A multi-EMA chunk row (`profiles` > 1) touches every profile's EMA too.
 inline void touch_chunk(const TensorEntry* tensors, const ChunkEntry* chunks,
-                        int64_t k, int64_t num_chunks) {
+                        int64_t k, int64_t num_chunks, int64_t stride = 0, int profiles = 1) {
   if (k >= num_chunks) return;
   const ChunkEntry& c = chunks[k];
   const TensorEntry& t = tensors[c.tensor];
   const int64_t es = dtype_size(t.ema_dtype), ms = dtype_size(t.model_dtype);
-  const char* e = static_cast<const char*>(t.ema) + c.start * es;
   const char* m = static_cast<const char*>(t.model) + c.start * ms;
-  __builtin_prefetch(e, 1);
-  __builtin_prefetch(e + (c.len - 1) * es, 1);
   __builtin_prefetch(m, 0);
   __builtin_prefetch(m + (c.len - 1) * ms, 0);
+  if (c.tensor >= stride || !t.fused) profiles = 1;
+  for (int p = 0; p < profiles; ++p) {
+    const char* e = static_cast<const char*>(tensors[c.tensor + p * stride].ema) + c.start * es;
+    __builtin_prefetch(e, 1);
+    __builtin_prefetch(e + (c.len - 1) * es, 1);
+  }
 }
 
 using ChunkFn = void (*)(const TensorEntry&, int64_t, int64_t, double);
@@ -184,7 +238,15 @@ struct GroupFns {
   template <typename E, typename M>
   static constexpr Fn fn = &cpu_chunk_group<E, M, W>;
 };
+using MultiChunkFn = void (*)(const TensorEntry*, int64_t, int, int64_t, int64_t, const double*);
+struct MultiChunkFns {
+  using Fn = MultiChunkFn;
+  template <typename E, typename M>
+  static constexpr Fn fn = &cpu_multi_chunk<E, M>;
+};
 constexpr auto kCpuChunkFns = pair_table<ChunkFns>();
+constexpr auto kCpuMultiChunkFns = pair_table<MultiChunkFns>();
+
 constexpr auto kCpuGroup2Fns = pair_table<GroupFns<2>>();
 constexpr auto kCpuGroup4Fns = pair_table<GroupFns<4>>();
 constexpr auto kCpuGroup8Fns = pair_table<GroupFns<kGroup>>();
@@ -234,6 +296,70 @@ void cpu_run_range(const Plan& plan, double decay, int64_t lo, int64_t hi) {
   }
 }
 
+// cpu_run_range for a multi-EMA plan (NOTE [several EMAs]): the same walk,
+// each chunk row of a model tensor updating all its profiles.
+void cpu_run_range_multi(const Plan& plan, const double* decays, int64_t lo, int64_t hi) {
+  const TensorEntry* tensors = plan.tensors();
+  const ChunkEntry* chunks = plan.chunks();
+  const int64_t* ends = plan.chunk_ends.data();
+  const int64_t stride = plan.stride;
+  const int profiles = static_cast<int>(plan.profiles);
+  int64_t k = std::upper_bound(ends, ends + plan.num_chunks, lo) - ends;
+  for (; k < plan.num_chunks; ++k) {
+    const int64_t begin = ends[k] - chunks[k].len;
+    if (begin >= hi) break;
+    touch_chunk(tensors, chunks, k + kTouchAhead, plan.num_chunks, stride, profiles);
+    const ChunkEntry& c = chunks[k];
+    const TensorEntry& t = tensors[c.tensor];
+    const int64_t s = std::max(lo, begin) - begin;
+    const int64_t n = std::min(hi, ends[k]) - begin - s;
+    if (t.ema_dtype == kBytes) {  // a copied pair
+      std::memmove(static_cast<char*>(t.ema) + c.start + s,
+                   static_cast<const char*>(t.model) + c.start + s, n);
+      continue;
+    }
+    if (c.tensor >= stride || !t.fused) {  // one profile's row
+      kCpuChunkFns[t.ema_dtype][t.model_dtype](
+          t, c.start + s, n, decays[row_profile(c.tensor, stride, profiles)]);
+      continue;
+    }
+    // Small model tensors: the single op's groups, one profile after the
+    // other.  The group's model chunks (at most 8 x 64 KiB) are then read
+    // from cache by every profile but the first: the memory traffic of one
+    // pass, with the single op's tuned streams (a fused pass over groups of
+    // 1 + K streams per tensor measured slower on 10k x 1k).
+    int g = 0;
+    if (begin >= lo) {
+      while (g < kGroup && k + g < plan.num_chunks && ends[k + g] <= hi &&
+             chunks[k + g].len <= kGroupMaxLen && chunks[k + g].tensor < stride) {
+        // Only fused model tensors' rows, all of t's dtypes.
+        const TensorEntry& u = tensors[chunks[k + g].tensor];
+        if (!u.fused || u.ema_dtype != t.ema_dtype || u.model_dtype != t.model_dtype) break;
+        ++g;
+      }
+    }
+    if (g >= 2) {
+      const int w = g == kGroup ? kGroup : (g >= 4 ? 4 : 2);
+      for (int j = 1; j < w; ++j) {
+        touch_chunk(tensors, chunks, k + j + kTouchAhead, plan.num_chunks, stride, profiles);
+      }
+      const auto& fns = w == kGroup ? kCpuGroup8Fns : (w == 4 ? kCpuGroup4Fns : kCpuGroup2Fns);
+      ChunkEntry rows[kGroup];
+      for (int p = 0; p < profiles; ++p) {
+        for (int j = 0; j < w; ++j) {
+          rows[j] = chunks[k + j];
+          rows[j].tensor += static_cast<int32_t>(p * stride);
+        }
+        fns[t.ema_dtype][t.model_dtype](tensors, rows, decays[p]);
+      }
+      k += w - 1;
+      continue;
+    }
+    kCpuMultiChunkFns[t.ema_dtype][t.model_dtype](tensors + c.tensor, stride, profiles,
+                                                   c.start + s, n, decays);
+  }
+}
+
 // Work units of the CPU kernel: 64K elements (256 KiB of an fp32 EMA), small
 // enough that a helper descheduled in the middle of one delays the call by
 // little, large enough that claiming one (an atomic add) costs nothing.
@@ -247,6 +373,19 @@ void cpu_update(const Plan& plan, double decay) {
   const int64_t units = (total + kCpuWorkUnit - 1) / kCpuWorkUnit;
   WorkPool::run(units, at::get_num_threads() - 1, [&](int64_t u) {
     cpu_run_range(plan, decay, u * kCpuWorkUnit, std::min(total, (u + 1) * kCpuWorkUnit));
+  });
+}
+
+void cpu_multi_update(const Plan& plan, const double* decays) {
+  if (!plan.multi || plan.profiles == 1) {
+    cpu_update(plan, decays[0]);  // the single op's kernel: the same bits
+    return;
+  }
+  const int64_t total = plan.num_units;
+  if (total == 0) return;
+  const int64_t units = (total + kCpuWorkUnit - 1) / kCpuWorkUnit;
+  WorkPool::run(units, at::get_num_threads() - 1, [&](int64_t u) {
+    cpu_run_range_multi(plan, decays, u * kCpuWorkUnit, std::min(total, (u + 1) * kCpuWorkUnit));
   });
 }
 
@@ -275,11 +414,27 @@ void ema_update_tensor_cpu(at::TensorList ema, at::TensorList model,
   cpu_update(*get_plan(kOpName, {ema, model}, kCpuChunk), d);
 }
 
+void multi_ema_update_cpu(at::TensorList ema, at::TensorList model, at::ArrayRef<double> decays) {
+  check_decays(kMultiOpName, decays);
+  const auto k = static_cast<int64_t>(decays.size());
+  cpu_multi_update(*get_plan(kMultiOpName, multi_lists(ema, model, k), kCpuChunk), decays.data());
+}
+
+void multi_ema_update_tensor_cpu(at::TensorList ema, at::TensorList model,
+                                 const at::Tensor& decays) {
+  check_decays_tensor(kMultiOpName, decays, ema);
+  const std::vector<double> d = read_decays(kMultiOpName, decays);
+  const auto k = static_cast<int64_t>(d.size());
+  cpu_multi_update(*get_plan(kMultiOpName, multi_lists(ema, model, k), kCpuChunk), d.data());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ema_cuda, CPU, m) {
   m.impl("ema_update_", &ema_update_cpu);
   m.impl("ema_update_.Tensor", &ema_update_tensor_cpu);
+  m.impl("multi_ema_update_", &multi_ema_update_cpu);
+  m.impl("multi_ema_update_.Tensor", &multi_ema_update_tensor_cpu);
 }
 
 }  // namespace ema_cuda

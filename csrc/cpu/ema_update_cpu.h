@@ -16,5 +16,9 @@ void cpu_update(const Plan& plan, double decay);
 // Units [lo, hi) of the concatenation of all chunks of `plan` (a unit is an
 // element, or a byte of a copied pair), on the calling thread only.
 void cpu_run_range(const Plan& plan, double decay, int64_t lo, int64_t hi);
+// The update of every pair of a multi-EMA plan (NOTE [several EMAs]), with
+// `plan.profiles` checked decays; a plan of one profile runs cpu_update.
+void cpu_multi_update(const Plan& plan, const double* decays);
+void cpu_run_range_multi(const Plan& plan, const double* decays, int64_t lo, int64_t hi);
 
 }  // namespace ema_cuda

@@ -29,6 +29,18 @@ __global__ void __launch_bounds__(kCudaThreads, kCudaBlocksPerSM)
                blockDim.x, decay_arg);
 }
 
+// A multi-EMA plan of `profiles` > 1 (NOTE [several EMAs]).
+__global__ void __launch_bounds__(kCudaThreads, kCudaMultiBlocksPerSM)
+    multi_ema_update_kernel(const TensorEntry* __restrict__ tensors,
+                            const ChunkEntry* __restrict__ chunks, int64_t num_chunks,
+                            DecayArg decay_arg, int64_t stride, int profiles) {
+  __shared__ double decays[kMaxProfiles];
+  load_decays(decay_arg, profiles, threadIdx.x, blockDim.x, decays);
+  __syncthreads();
+  multi_kernel_block(tensors, chunks, num_chunks, blockIdx.x, gridDim.x, threadIdx.x,
+                     blockDim.x, decays, stride, profiles);
+}
+
 // Cached per device; atomics, since several threads may launch at once
 // (a racing first query only asks the driver twice).
 int sm_count(int device) {
@@ -73,7 +85,7 @@ void ema_update_cuda(at::TensorList ema, at::TensorList model, double decay) {
   check_decay(kOpName, decay);
   if (ema.empty() && model.empty()) return;
   const c10::cuda::CUDAGuard guard((ema.empty() ? model : ema)[0].device());
-  cuda_launch(get_plan(kOpName, {ema, model}, kCudaChunk), nullptr, decay);
+  cuda_launch(get_plan(kOpName, {ema, model}, kCudaChunk), make_decay_arg(decay, nullptr));
 }
 
 void ema_update_tensor_cuda(at::TensorList ema, at::TensorList model,
@@ -81,7 +93,25 @@ void ema_update_tensor_cuda(at::TensorList ema, at::TensorList model,
   check_decay_tensor(kOpName, decay, ema);
   if (ema.empty() && model.empty()) return;
   const c10::cuda::CUDAGuard guard((ema.empty() ? model : ema)[0].device());
-  cuda_launch(get_plan(kOpName, {ema, model}, kCudaChunk), &decay, 0.0);
+  cuda_launch(get_plan(kOpName, {ema, model}, kCudaChunk), make_decay_arg(0.0, &decay));
+}
+
+void multi_ema_update_cuda(at::TensorList ema, at::TensorList model, at::ArrayRef<double> decays) {
+  check_decays(kMultiOpName, decays);
+  if (ema.empty() && model.empty()) return;
+  const c10::cuda::CUDAGuard guard((ema.empty() ? model : ema)[0].device());
+  const auto k = static_cast<int64_t>(decays.size());
+  cuda_launch(get_plan(kMultiOpName, multi_lists(ema, model, k), kCudaChunk),
+              make_decays_arg(decays, nullptr));
+}
+
+void multi_ema_update_tensor_cuda(at::TensorList ema, at::TensorList model,
+                                  const at::Tensor& decays) {
+  check_decays_tensor(kMultiOpName, decays, ema);
+  if (ema.empty() && model.empty()) return;
+  const c10::cuda::CUDAGuard guard((ema.empty() ? model : ema)[0].device());
+  cuda_launch(get_plan(kMultiOpName, multi_lists(ema, model, decays.numel()), kCudaChunk),
+              make_decays_arg({}, &decays));
 }
 
 }  // namespace
@@ -128,8 +158,7 @@ bool cuda_capturing(const c10::Device& device) {
   return status != cudaStreamCaptureStatusNone;
 }
 
-void cuda_launch(const PlanPtr& plan_ptr, const at::Tensor* decay_tensor,
-                 double decay) {
+void cuda_launch(const PlanPtr& plan_ptr, const DecayArg& arg) {
   const Plan& plan = *plan_ptr;
   if (plan.num_chunks == 0) return;
   const c10::cuda::CUDAGuard guard(plan.device);
@@ -152,17 +181,26 @@ void cuda_launch(const PlanPtr& plan_ptr, const at::Tensor* decay_tensor,
     }
   }
 
-  const DecayArg arg = make_decay_arg(decay, decay_tensor);
-  const int64_t blocks =
-      grid_blocks(plan.num_chunks, sm_count(plan.device.index()), kCudaBlocksPerSM);
-  ema_update_kernel<<<static_cast<unsigned>(blocks), kCudaThreads, 0, stream>>>(
-      plan.tensors(), plan.chunks(), plan.num_chunks, arg);
+  const bool multi = plan.multi && plan.profiles > 1;
+  const int64_t blocks = grid_blocks(plan.num_chunks, sm_count(plan.device.index()),
+                                     multi ? kCudaMultiBlocksPerSM : kCudaBlocksPerSM);
+  const auto grid = static_cast<unsigned>(blocks);
+  if (multi) {
+    multi_ema_update_kernel<<<grid, kCudaThreads, 0, stream>>>(
+        plan.tensors(), plan.chunks(), plan.num_chunks, arg, plan.stride,
+        static_cast<int>(plan.profiles));
+  } else {
+    ema_update_kernel<<<grid, kCudaThreads, 0, stream>>>(plan.tensors(), plan.chunks(),
+                                                          plan.num_chunks, arg);
+  }
   check_launch(plan.device.index());
 }
 
 TORCH_LIBRARY_IMPL(ema_cuda, CUDA, m) {
   m.impl("ema_update_", &ema_update_cuda);
   m.impl("ema_update_.Tensor", &ema_update_tensor_cuda);
+  m.impl("multi_ema_update_", &multi_ema_update_cuda);
+  m.impl("multi_ema_update_.Tensor", &multi_ema_update_tensor_cuda);
 }
 
 }  // namespace ema_cuda

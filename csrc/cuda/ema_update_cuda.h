@@ -22,14 +22,40 @@ constexpr int kCudaThreads = 512;
 // so that every block is resident at once.  The host emulation sizes its
 // grid the same way.
 constexpr int kCudaBlocksPerSM = 2;
+// The multi-EMA kernel (NOTE [several EMAs]) holds a model tensor's packs
+// while it loads each profile's: within 64 registers it spilled (sm_90, nvcc
+// 13.0), so it is compiled for one resident block per SM (128 registers)
+// and its grid sized to match.
+constexpr int kCudaMultiBlocksPerSM = 1;
 
 // The kernel's decay argument: `value`, or a pointer to `decay_tensor` (a
 // checked 0-dim fp32/fp64 tensor on the tensors' device) when given.  Built
 // here for the launch and the host emulation alike.
 inline DecayArg make_decay_arg(double value, const at::Tensor* decay_tensor) {
-  if (decay_tensor == nullptr) return {value, nullptr, kF32};
-  return {0.0, decay_tensor->const_data_ptr(),
-          decay_tensor->scalar_type() == at::kDouble ? kF64 : kF32};
+  DecayArg arg{};
+  arg.values[0] = value;
+  arg.dtype = kF32;
+  if (decay_tensor != nullptr) {
+    arg.ptr = decay_tensor->const_data_ptr();
+    arg.dtype = decay_tensor->scalar_type() == at::kDouble ? kF64 : kF32;
+  }
+  return arg;
+}
+
+// The multi-EMA op's decays: `values` (checked, at most kMaxProfiles), or
+// the checked 1-dim `decays_tensor`, read on the device `stride` apart.
+inline DecayArg make_decays_arg(c10::ArrayRef<double> values, const at::Tensor* decays_tensor) {
+  DecayArg arg{};
+  for (size_t k = 0; k < values.size() && k < static_cast<size_t>(kMaxProfiles); ++k) {
+    arg.values[k] = values[k];
+  }
+  arg.dtype = kF32;
+  if (decays_tensor != nullptr) {
+    arg.ptr = decays_tensor->const_data_ptr();
+    arg.stride = decays_tensor->stride(0);
+    arg.dtype = decays_tensor->scalar_type() == at::kDouble ? kF64 : kF32;
+  }
+  return arg;
 }
 
 // True when this build contains the CUDA kernel.
@@ -40,8 +66,9 @@ bool cuda_capturing(const c10::Device& device);
 // these host rows: NOTE [table upload] in ema_update_cuda.cu.
 void upload_tables(Plan& plan, const void* tensor_rows, size_t tensor_bytes,
                    const void* chunk_rows, size_t chunk_bytes);
-// Launches the update of every pair of `plan` on the current stream;
-// `decay_tensor`, when given, replaces `decay` and is read on the device.
-void cuda_launch(const PlanPtr& plan, const at::Tensor* decay_tensor, double decay);
+// Launches the update of every pair of `plan` on the current stream, with
+// the decay(s) of `decays` (make_decay_arg, or make_decays_arg for a
+// multi-EMA plan: one launch for all its profiles).
+void cuda_launch(const PlanPtr& plan, const DecayArg& decays);
 
 }  // namespace ema_cuda

@@ -16,7 +16,7 @@ void upload_tables(Plan&, const void*, size_t, const void*, size_t) {
   TORCH_CHECK(false, kOpName, ": this build of ema_cuda has no CUDA kernel");
 }
 
-void cuda_launch(const PlanPtr&, const at::Tensor*, double) {
+void cuda_launch(const PlanPtr&, const DecayArg&) {
   TORCH_CHECK(false, kOpName, ": this build of ema_cuda has no CUDA kernel");
 }
 
