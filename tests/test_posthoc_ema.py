@@ -254,27 +254,23 @@ def test_swapped_and_copy_to_choose_a_profile():
     assert_bit_identical(model.state_dict(), ph.emas[0].state_dict())
 
 
-def test_multi_op_path(monkeypatch):
-    # The fused multi-EMA op's API, as a stand-in: the class must give the
-    # same result whichever path updates the profiles.
+def test_one_multi_ema_call_per_update(monkeypatch):
+    # Every profile moves in one fused multi-EMA call; no per-profile update runs.
     calls = []
 
-    class Multi:
-        def __init__(self, emas, model):
-            self.emas, self.model = emas, model
-
-        def ready(self):
-            return True
-
+    class Spy(ops.MultiFusedUpdater):
         def update(self, decays):
             calls.append(list(decays))
-            for ema, d in zip(self.emas, decays):
-                ops.ema_update_(ema, self.model, float(d))
+            super().update(decays)
+
+    def no_single_update(self, decay):
+        raise AssertionError("a per-profile FusedUpdater.update ran")
 
     want_model = seeded(Net)
     want = PostHocEMA(want_model, SIGMAS)
     _train(want_model, 5, [want])
-    monkeypatch.setattr(ops, "MultiFusedUpdater", Multi, raising=False)
+    monkeypatch.setattr(ops, "MultiFusedUpdater", Spy)
+    monkeypatch.setattr(ops.FusedUpdater, "update", no_single_update)
     model = seeded(Net)
     got = PostHocEMA(model, SIGMAS)
     _train(model, 5, [got])

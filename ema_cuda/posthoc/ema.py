@@ -107,9 +107,6 @@ def _updater(plans: Sequence[Plan]) -> Tuple[Callable[[], bool], Callable[[List[
     mains = [p.main for p in plans if p.main is not None]
     if not mains:
         return (lambda: True), (lambda decays: None)
-    # TEMPORARY until the multi op lands: the K single-EMA updaters of the plans, one after the other.
-    if not hasattr(ops, "MultiFusedUpdater"):
-        return (lambda: all(m.ready() for m in mains)), (lambda decays: [m.update(d) for m, d in zip(mains, decays)])
     multi = ops.MultiFusedUpdater([m.ema for m in mains], mains[0].model)
     copy_ema = [t for m in mains for t in m.copy_ema]
     copy_model = [t for m in mains for t in m.copy_model]
