@@ -85,7 +85,7 @@ fi
 
 stage tests "$LIMIT_TESTS" env EMA_CUDA_BACKEND=compiled EMA_CUDA_EXPECT_CUDA="$FORCE_CUDA" \
     "$PYTHON" -m pytest -q -ra --durations=10 -p no:cacheprovider tests
-# compute-sanitizer over the CUDA-only tests: out-of-bounds or misaligned
+# compute-sanitizer over the CUDA tests (the single and the multi-EMA op): out-of-bounds or misaligned
 # accesses (memcheck) and shared-memory races (racecheck) in the kernel.  The
 # >2 GiB test is left out (minutes under the sanitizer).
 SANITIZER=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
@@ -93,7 +93,7 @@ if [ "$DEVICE" != cpu ] && [ -x "$SANITIZER" ]; then
     for tool in memcheck racecheck; do
         stage "sanitizer_$tool" $((LIMIT_SANITIZER / 2)) env EMA_CUDA_BACKEND=compiled \
             "$SANITIZER" --tool "$tool" --error-exitcode 99 --target-processes all \
-            "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_ops_cuda.py -k "not large_tensor"
+            "$PYTHON" -m pytest -q -x -p no:cacheprovider tests/test_ops_cuda.py tests/test_multi_ema_op.py -k "not large_tensor"
     done
 else
     echo "sanitizer    skipped (no GPU or no compute-sanitizer)" | tee -a "$SUMMARY"
