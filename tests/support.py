@@ -219,7 +219,7 @@ def require_package(name: str, min_version: str = None):
     EMA_CUDA_SKIP_INTEGRATIONS=1 skips every one of them: tools/test_torch_version.sh
     sets it, since the frameworks it sees were installed for .venv's torch (timm's
     torchvision, which transformers and Lightning also load, does not even import
-    beside torch 2.13).
+    beside torch 2.13).  Callable at a test module's top level too.
     """
     import importlib
     import os
@@ -228,7 +228,7 @@ def require_package(name: str, min_version: str = None):
 
     if os.environ.get("EMA_CUDA_SKIP_INTEGRATIONS") == "1":
         pytest.skip(f"{name}: the integration tests are off here (EMA_CUDA_SKIP_INTEGRATIONS=1: the frameworks "
-                    "installed beside this torch were built for another release)")
+                    "installed beside this torch were built for another release)", allow_module_level=True)
     try:
         module = importlib.import_module(name)
         if min_version is not None and Version(module.__version__.split("+")[0]) < Version(min_version):
@@ -237,5 +237,5 @@ def require_package(name: str, min_version: str = None):
         why = f"{name} is not usable here ({type(exc).__name__}: {exc})"
         if os.environ.get("EMA_CUDA_EXPECT_INTEGRATIONS") == "1":
             pytest.fail(why + "; `make test` installs it (INTEGRATIONS in the Makefile)", pytrace=False)
-        pytest.skip(why)
+        pytest.skip(why, allow_module_level=True)
     return module

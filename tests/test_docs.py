@@ -163,6 +163,10 @@ def test_extract_reads_fences_and_markers(tmp_path):
 def test_a_block_whose_package_does_not_import_is_left_out_or_fails(monkeypatch):
     blocks = [Block("p.md", 1, "a = 1\n", None), Block("p.md", 5, "import nope\n", None, ("no_such_package_x",))]
     monkeypatch.delenv("EMA_CUDA_EXPECT_INTEGRATIONS", raising=False)
+    monkeypatch.setenv("EMA_CUDA_SKIP_INTEGRATIONS", "1")  # the older-torch suites: off without trying
+    with pytest.warns(UserWarning, match=r"left out: p.md:5 needs no_such_package_x \(EMA_CUDA_SKIP_INTEGRATIONS=1\)"):
+        assert _runnable(blocks) == blocks[:1]
+    monkeypatch.delenv("EMA_CUDA_SKIP_INTEGRATIONS")
     with pytest.warns(UserWarning, match=r"left out: p.md:5 needs no_such_package_x \(ModuleNotFoundError"):
         assert _runnable(blocks) == blocks[:1]
     monkeypatch.setenv("EMA_CUDA_EXPECT_INTEGRATIONS", "1")
