@@ -239,3 +239,14 @@ def require_package(name: str, min_version: str = None):
             pytest.fail(why + "; `make test` installs it (INTEGRATIONS in the Makefile)", pytrace=False)
         pytest.skip(why, allow_module_level=True)
     return module
+
+
+def check_dropins_benchmark(framework: str):
+    """benchmarks/fw_dropins.py's rows for ``framework`` on a tiny model: every row timed, none failed."""
+    from benchmarks import fw_dropins
+
+    out = fw_dropins.rows(True, device="cpu", workloads={"tiny": [(7,), (3, 5)] * 4}, block_time=0.001, rounds=2,
+                          frameworks=[framework])
+    assert [r["status"] for r in out] == ["ok"] * len(out) and out
+    assert all(r["native_s"] > 0 and r["ours_s"] > 0 and r["speedup"] > 0 for r in out)
+    assert "tiny" in fw_dropins.table(out)

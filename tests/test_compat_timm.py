@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ema_cuda.compat.timm import ModelEmaV3
-from support import Net, require_package
+from support import Net, check_dropins_benchmark, require_package
 from support import one_thread  # noqa: F401  (autouse: one torch thread for this module)
 
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -205,20 +205,8 @@ def test_ema_on_another_device():
 
 def test_benchmark_rows_smoke():
     """benchmarks/fw_dropins.py runs end to end on a tiny model (no speed is asserted here)."""
-    import sys
-    from pathlib import Path
-
-    root = str(Path(__file__).resolve().parents[1])
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    from benchmarks import fw_dropins
-
     real_class()  # the framework must be there
-    out = fw_dropins.rows(True, device="cpu", workloads={"tiny": [(7,), (3, 5)] * 4}, block_time=0.001, rounds=2,
-                          frameworks=["timm"])
-    assert [r["status"] for r in out] == ["ok"] * len(out) and out
-    assert all(r["native_s"] > 0 and r["ours_s"] > 0 and r["speedup"] > 0 for r in out)
-    assert "tiny" in fw_dropins.table(out)
+    check_dropins_benchmark("timm")
 
 
 def test_a_model_switched_to_channels_last_after_the_ema_was_made():
