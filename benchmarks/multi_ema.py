@@ -14,6 +14,11 @@ model, on the CPU at ``--threads`` torch threads (2 by default):
   ``KarrasEMA.update``, instead.
 
 on the ResNet-50 parameter shapes and 10,000 tensors of 1,000 elements, fp32.
+Two more workloads take 10k x 1k apart (``--workloads small overhead
+traffic``): ``overhead`` is its 10,000 tensors with one element each (the
+per-call costs that grow with the number of tensors: the validity check of
+every EMA and model tensor, a chunk row each), ``traffic`` its 10M elements
+as one tensor (the memory traffic alone).
 Before timing, ``multi`` is checked bit for bit against the K separate
 updates.  The methods are timed in interleaved rounds (each round one block
 of each method, :class:`benchmarks.timing.BlockTimer`) and the medians and
@@ -34,7 +39,7 @@ from torch import nn
 from benchmarks.busy import Spinner
 from benchmarks.report import fmt_time
 from benchmarks.timing import BlockTimer
-from benchmarks.workloads import Workload, get_workload
+from benchmarks.workloads import Workload, custom_workload, get_workload
 from ema_cuda import ops
 
 DEFAULT_WORKLOADS = ("resnet50", "small")
@@ -48,6 +53,16 @@ class _Params(nn.Module):
     def __init__(self, tensors: Sequence[torch.Tensor]):
         super().__init__()
         self.params = nn.ParameterList([nn.Parameter(t, requires_grad=False) for t in tensors])
+
+
+def workload(name: str, small_count: int = 10_000) -> Workload:
+    """A workload of :mod:`benchmarks.workloads`, or ``overhead`` / ``traffic``: 10k x 1k's tensor count and
+    element count apart (``small_count`` tensors of 1 element; one tensor of ``small_count`` x 1,000)."""
+    if name == "overhead":
+        return custom_workload("overhead", [(1,)] * small_count)
+    if name == "traffic":
+        return custom_workload("traffic", [(small_count * 1_000,)])
+    return get_workload(name, small_count=small_count)
 
 
 def _decays(k: int) -> List[float]:
@@ -155,7 +170,8 @@ def table(rows: List[Dict]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--workloads", nargs="+", default=list(DEFAULT_WORKLOADS))
+    p.add_argument("--workloads", nargs="+", default=list(DEFAULT_WORKLOADS),
+                   help="workloads of benchmarks.workloads, or overhead / traffic (10k x 1k taken apart)")
     p.add_argument("--k", nargs="+", type=int, default=[1, 2, 3], help="numbers of EMA profiles")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--min-time", type=float, default=0.3, help="seconds per timed block")
@@ -164,7 +180,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     p.add_argument("--small-count", type=int, default=10_000, help="tensors of the 'small' workload")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    workloads = [get_workload(name, small_count=args.small_count) for name in args.workloads]
+    workloads = [workload(name, small_count=args.small_count) for name in args.workloads]
     print(f"multi-EMA update, CPU, {args.threads} threads, backend {ops.backend()}, fp32, medians of "
           f"{args.repeats} interleaved rounds")
     rows = run(workloads, args.k, args.min_time, args.repeats, args.busy)

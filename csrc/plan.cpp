@@ -72,6 +72,10 @@ bool Plan::matches(const UpdateLists& l, int64_t chunk) const {
         prefetch_impl(l.model[i + kPrefetchImpl]);
         for (int64_t k = 0; k < profiles; ++k) prefetch_impl(l.ema[k * stride + i + kPrefetchImpl]);
       }
+      if (i + kPrefetchStorage < hi) {
+        prefetch_storage(l.model[i + kPrefetchStorage]);
+        for (int64_t k = 0; k < profiles; ++k) prefetch_storage(l.ema[k * stride + i + kPrefetchStorage]);
+      }
       for (int64_t k = 0; k < profiles; ++k) {
         const int64_t r = k * stride + i;
         if (!row_matches(r, l.ema[r], l.model[i], false)) return false;
