@@ -315,4 +315,24 @@ std::vector<double> read_decays(const char* op, const at::Tensor& decays) {
   return out;
 }
 
+// setup.py passes TORCH_CUDA_ARCH_LIST as tokens ("8.0;9.0+PTX" becomes
+// 8.0,9.0+PTX); the preprocessor makes the string.  A build without CUDA
+// records none: it never launches a kernel.
+#define EMA_CUDA_STR2(...) #__VA_ARGS__
+#define EMA_CUDA_STR(...) EMA_CUDA_STR2(__VA_ARGS__)
+#ifdef EMA_CUDA_ARCH_LIST_RAW
+#define EMA_CUDA_ARCH_LIST "TORCH_CUDA_ARCH_LIST=" EMA_CUDA_STR(EMA_CUDA_ARCH_LIST_RAW)
+#else
+#define EMA_CUDA_ARCH_LIST "an unrecorded TORCH_CUDA_ARCH_LIST"
+#endif
+
+std::string no_kernel_image_message(const char* op, int device, int major, int minor) {
+  return c10::str(op, ": this build of ema_cuda has no kernel for cuda:", device,
+                  " (compute capability ", major, ".", minor, "); it was compiled for ",
+                  EMA_CUDA_ARCH_LIST, ". Rebuild for this GPU: TORCH_CUDA_ARCH_LIST=\"", major,
+                  ".", minor,
+                  "\" pip install --no-build-isolation --force-reinstall --no-deps ema_cuda "
+                  "(from its source directory: pip install --no-build-isolation .)");
+}
+
 }  // namespace ema_cuda

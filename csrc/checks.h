@@ -113,6 +113,12 @@ void check_decays_tensor(const char* op, const at::Tensor& decays, at::TensorLis
 // (the CPU kernels read them on the host anyway).
 std::vector<double> read_decays(const char* op, const at::Tensor& decays);
 
+// The error for a launch that found no kernel image for the GPU (compute
+// capability major.minor of cuda:device): what the build holds and the
+// command that rebuilds it for this GPU.  Host code, so that the message is
+// tested without a GPU (ema_cuda_testing::no_kernel_image_message).
+std::string no_kernel_image_message(const char* op, int device, int major, int minor);
+
 // The layout rule of one pair: same strides, or both contiguous (strides of
 // size-1 dimensions do not matter then).
 inline bool same_layout(const at::Tensor& e, const at::Tensor& m) {

@@ -5,6 +5,7 @@
 // can check what a user never calls.  Loaded with the library, but never
 // called by ema_cuda itself.
 #include <optional>
+#include <string>
 #include <stdexcept>
 #include <vector>
 
@@ -181,6 +182,10 @@ std::vector<int64_t> vector_choice_op(int64_t ema_addr, int64_t model_addr,
 std::vector<int64_t> plan_cache_stats_op() { return plan_cache_stats(); }
 void clear_plan_cache_op() { clear_plan_cache(); }
 bool cuda_compiled_op() { return cuda_compiled(); }
+std::string no_kernel_image_message_op(int64_t device, int64_t major, int64_t minor) {
+  return no_kernel_image_message(kOpName, static_cast<int>(device), static_cast<int>(major),
+                                 static_cast<int>(minor));
+}
 
 }  // namespace
 
@@ -205,6 +210,8 @@ TORCH_LIBRARY(ema_cuda_testing, m) {
   m.def("plan_cache_stats() -> int[]", &plan_cache_stats_op);
   m.def("clear_plan_cache() -> ()", &clear_plan_cache_op);
   m.def("cuda_compiled() -> bool", &cuda_compiled_op);
+  m.def("no_kernel_image_message(int device, int major, int minor) -> str",
+        &no_kernel_image_message_op);
 }
 
 TORCH_LIBRARY_IMPL(ema_cuda_testing, CPU, m) {

@@ -120,6 +120,25 @@ def test_default_arch_list_embeds_ptx_of_the_newest_architecture():
     assert setup.DEFAULT_CUDA_ARCH_LIST in (REPO / "README.md").read_text()
 
 
+@pytest.mark.skipif(ema_cuda.ops.backend() != "compiled", reason="a message of the compiled library")
+def test_no_kernel_image_error_names_the_gpu_the_build_and_the_fix():
+    """A launch on a GPU the build has no code for fails with this message (csrc/cuda: check_launch).  The
+    launch itself needs such a GPU; the message is host code, checked here on any machine."""
+    msg = torch.ops.ema_cuda_testing.no_kernel_image_message(1, 8, 6)
+    assert msg.startswith("ema_cuda::ema_update_: this build of ema_cuda has no kernel for cuda:1 "
+                          "(compute capability 8.6)"), msg
+    assert 'Rebuild for this GPU: TORCH_CUDA_ARCH_LIST="8.6" pip install --no-build-isolation' in msg
+    if ema_cuda.ops.cuda_kernel_available():
+        # setup.py records the architectures it compiled: "8.0;9.0+PTX" as "8.0,9.0+PTX".
+        built = re.search(r"it was compiled for TORCH_CUDA_ARCH_LIST=([0-9A-Za-z.+,]+)\. ", msg)
+        assert built, msg
+        requested = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        if requested and os.environ.get("EMA_CUDA_EXPECT_INTEGRATIONS") == "1":  # `make test`: built with it
+            assert built.group(1) == ",".join(requested.replace(";", " ").replace(",", " ").split())
+    else:
+        assert "an unrecorded TORCH_CUDA_ARCH_LIST" in msg
+
+
 def test_build_info_records_the_torch_built_against(tmp_path):
     setup = _load_setup_py()
     path = tmp_path / "_build_info.py"

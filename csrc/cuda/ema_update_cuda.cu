@@ -53,30 +53,15 @@ int sm_count(int device) {
   return n;
 }
 
-// setup.py passes TORCH_CUDA_ARCH_LIST as tokens ("8.0;9.0+PTX" becomes
-// 8.0,9.0+PTX); the preprocessor makes the string.
-#define EMA_CUDA_STR2(...) #__VA_ARGS__
-#define EMA_CUDA_STR(...) EMA_CUDA_STR2(__VA_ARGS__)
-#ifdef EMA_CUDA_ARCH_LIST_RAW
-#define EMA_CUDA_ARCH_LIST "TORCH_CUDA_ARCH_LIST=" EMA_CUDA_STR(EMA_CUDA_ARCH_LIST_RAW)
-#else
-#define EMA_CUDA_ARCH_LIST "an unrecorded TORCH_CUDA_ARCH_LIST"
-#endif
-
 // A build without code for this GPU fails every launch with "no kernel
 // image": say which GPU, what the build holds and how to rebuild.
-void check_launch(int device) {
+void check_launch(const char* op, int device) {
   const cudaError_t err = cudaGetLastError();
   if (err == cudaErrorNoKernelImageForDevice || err == cudaErrorInvalidDeviceFunction) {
     int major = 0, minor = 0;
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
-    TORCH_CHECK(false, kOpName, ": this build of ema_cuda has no kernel for cuda:", device,
-                " (compute capability ", major, ".", minor, "); it was compiled for ",
-                EMA_CUDA_ARCH_LIST, ". Rebuild for this GPU: TORCH_CUDA_ARCH_LIST=\"",
-                major, ".", minor, "\" pip install --no-build-isolation --force-reinstall "
-                "--no-deps ema_cuda (from its source directory: pip install "
-                "--no-build-isolation .)");
+    TORCH_CHECK(false, no_kernel_image_message(op, device, major, minor));
   }
   C10_CUDA_CHECK(err);
 }
@@ -193,7 +178,7 @@ void cuda_launch(const PlanPtr& plan_ptr, const DecayArg& arg) {
     ema_update_kernel<<<grid, kCudaThreads, 0, stream>>>(plan.tensors(), plan.chunks(),
                                                           plan.num_chunks, arg);
   }
-  check_launch(plan.device.index());
+  check_launch(plan.multi ? kMultiOpName : kOpName, plan.device.index());
 }
 
 TORCH_LIBRARY_IMPL(ema_cuda, CUDA, m) {
