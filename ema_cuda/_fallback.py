@@ -239,23 +239,22 @@ _library = None
 
 
 def define_ops() -> None:
-    """Registers :func:`update` and :func:`update_tensor` under the compiled library's schema (csrc/schema.cpp)."""
+    """Registers the single and multi-EMA ops (:func:`update`, :func:`multi_update` and their tensor-decay forms) under the compiled library's schema (csrc/schema.cpp)."""
     global _library
     lib = torch.library.Library("ema_cuda", "DEF")
-    # The Tensor overload first, as in the compiled library: calls through
-    # torch.ops try the overloads in this order.
-    lib.define("ema_update_.Tensor(Tensor(a!)[] ema, Tensor[] model, Tensor decay) -> ()")
-    lib.define("ema_update_(Tensor(a!)[] ema, Tensor[] model, float decay) -> ()")
-    lib.impl("ema_update_", update, "CompositeExplicitAutograd")
-    lib.impl("ema_update_.Tensor", update_tensor, "CompositeExplicitAutograd")
-    # Like the compiled library: autograd has nothing to record (EMA tensors
+    # Each op's Tensor overload first, as in the compiled library: calls
+    # through torch.ops try the overloads in this order.  Like the compiled
+    # library, autograd falls through: it has nothing to record (EMA tensors
     # must not require grad, which the checks enforce).
-    lib.impl("ema_update_", torch.library.fallthrough_kernel, "Autograd")
-    lib.impl("ema_update_.Tensor", torch.library.fallthrough_kernel, "Autograd")
-    lib.define("multi_ema_update_.Tensor(Tensor(a!)[] ema, Tensor[] model, Tensor decays) -> ()")
-    lib.define("multi_ema_update_(Tensor(a!)[] ema, Tensor[] model, float[] decays) -> ()")
-    lib.impl("multi_ema_update_", multi_update, "CompositeExplicitAutograd")
-    lib.impl("multi_ema_update_.Tensor", multi_update_tensor, "CompositeExplicitAutograd")
-    lib.impl("multi_ema_update_", torch.library.fallthrough_kernel, "Autograd")
-    lib.impl("multi_ema_update_.Tensor", torch.library.fallthrough_kernel, "Autograd")
+    schemas = (
+        ("ema_update_.Tensor(Tensor(a!)[] ema, Tensor[] model, Tensor decay) -> ()", update_tensor),
+        ("ema_update_(Tensor(a!)[] ema, Tensor[] model, float decay) -> ()", update),
+        ("multi_ema_update_.Tensor(Tensor(a!)[] ema, Tensor[] model, Tensor decays) -> ()", multi_update_tensor),
+        ("multi_ema_update_(Tensor(a!)[] ema, Tensor[] model, float[] decays) -> ()", multi_update),
+    )
+    for schema, kernel in schemas:
+        name = schema.split("(", 1)[0]
+        lib.define(schema)
+        lib.impl(name, kernel, "CompositeExplicitAutograd")
+        lib.impl(name, torch.library.fallthrough_kernel, "Autograd")
     _library = lib
