@@ -289,3 +289,52 @@ def test_largest_decay_drives_the_configuration_warnings():
         ModelEMA(scalar_model(), CAP, fn, total_steps=100_000)
     with pytest.warns(UserWarning, match="rounds to 1 in torch.bfloat16"):
         ModelEMA(scalar_model().to(torch.bfloat16), CAP, fn)
+
+
+# ------------------------------------------------------------------ in the Trainer
+
+def _train_with_half_life(tmp_path, ema_params, train_loader, **kw):
+    from ema_cuda.training import Trainer
+    from support import Net, loaders
+
+    torch.manual_seed(0)
+    _, valid = loaders()
+    params = {"max_epochs": 1, "initial_lr": 0.1, "ema": True, "ema_params": ema_params, "progress_bar": False,
+              "silent_mode": True, "device": "cpu", "tensorboard": False, **kw}
+    trainer = Trainer("run", tmp_path)
+    trainer.train(Net(), params, train_loader, valid)
+    return trainer
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_trainer_gives_the_half_life_in_samples_its_samples_per_step(tmp_path, accumulate):
+    """The Trainer's steps count batches, so a half-life of 160 samples with batches of 8 is 20 steps, whatever
+    ``batch_accumulate``; an EMA update after ``accumulate`` batches applies ``0.5 ** (accumulate / 20)``."""
+    from support import loaders
+
+    train, _ = loaders(batch_size=8, n=48)  # 6 batches: updates after batches 2, 4, 6 when accumulating 2
+    trainer = _train_with_half_life(tmp_path, {"decay_type": "half_life", "half_life_samples": 160, "decay": CAP},
+                                    train, batch_accumulate=accumulate)
+    schedule = trainer.ema.decay_function
+    assert schedule.samples_per_step == 8 and schedule.half_life_steps == 20
+    assert trainer.ema.last_decay == pytest.approx(0.5 ** (accumulate / 20), rel=1e-12)
+    assert trainer.training_params.ema_params["samples_per_step"] == 8
+
+
+def test_trainer_keeps_a_given_samples_per_step(tmp_path):
+    from support import loaders
+
+    train, _ = loaders(batch_size=8)
+    trainer = _train_with_half_life(
+        tmp_path, {"decay_type": "half_life", "half_life_samples": 160, "samples_per_step": 32, "decay": CAP}, train)
+    assert trainer.ema.decay_function.half_life_steps == 5
+
+
+def test_trainer_without_a_batch_size_asks_for_samples_per_step(tmp_path):
+    from torch.utils.data import BatchSampler, DataLoader, SequentialSampler
+    from support import dataset
+
+    data = dataset(40)
+    train = DataLoader(data, batch_sampler=BatchSampler(SequentialSampler(data), batch_size=8, drop_last=False))
+    with pytest.raises(TypeError, match="half_life_samples needs samples_per_step"):
+        _train_with_half_life(tmp_path, {"decay_type": "half_life", "half_life_samples": 160, "decay": CAP}, train)

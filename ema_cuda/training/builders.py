@@ -35,6 +35,7 @@ __all__ = [
     "build_lr_scheduler",
     "POSTHOC_SUBDIR",
     "resolve_ema_params",
+    "samples_per_step",
     "build_ema",
 ]
 
@@ -205,15 +206,34 @@ def build_lr_scheduler(optimizer: torch.optim.Optimizer, p: TrainingParams, base
     )
 
 
-def resolve_ema_params(ema_params: Mapping[str, Any], checkpoints_dir: Path, is_main_process: bool) -> Dict[str, Any]:
+def samples_per_step(train_loader: Any) -> Optional[int]:
+    """Training samples per step of the EMA's schedule, all ranks together: the Trainer's steps count batches
+    (SuperGradients' ``step``; under ``batch_accumulate`` the schedule sees the batches between updates), so the
+    loader's batch size x the number of ranks.  None for a loader without a fixed ``batch_size`` (a batch
+    sampler)."""
+    batch_size = getattr(train_loader, "batch_size", None)
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        return None
+    return batch_size * dist_utils.get_world_size()
+
+
+def resolve_ema_params(ema_params: Mapping[str, Any], checkpoints_dir: Path, is_main_process: bool,
+                       samples_per_step: Optional[int] = None) -> Dict[str, Any]:
     """``ema_params`` as this process builds its EMA from them.
 
-    A post-hoc EMA (``decay_type="posthoc"``) with ``snapshot_every`` and no
+    A half-life in training samples (``decay_type="half_life"`` with
+    ``half_life_samples``) without ``samples_per_step`` gets the run's
+    ``samples_per_step`` (:func:`samples_per_step`; a loader without a batch
+    size leaves it to the user, and the schedule's error says so).  A
+    post-hoc EMA (``decay_type="posthoc"``) with ``snapshot_every`` and no
     ``snapshot_dir`` snapshots into ``<checkpoints_dir>/posthoc``; in a
     distributed run only the main process writes snapshots (the ranks' EMAs
     are equal), the others keep the profiles without snapshots.
     """
     params = dict(ema_params)
+    if (params.get("decay_type") == "half_life" and params.get("half_life_samples") is not None
+            and params.get("samples_per_step") is None and samples_per_step is not None):
+        params["samples_per_step"] = samples_per_step
     if params.get("decay_type") != "posthoc":
         return params
     if not is_main_process:

@@ -181,7 +181,9 @@ class Trainer:
             seed_everything(p.seed)
         self.device = device = builders.resolve_device(model, p, self._distributed)
         self.training_params = p
-        p.ema_params = builders.resolve_ema_params(p.ema_params, self.checkpoints_dir, self.is_main_process)
+        p.ema_params = builders.resolve_ema_params(
+            p.ema_params, self.checkpoints_dir, self.is_main_process,
+            samples_per_step=builders.samples_per_step(train_loader))
         self.valid_loader = valid_loader
         self._amp_dtype = builders.resolve_amp_dtype(p, device)
         was_training = model.training
