@@ -156,3 +156,55 @@ def test_ddp_trainer_profiles_agree_and_rank_0_writes_the_snapshots(tmp_path):
         assert_bit_identical(a, b)
     assert r0["step"] == 8 and r0["dir"] == tmp_path / "ddp" / "posthoc" and r1["dir"] is None
     assert [i.step for i in list_snapshots(tmp_path / "ddp" / "posthoc")] == [5, 5]
+
+
+# ------------------------------------------------------------------ knowledge distillation
+
+def test_kd_trainer_keeps_the_students_profiles(tmp_path):
+    """KDTrainer with decay_type='posthoc': profiles and snapshots of the student only, the teacher shared and
+    never written, validation and checkpoints on the student's first profile."""
+    from ema_cuda.posthoc import KDPostHocEMA
+    from ema_cuda.training import KDTrainer
+
+    train, valid = loaders()
+    torch.manual_seed(3)
+    teacher, student = Net(hidden=24), Net()
+    teacher_before = state(teacher)
+    trainer = KDTrainer("kd", tmp_path)
+    history = trainer.train(student, teacher, _params(max_epochs=2, loss="kd_loss"), train, valid)
+    ema = trainer.ema
+    assert isinstance(ema, KDPostHocEMA) and ema.step == 10
+    assert equal_states(state(teacher), teacher_before)
+    assert ema.ema.teacher is teacher and ema.ema.student is ema.emas[0]
+    infos = list_snapshots(tmp_path / "kd" / "posthoc")
+    assert [(i.step, i.sigma_rel) for i in infos] == [(s, r) for s in (5, 10) for r in (0.05, 0.10)]
+    assert set(read_snapshot(infos[-1].path)[1]) == set(student.state_dict())  # the student's keys
+    assert equal_states(state(student), state(ema.emas[0]))  # the end-of-training copy
+    ckpt = load_checkpoint(tmp_path / "kd" / "ckpt_latest.pth")
+    assert set(ckpt["net"]) == set(student.state_dict())
+    assert equal_states(ckpt["ema_net"], state(ema.emas[0]))
+    assert "valid_accuracy" in history[-1] and "valid_raw_accuracy" in history[-1]
+
+
+def test_kd_profiles_are_those_of_the_student_alone():
+    """Updating a KDPostHocEMA with the distillation module gives the bits a PostHocEMA of the student gets."""
+    from ema_cuda.posthoc import KDPostHocEMA
+    from ema_cuda.training.kd import KDModule
+
+    torch.manual_seed(0)
+    student, teacher = Net(), Net(hidden=24)
+    kd = KDModule(student, teacher)
+    a, b = KDPostHocEMA(kd, (0.05, 0.10)), PostHocEMA(student, (0.05, 0.10))
+    for step in range(1, 6):
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        a.update(kd)
+        b.update(student)
+    for x, y in zip(a.emas, b.emas):
+        assert_bit_identical(state(x), state(y))
+    assert a.ema.teacher is teacher
+    with a.swapped(kd, 0.10):
+        assert equal_states(state(student), state(a.emas[1]))
+    with pytest.raises(TypeError, match="distillation module"):
+        a.update(student)

@@ -7,12 +7,14 @@
 * :func:`reconstruct`: the EMA of another profile from a directory of
   snapshots; ``python -m ema_cuda.posthoc`` lists and reconstructs;
 * :class:`PostHocEMA`: several profiles of one model updated in one fused
-  call, with snapshots written in the background.
+  call, with snapshots written in the background; :class:`KDPostHocEMA`
+  the same for the student of a distillation module.
 
 See docs/posthoc.md.
 """
 from ema_cuda.posthoc.profiles import GAMMA_MIN, SIGMA_REL_MAX, PowerFunctionDecay, gamma_to_sigma_rel, sigma_rel_to_gamma
 from ema_cuda.posthoc.ema import PostHocEMA
+from ema_cuda.posthoc.distill import KDPostHocEMA
 from ema_cuda.posthoc.reconstruct import Reconstruction, combine_snapshots, profile_inner_product, reconstruct, solve_weights
 from ema_cuda.posthoc.snapshots import (
     SnapshotInfo,
@@ -24,7 +26,7 @@ from ema_cuda.posthoc.snapshots import (
 )
 
 __all__ = [
-    "GAMMA_MIN", "SIGMA_REL_MAX", "PostHocEMA", "PowerFunctionDecay", "Reconstruction", "SnapshotInfo", "combine_snapshots",
+    "GAMMA_MIN", "KDPostHocEMA", "SIGMA_REL_MAX", "PostHocEMA", "PowerFunctionDecay", "Reconstruction", "SnapshotInfo", "combine_snapshots",
     "gamma_to_sigma_rel",
     "list_snapshots", "profile_inner_product", "read_snapshot", "read_snapshot_info", "reconstruct",
     "sigma_rel_to_gamma", "snapshot_filename", "solve_weights", "write_snapshot",

@@ -160,6 +160,8 @@ class PostHocEMA:
     #: Always False: the decays are Python floats computed per update (the Trainer reads this as it does
     #: ModelEMA's).
     capturable = False
+    #: What of the model the profiles average (KDPostHocEMA: the student of a distillation module).
+    _tree_type = ReplicatedTree
 
     def __init__(self, model: nn.Module, sigma_rels: Sequence[float] = (0.05, 0.10), *,
                  snapshot_every: Optional[int] = None, snapshot_dir: Optional[PathLike] = None,
@@ -170,7 +172,7 @@ class PostHocEMA:
         self.ema_dtype = ema_dtype = _checked_dtype(where, ema_dtype)
         self.gammas = tuple(sigma_rel_to_gamma(s) for s in self.sigma_rels)
         self._profiles = tuple(PowerFunctionDecay(gamma=g) for g in self.gammas)
-        self._tree = ReplicatedTree(where)
+        self._tree = self._tree_type(where)
         src = self._tree.source(model)
         self._storages = [EMAStorage(self._tree.copy(src, ema_dtype)) for _ in self.sigma_rels]
         self._all = nn.ModuleList([s.module for s in self._storages])

@@ -6,7 +6,9 @@ valid_loader)`` wraps both in a :class:`KDModule` whose forward returns a
 in eval mode, gets ``requires_grad=False`` and runs under ``no_grad``; the
 optimizer sees only the student's parameters.  With EMA on, a
 :class:`~ema_cuda.ema.KDModelEMA` averages the student only (the teacher is
-never written).  Checkpoints hold the student: ``net`` its raw weights,
+never written); with ``decay_type="posthoc"`` a
+:class:`~ema_cuda.posthoc.KDPostHocEMA` keeps the student's profiles and
+snapshots.  Checkpoints hold the student: ``net`` its raw weights,
 ``ema_net`` its EMA weights, so ``models.get(student_arch,
 checkpoint_path=...)`` loads the distilled student directly.
 """
@@ -116,6 +118,10 @@ class KDTask(ClassificationTask):
         return [p for p in unwrap_model(net).student.parameters() if p.requires_grad]
 
     def build_ema(self, net: nn.Module, ema_params: Mapping[str, Any]):
+        if ema_params.get("decay_type") == "posthoc":
+            from ema_cuda.posthoc import KDPostHocEMA
+
+            return KDPostHocEMA.from_params(net, **dict(ema_params))
         from ema_cuda.ema import KDModelEMA
 
         return KDModelEMA.from_params(net, **dict(ema_params))
