@@ -40,11 +40,18 @@ from benchmarks.busy import Spinner
 from benchmarks.report import fmt_time
 from benchmarks.timing import BlockTimer
 from benchmarks.workloads import Workload, custom_workload, get_workload
+
+# NOTE [the limit]: what the memory traffic alone allows on this machine, in
+# the same run: the multi-EMA update of one flat EMA tensor per profile and
+# one flat model tensor, as many elements as the workload (the same bytes,
+# no per-tensor costs: no check of each tensor, no jumps between them).  A
+# speed-up over another method that would need ``multi`` to beat this time
+# is out of reach on this machine.
 from ema_cuda import ops
 
 DEFAULT_WORKLOADS = ("resnet50", "small")
-METHODS = ("multi", "separate", "ema_pytorch")
-_LABELS = {"multi": "multi", "separate": "K x fused", "ema_pytorch": "ema-pytorch"}
+METHODS = ("multi", "separate", "ema_pytorch", "limit")
+_LABELS = {"multi": "multi", "separate": "K x fused", "ema_pytorch": "ema-pytorch", "limit": "limit"}
 
 
 class _Params(nn.Module):
@@ -116,7 +123,14 @@ def time_k(wl: Workload, k: int, min_time: float, repeats: int, seed: int = 0) -
         for u, d in zip(separate, decays):
             u.update(d)
 
-    steps: Dict[str, Callable[[], None]] = {"multi": lambda: multi.update(decays), "separate": separate_step}
+    # The limit: the same update of one flat tensor per side, as many elements
+    # (the memory traffic without the per-tensor costs; NOTE [the limit]).
+    numel = sum(m.numel() for m in model)
+    flat_model = torch.randn(numel, generator=g, dtype=wl.model_dtype)
+    flat = ops.MultiFusedUpdater([[flat_model.to(wl.ema_dtype).clone()] for _ in range(k)], [flat_model])
+
+    steps: Dict[str, Callable[[], None]] = {"multi": lambda: multi.update(decays), "separate": separate_step,
+                                            "limit": lambda: flat.update(decays)}
     with tempfile.TemporaryDirectory() as folder:
         step = _ema_pytorch_step(_Params(model), k, folder)
         if step is not None:
@@ -154,16 +168,20 @@ def table(rows: List[Dict]) -> str:
     """One line per (workload, K, quiet/busy): medians, and the speed-ups of ``multi``.
 
     ``bytes bound`` is the speed-up the memory traffic allows over K separate
-    fp32 updates: 12K / (4 + 8K) bytes per element."""
+    fp32 updates: 12K / (4 + 8K) bytes per element.  ``limit`` is the
+    multi-EMA update of one flat tensor per side with the workload's element
+    count, ``% of limit`` its time over ``multi``'s: how close ``multi``
+    comes to the memory traffic alone (NOTE [the limit])."""
     head = (f"{'workload':<9} {'K':>2} {'CPU':<5} {'multi':>9} {'K x fused':>10} {'ema-pytorch':>11} "
-            f"{'vs K x fused':>12} {'vs ema-pytorch':>14} {'bytes bound':>11}")
+            f"{'limit':>9} {'vs K x fused':>12} {'vs ema-pytorch':>14} {'bytes bound':>11} {'% of limit':>10}")
     lines = [head]
     for r in rows:
         t, k = r["median_s"], r["k"]
+        share = f"{100 * t['limit'] / t['multi']:.0f}%" if t.get("limit") and t["multi"] else "-"
         lines.append(
             f"{r['workload']:<9} {k:>2} {r['state']:<5} {fmt_time(t['multi']):>9} {fmt_time(t['separate']):>10} "
-            f"{fmt_time(t['ema_pytorch']):>11} {_ratio(t['separate'], t['multi']):>12} "
-            f"{_ratio(t['ema_pytorch'], t['multi']):>14} {12 * k / (4 + 8 * k):>10.2f}x"
+            f"{fmt_time(t['ema_pytorch']):>11} {fmt_time(t.get('limit')):>9} {_ratio(t['separate'], t['multi']):>12} "
+            f"{_ratio(t['ema_pytorch'], t['multi']):>14} {12 * k / (4 + 8 * k):>10.2f}x {share:>10}"
         )
     return "\n".join(lines)
 

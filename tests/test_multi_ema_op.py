@@ -366,9 +366,13 @@ def test_benchmark_runs_on_tiny_sizes():
         sys.path.insert(0, str(root))
     from benchmarks import multi_ema
 
-    rows = multi_ema.main(["--workloads", "small", "--small-count", "20", "--k", "1", "2", "--threads", "1",
-                           "--min-time", "0.001", "--repeats", "2"])
-    assert [r["k"] for r in rows] == [1, 2]
+    rows = multi_ema.main(["--workloads", "small", "overhead", "traffic", "--small-count", "20", "--k", "1", "2",
+                           "--threads", "1", "--min-time", "0.001", "--repeats", "2"])
+    assert [(r["workload"], r["k"]) for r in rows] == [(w, k) for w in ("small", "overhead", "traffic") for k in (1, 2)]
     for r in rows:
-        assert r["median_s"]["multi"] > 0 and r["median_s"]["separate"] > 0
-    assert "vs K x fused" in multi_ema.table(rows)
+        assert r["median_s"]["multi"] > 0 and r["median_s"]["separate"] > 0 and r["median_s"]["limit"] > 0
+    table = multi_ema.table(rows)
+    assert "vs K x fused" in table and "% of limit" in table
+    # 10k x 1k taken apart: its tensor count with one element each, its element count as one tensor.
+    assert multi_ema.workload("overhead", small_count=20).shapes == [(1,)] * 20
+    assert multi_ema.workload("traffic", small_count=20).shapes == [(20_000,)]
