@@ -52,6 +52,7 @@ def evaluate_goals(device: torch.device, workloads: List[Dict[str, Any]]) -> Lis
         for wname in ("resnet50", "vit_b16"):
             add_ratio(f"fused >= 0.9x flat-buffer limit on {wname}", 0.9, wname, LIMIT, FUSED)
         add_ratio("fused >= 3x _foreach_lerp_ on 10k x 1k", 3.0, "small", "foreach", FUSED)
+        add_ratio("ema_update_ with lists >= 2x _foreach_lerp_ on 10k x 1k", 2.0, "small", "foreach", "fused_list")
         add_ratio("fused >= 3x SG loop on ResNet-50", 3.0, "resnet50", "sg_loop", FUSED)
         add_ratio("bf16 model + fp32 EMA: fused >= 3x cast+foreach", 3.0, "vit_b16_bf16", "foreach", FUSED)
     else:

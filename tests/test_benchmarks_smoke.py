@@ -94,8 +94,9 @@ def test_cli_writes_json_and_reports_goals(tmp_path, capsys):
     assert [w["name"] for w in result["workloads"]] == ["small", "huge"]
     assert result["meta"]["torch"] == torch.__version__
     goals = {g["goal"]: g for g in result["goals"]}
-    assert len(goals) == 5
+    assert len(goals) == 6
     assert goals["fused >= 3x _foreach_lerp_ on 10k x 1k"]["measured"] > 0
+    assert goals["ema_update_ with lists >= 2x _foreach_lerp_ on 10k x 1k"]["measured"] > 0
     printed = capsys.readouterr().out
     assert "small: 30 tensors" in printed and "Goals" in printed
     assert (tmp_path / files[0].with_suffix(".md").name).exists()  # the full markdown tables
