@@ -166,3 +166,69 @@ def test_a_snapshot_of_an_ema_with_tied_weights(tmp_path):
     assert info.step == 1 and set(loaded) == set(state)
     for key, value in state.items():
         assert torch.equal(loaded[key], value), key
+
+
+def test_packed_files_read_back_with_safetensors(tmp_path, monkeypatch):
+    # Snapshots are written from one packed buffer, not by safetensors (NOTE [packed snapshots]): the files must
+    # read back with safetensors' own reader, every dtype, shape and stride, each tensor at a multiple of its size.
+    import json
+    import struct
+
+    from safetensors import safe_open
+
+    import ema_cuda.posthoc.snapshots as snapshots
+
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randn(3, generator=g)
+    state = {
+        "b.mask": torch.tensor([True, False, True]),
+        "a.w": torch.randn(2, 3, 4, 5, generator=g).to(memory_format=torch.channels_last),
+        "half": torch.randn(3, generator=g).half(),
+        "bf": torch.randn(5, generator=g).bfloat16(),
+        "count": torch.tensor(7, dtype=torch.int64),
+        "small": torch.arange(3, dtype=torch.int8),
+        "f64": torch.randn(2, generator=g, dtype=torch.float64),
+        "strided": torch.randn(6, generator=g)[::2],
+        "empty": torch.zeros(0, 4),
+        "tied.one": shared,
+        "tied.two": shared,
+        "u8": torch.arange(5, dtype=torch.uint8),
+    }
+    monkeypatch.setattr(snapshots, "write_safetensors", lambda *a: pytest.fail("safetensors' writer was used"))
+    path = _write(tmp_path, 4, 0.1, state)
+    info, loaded = read_snapshot(path)
+    assert info.step == 4 and loaded.keys() == state.keys()
+    for key, value in state.items():
+        assert loaded[key].dtype == value.dtype and loaded[key].shape == value.shape and torch.equal(loaded[key], value)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["step"] == "4"
+    raw = path.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    assert n % 8 == 0
+    header = json.loads(raw[8:8 + n])
+    for key, value in state.items():
+        begin, end = header[key]["data_offsets"]
+        assert begin % value.element_size() == 0 and end - begin == value.numel() * value.element_size()
+    assert len(raw) == 8 + n + max(e["data_offsets"][1] for k, e in header.items() if k != "__metadata__")
+
+
+def test_pack_state_views_and_a_dtype_without_a_name(tmp_path, monkeypatch):
+    from ema_cuda.posthoc.snapshots import pack_state, snapshot_metadata, write_packed
+
+    state = {"w": torch.randn(2, 3), "c": torch.randn(2, dtype=torch.complex64), "n": torch.tensor(3)}
+    packed = pack_state(state)
+    assert packed.data.dtype == torch.uint8 and packed.data.numel() == 6 * 4 + 2 * 8 + 8
+    assert all(torch.equal(packed.tensors()[k], v) for k, v in state.items())
+    packed.data.zero_()  # a copy: the state keeps its values
+    assert state["w"].abs().sum() > 0
+    # complex64 is not in the packed writer's table: safetensors writes that file.
+    import ema_cuda.posthoc.snapshots as snapshots
+
+    used = []
+    real = snapshots.write_safetensors
+    monkeypatch.setattr(snapshots, "write_safetensors", lambda *a: used.append(a[0]) or real(*a))
+    path = tmp_path / snapshot_filename(1, 0.1)
+    write_packed(path, pack_state(state), snapshot_metadata(path, step=1, gamma=sigma_rel_to_gamma(0.1),
+                                                            sigma_rel=0.1))
+    assert used == [path]
+    assert all(torch.equal(read_snapshot(path)[1][k], v) for k, v in state.items())

@@ -10,26 +10,105 @@ safetensors requires), what reconstruction needs to know about it::
 
 Files are written atomically (a temporary file renamed into place), so a
 directory being written to by a training run only ever holds whole snapshots.
-safetensors is imported on first use.
+safetensors is imported on first use, by the readers only.
+
+NOTE [packed snapshots]: a snapshot's tensors are copied into one byte buffer
+in the order of the file's data section (:func:`pack_state`, one ``cat``), and
+the file is that buffer behind a header (:func:`write_packed`).  A snapshot
+written by :class:`~ema_cuda.PostHocEMA`'s background thread then holds the
+interpreter lock only to build the header, not for a copy and a serialisation
+per tensor: on a training loop's CPU, whatever the writer runs under the lock
+the training thread waits for (measured in docs/posthoc.md).  Tensors are
+ordered by element size, largest first, so that each one starts at a multiple
+of its element size (the header is padded to 8 bytes, as the safetensors
+format asks); a dtype the table below lacks, or a big-endian machine, falls
+back to safetensors' own writer.
 """
 from __future__ import annotations
 
+import ctypes
+import json
 import math
 import os
+import struct
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Tuple, Union
+from typing import Dict, List, Mapping, NamedTuple, Tuple, Union
 
 import torch
 
-from ema_cuda._fs import write_safetensors
+from ema_cuda._fs import atomic_write, write_safetensors
 from ema_cuda.posthoc.profiles import gamma_to_sigma_rel
 
-__all__ = ["FORMAT", "SnapshotInfo", "list_snapshots", "read_snapshot", "read_snapshot_info", "snapshot_filename",
-           "write_snapshot"]
+__all__ = ["FORMAT", "PackedState", "SnapshotInfo", "list_snapshots", "pack_state", "read_snapshot",
+           "read_snapshot_info", "snapshot_filename", "write_packed", "write_snapshot"]
 
 FORMAT = "ema_cuda.posthoc/1"
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+# The safetensors names of the dtypes written without safetensors (NOTE [packed snapshots]).
+_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+                torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+
+
+class PackedState(NamedTuple):
+    """A state_dict's tensors copied into one byte buffer (NOTE [packed snapshots]).
+
+    ``entries`` holds ``(key, dtype, shape, begin, end)`` per key, the byte
+    range of its row-major values in ``data`` (a 1-D ``uint8`` tensor).
+    """
+
+    data: torch.Tensor
+    entries: Tuple[Tuple[str, torch.dtype, Tuple[int, ...], int, int], ...]
+
+    def tensors(self) -> Dict[str, torch.Tensor]:
+        """The state_dict again: views of ``data`` (each entry starts at a multiple of its element size)."""
+        return {key: self.data[begin:end].view(dtype).view(shape) for key, dtype, shape, begin, end in self.entries}
+
+
+def pack_state(state_dict: Mapping[str, torch.Tensor]) -> PackedState:
+    """Copies ``state_dict``'s tensors into one new byte buffer, on their device (a tied tensor once per key).
+
+    Tensors on several devices are gathered on the CPU.
+    """
+    # One cat per dtype (of flat views, whatever their strides), then one of the bytes: few dispatcher calls per
+    # tensor, as this runs on the training thread.
+    several_devices = len({t.device for t in state_dict.values()}) > 1
+    groups: Dict[torch.dtype, List[Tuple[str, torch.Tensor]]] = {}
+    for key, t in state_dict.items():
+        groups.setdefault(t.dtype, []).append((key, t.cpu() if several_devices else t))
+    device = next(iter(state_dict.values())).device if state_dict and not several_devices else torch.device("cpu")
+    entries, chunks, begin = [], [], 0
+    with torch.no_grad():
+        for dtype in sorted(groups, key=lambda d: -d.itemsize):
+            for key, t in groups[dtype]:
+                end = begin + t.numel() * dtype.itemsize
+                entries.append((key, dtype, tuple(t.shape), begin, end))
+                begin = end
+            chunks.append(torch.cat([t.reshape(-1) for _, t in groups[dtype]]).view(torch.uint8))
+        data = torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.uint8, device=device)
+    return PackedState(data, tuple(entries))
+
+
+def write_packed(path: PathLike, packed: PackedState, metadata: Dict[str, str]) -> Path:
+    """Writes a :class:`PackedState` on the CPU and string ``metadata`` to ``path`` as safetensors, atomically."""
+    if sys.byteorder != "little" or any(dtype not in _DTYPE_NAMES for _, dtype, _, _, _ in packed.entries):
+        return write_safetensors(path, packed.tensors(), metadata)
+    header: Dict[str, object] = {"__metadata__": metadata}
+    for key, dtype, shape, begin, end in packed.entries:
+        header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    data = packed.data
+    with atomic_write(path) as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        if data.numel():
+            # Written from the tensor's memory, with the interpreter lock released for the system call.
+            f.write(memoryview((ctypes.c_ubyte * data.numel()).from_address(data.data_ptr())))
+    return Path(path)
 
 
 @dataclass(frozen=True)
@@ -68,16 +147,21 @@ def write_snapshot(path: PathLike, state_dict: Mapping[str, torch.Tensor], *, st
     Tensors are saved as they are (dtype and shape), from any device; tied
     weights and views of one buffer (an EMA's state) are fine.  Returns the path.
     """
-    path = Path(path)
-    where = f"write_snapshot({str(path)!r})"
-    step, gamma, sigma_rel = _checked_metadata(where, step, gamma, sigma_rel)
-    tensors: Dict[str, torch.Tensor] = {}
+    metadata = snapshot_metadata(path, step=step, gamma=gamma, sigma_rel=sigma_rel)
     for key, value in state_dict.items():
         if not isinstance(value, torch.Tensor):
-            raise TypeError(f"{where}: state_dict[{key!r}] is a {type(value).__name__}, not a tensor")
-        tensors[key] = value
-    metadata = {"format": FORMAT, "step": str(step), "gamma": repr(gamma), "sigma_rel": repr(sigma_rel)}
-    return write_safetensors(path, tensors, metadata)
+            raise TypeError(f"write_snapshot({str(Path(path))!r}): state_dict[{key!r}] is a {type(value).__name__}, "
+                            "not a tensor")
+    packed = pack_state(state_dict)
+    if packed.data.is_cuda:
+        packed = packed._replace(data=packed.data.cpu())
+    return write_packed(path, packed, metadata)
+
+
+def snapshot_metadata(path: PathLike, *, step: int, gamma: float, sigma_rel: float) -> Dict[str, str]:
+    """The metadata strings of a snapshot, checked (errors name ``path``)."""
+    step, gamma, sigma_rel = _checked_metadata(f"write_snapshot({str(Path(path))!r})", step, gamma, sigma_rel)
+    return {"format": FORMAT, "step": str(step), "gamma": repr(gamma), "sigma_rel": repr(sigma_rel)}
 
 
 def _parse(path: Path, metadata) -> SnapshotInfo:
