@@ -232,3 +232,4 @@ def test_pack_state_views_and_a_dtype_without_a_name(tmp_path, monkeypatch):
                                                             sigma_rel=0.1))
     assert used == [path]
     assert all(torch.equal(read_snapshot(path)[1][k], v) for k, v in state.items())
+    assert read_snapshot(_write(tmp_path, 2, 0.1, {}))[1] == {}  # a header without tensors

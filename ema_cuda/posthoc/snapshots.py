@@ -27,6 +27,7 @@ back to safetensors' own writer.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import os
@@ -34,7 +35,7 @@ import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, NamedTuple, Tuple, Union
+from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 
@@ -93,14 +94,22 @@ def pack_state(state_dict: Mapping[str, torch.Tensor]) -> PackedState:
     return PackedState(data, tuple(entries))
 
 
+@functools.lru_cache(maxsize=16)
+def _tensors_header(entries: Tuple[Tuple[str, torch.dtype, Tuple[int, ...], int, int], ...]) -> Optional[str]:
+    # The header's tensor part, the same for every snapshot of a profile (its step is in the metadata); None for a
+    # dtype without a name here.
+    if any(dtype not in _DTYPE_NAMES for _, dtype, _, _, _ in entries):
+        return None
+    return json.dumps({key: {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
+                       for key, dtype, shape, begin, end in entries}, separators=(",", ":"))[1:-1]
+
+
 def write_packed(path: PathLike, packed: PackedState, metadata: Dict[str, str]) -> Path:
     """Writes a :class:`PackedState` on the CPU and string ``metadata`` to ``path`` as safetensors, atomically."""
-    if sys.byteorder != "little" or any(dtype not in _DTYPE_NAMES for _, dtype, _, _, _ in packed.entries):
+    tensors = _tensors_header(packed.entries) if sys.byteorder == "little" else None
+    if tensors is None:
         return write_safetensors(path, packed.tensors(), metadata)
-    header: Dict[str, object] = {"__metadata__": metadata}
-    for key, dtype, shape, begin, end in packed.entries:
-        header[key] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = f'{{"__metadata__":{json.dumps(metadata, separators=(",", ":"))}{"," if tensors else ""}{tensors}}}'.encode()
     text += b" " * (-len(text) % 8)
     data = packed.data
     with atomic_write(path) as f:
