@@ -10,7 +10,7 @@ safetensors requires), what reconstruction needs to know about it::
 
 Files are written atomically (a temporary file renamed into place), so a
 directory being written to by a training run only ever holds whole snapshots.
-safetensors is imported on first use, by the readers only.
+safetensors is imported on first use (by the readers, and by the writer for a dtype it lacks).
 
 NOTE [packed snapshots]: a snapshot's tensors are copied into one byte buffer
 in the order of the file's data section (:func:`pack_state`, one ``cat``), and
