@@ -27,7 +27,8 @@ from ema_cuda.ema.storage import EMAStorage
 from ema_cuda.ema.trees import ReplicatedTree
 from ema_cuda.posthoc.profiles import SIGMA_REL_MAX, PowerFunctionDecay, sigma_rel_to_gamma
 from ema_cuda.posthoc.reconstruct import reconstruct
-from ema_cuda.posthoc.snapshots import SnapshotInfo, list_snapshots, snapshot_filename, snapshot_metadata, write_packed
+from ema_cuda.posthoc.snapshots import (SnapshotInfo, list_snapshots, serialize_packed, snapshot_filename,
+                                        snapshot_metadata, write_packed)
 from ema_cuda.posthoc.writer import SnapshotWriter, host_copy
 
 __all__ = ["PostHocEMA", "STATE_FORMAT"]
@@ -326,7 +327,9 @@ class PostHocEMA:
             packed, cuda = host_copy({e.key: e.tensor for e in storage.entries()})
             from_cuda = from_cuda or cuda
             path = self.snapshot_dir / snapshot_filename(self.step, s)
-            jobs.append((path, packed, dict(metadata, step=str(self.step))))
+            metadata = dict(metadata, step=str(self.step))
+            # NOTE [packed snapshots]: serialised here unless a copy from CUDA is still on its way.
+            jobs.append((path, packed if cuda else serialize_packed(packed, metadata), metadata))
         event = None
         if from_cuda:  # one event after the last copy covers all of them
             event = torch.cuda.Event()

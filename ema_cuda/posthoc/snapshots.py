@@ -10,49 +10,37 @@ safetensors requires), what reconstruction needs to know about it::
 
 Files are written atomically (a temporary file renamed into place), so a
 directory being written to by a training run only ever holds whole snapshots.
-safetensors is imported on first use (by the readers, and by the writer for a dtype it lacks).
+safetensors is imported on first use.
 
 NOTE [packed snapshots]: a snapshot's tensors are copied into one byte buffer
-in the order of the file's data section (:func:`pack_state`, one ``cat``), and
-the file is that buffer behind a header (:func:`write_packed`).  A snapshot
-written by :class:`~ema_cuda.PostHocEMA`'s background thread then holds the
-interpreter lock only to build the header, not for a copy and a serialisation
-per tensor: on a training loop's CPU, whatever the writer runs under the lock
-the training thread waits for (measured in docs/posthoc.md).  Tensors are
-ordered by element size, largest first, so that each one starts at a multiple
-of its element size (the header is padded to 8 bytes, as the safetensors
-format asks); a dtype the table below lacks, or a big-endian machine, falls
-back to safetensors' own writer.
+(:func:`pack_state`, one ``cat`` per dtype) and serialised by safetensors from
+that buffer (:func:`serialize_packed`: no copy and no torch call per tensor).  For
+:class:`~ema_cuda.PostHocEMA` on the CPU both run on the training thread and
+the background thread only writes the bytes: serialising is Python work under
+the interpreter lock, and on the writer thread the training thread waited for
+it at every lock hand-over, several times its own length (measured in
+docs/posthoc.md).  From CUDA the copy to pinned memory is asynchronous and the
+writer serialises once it has landed.  Tensors are ordered by element size,
+largest first, so that each view starts at a multiple of its element size.
 """
 from __future__ import annotations
 
-import ctypes
-import functools
-import json
 import math
 import os
-import struct
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 import torch
 
-from ema_cuda._fs import atomic_write, write_safetensors
+from ema_cuda._fs import atomic_write
 from ema_cuda.posthoc.profiles import gamma_to_sigma_rel
 
 __all__ = ["FORMAT", "PackedState", "SnapshotInfo", "list_snapshots", "pack_state", "read_snapshot",
-           "read_snapshot_info", "snapshot_filename", "write_packed", "write_snapshot"]
+           "read_snapshot_info", "serialize_packed", "snapshot_filename", "write_packed", "write_snapshot"]
 
 FORMAT = "ema_cuda.posthoc/1"
 PathLike = Union[str, "os.PathLike[str]"]
-
-
-# The safetensors names of the dtypes written without safetensors (NOTE [packed snapshots]).
-_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-                torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-                torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
 
 
 class PackedState(NamedTuple):
@@ -97,29 +85,35 @@ def pack_state(state_dict: Mapping[str, torch.Tensor]) -> PackedState:
     return PackedState(data, tuple(entries))
 
 
-@functools.lru_cache(maxsize=16)
-def _tensors_header(entries: Tuple[Tuple[str, torch.dtype, Tuple[int, ...], int, int], ...]) -> Optional[str]:
-    # The header's tensor part, the same for every snapshot of a profile (its step is in the metadata); None for a
-    # dtype without a name here.
-    if any(dtype not in _DTYPE_NAMES for _, dtype, _, _, _ in entries):
-        return None
-    return json.dumps({key: {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [begin, end]}
-                       for key, dtype, shape, begin, end in entries}, separators=(",", ":"))[1:-1]
+def serialize_packed(packed: PackedState, metadata: Dict[str, str]) -> bytes:
+    """A :class:`PackedState` on the CPU and string ``metadata`` as the bytes of a safetensors file.
 
+    safetensors' serializer reads each tensor from its range of the packed
+    buffer (its ``TensorSpec`` API: no copy and no torch call per tensor;
+    with a safetensors release without it, from views of the buffer).
+    """
+    try:
+        from safetensors import TensorSpec, serialize
+    except ImportError:  # a safetensors release before TensorSpec
+        from safetensors.torch import save
 
-def write_packed(path: PathLike, packed: PackedState, metadata: Dict[str, str]) -> Path:
-    """Writes a :class:`PackedState` on the CPU and string ``metadata`` to ``path`` as safetensors, atomically."""
-    tensors = _tensors_header(packed.entries) if sys.byteorder == "little" else None
-    if tensors is None:
-        return write_safetensors(path, packed.tensors(), metadata)
-    text = f'{{"__metadata__":{json.dumps(metadata, separators=(",", ":"))}{"," if tensors else ""}{tensors}}}'.encode()
-    text += b" " * (-len(text) % 8)
+        return save(packed.tensors(), metadata=metadata)
     data = packed.data
+    base = data.data_ptr()
+    specs = {key: TensorSpec(dtype=str(dtype).rpartition(".")[2], shape=list(shape), data_ptr=base + begin,
+                             data_len=end - begin)
+             for key, dtype, shape, begin, end in packed.entries}
+    out = bytes(serialize(specs, metadata=metadata))
+    del data  # the buffer the specs point into lives until here
+    return out
+
+
+def write_packed(path: PathLike, packed: Union[PackedState, bytes], metadata: Optional[Dict[str, str]] = None) -> Path:
+    """Writes a snapshot to ``path`` atomically: a :class:`PackedState` on the CPU with its string ``metadata``,
+    or the bytes :func:`serialize_packed` made of them."""
+    data = packed if isinstance(packed, bytes) else serialize_packed(packed, metadata)
     with atomic_write(path) as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        if data.numel():
-            # Written from the tensor's memory, with the interpreter lock released for the system call.
-            f.write(memoryview((ctypes.c_ubyte * data.numel()).from_address(data.data_ptr())))
+        f.write(data)
     return Path(path)
 
 
