@@ -11,7 +11,9 @@ the validation and test splits; the plot (``--out``) shows accuracy against
 It also measures what the snapshots cost: the time of a training step
 (forward, backward, SGD, the EMA update) with snapshots on and off, in
 interleaved blocks so that a busy machine slows both alike (the median of
-each, and the median of the ratio of neighbouring blocks).
+each, and the ratio of neighbouring blocks), with two identical runs taking
+turns to have snapshots on, so that what differs between two runs is not
+counted as the snapshots' cost.
 
     python examples/posthoc_digits_sweep.py --out docs/posthoc_sweep.png   # a few minutes on 2 CPU cores
     python examples/posthoc_digits_sweep.py --epochs 2 --grid 5 --timing-rounds 2 --out /tmp/sweep.png
@@ -44,20 +46,29 @@ def net_with(state, width):
 
 def step_times(args, train_ds, snapshot_dir) -> dict:
     """Median seconds per training step with snapshots on and off (same model, data and optimizer as the run), and
-    the median ratio of the two within a round: neighbouring blocks see the same load on a shared machine."""
-    runs = {}
-    for name, snapshots in (("off", False), ("on", True)):
+    the ratio on/off within a round: neighbouring blocks see the same load on a shared machine.
+
+    Two identical runs take turns: in even rounds the first has snapshots on, in odd rounds the second, and which
+    block goes first alternates too.  Two runs built alike still differ (where their memory lies), by a few percent
+    on a small model; a fixed "on" run would add that difference to the snapshots' cost.  With the turns, the
+    geometric mean of the two runs' median ratios is the snapshots' cost alone, and the square root of their
+    quotient is the two runs' own difference (reported as a check of the method).
+    """
+    runs = []
+    for name in ("a", "b"):
         torch.manual_seed(args.seed)
         net = models.get("digits_cnn", num_classes=10, width=args.width)
         opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum)
-        kw = {"snapshot_every": args.snapshot_every, "snapshot_dir": snapshot_dir} if snapshots else {}
-        ema = PostHocEMA(net, args.sigma_rels, **kw)
+        ema = PostHocEMA(net, args.sigma_rels, snapshot_every=args.snapshot_every,
+                         snapshot_dir=Path(snapshot_dir) / name)
         loader = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=True,
                             generator=torch.Generator().manual_seed(args.seed))
-        runs[name] = {"net": net, "opt": opt, "ema": ema, "loader": loader, "it": iter(loader), "times": []}
+        runs.append({"net": net, "opt": opt, "ema": ema, "loader": loader, "it": iter(loader)})
     loss_fn = torch.nn.CrossEntropyLoss()
 
-    def block(run, steps):
+    def block(run, steps, snapshots):
+        # snapshot_every=None stops the snapshots of a PostHocEMA; its writer thread stays, idle.
+        run["ema"].snapshot_every = args.snapshot_every if snapshots else None
         start = time.perf_counter()
         for _ in range(steps):
             try:
@@ -70,26 +81,35 @@ def step_times(args, train_ds, snapshot_dir) -> dict:
             run["opt"].step()
             run["opt"].zero_grad(set_to_none=True)
             run["ema"].update(run["net"])
-        return (time.perf_counter() - start) / steps
+        elapsed = time.perf_counter() - start
+        run["ema"].wait()  # a write left over must not slow the next block down
+        return elapsed / steps
 
-    for run in runs.values():
-        block(run, 50)  # warm-up: allocator, plan, first snapshot
-    steps = 4 * args.snapshot_every  # every block of "on" takes 4 snapshots
-    for _ in range(args.timing_rounds):
-        for run in runs.values():
-            run["times"].append(block(run, steps))
-    runs["on"]["ema"].wait()
-    ratios = [on / off for on, off in zip(runs["on"]["times"], runs["off"]["times"])]
-    return {"off": statistics.median(runs["off"]["times"]), "on": statistics.median(runs["on"]["times"]),
-            "ratio": statistics.median(ratios)}
+    # Warm-up (allocator, plan, the writer thread, first snapshots), ending half-way between two snapshot steps:
+    # each block's snapshots then fall in its middle, and their writes, which slow the steps after them, too.
+    for run in runs:
+        block(run, 50 + args.snapshot_every // 2, True)
+    steps = 4 * args.snapshot_every  # every block with snapshots takes 4
+    on_times, off_times, ratios = [], [], ([], [])  # ratios[k]: on/off with run k on
+    for r in range(args.timing_rounds):
+        k = r % 2
+        pair = [(runs[k], True), (runs[1 - k], False)]
+        times = {on: block(run, steps, on) for run, on in (pair if (r // 2) % 2 == 0 else pair[::-1])}
+        on_times.append(times[True])
+        off_times.append(times[False])
+        ratios[k].append(times[True] / times[False])
+    a, b = (statistics.median(x) if x else 1.0 for x in ratios)
+    return {"off": statistics.median(off_times), "on": statistics.median(on_times), "ratio": (a * b) ** 0.5,
+            "runs": (a / b) ** 0.5}
 
 
 def report_step_times(args, train_ds) -> None:
     with tempfile.TemporaryDirectory() as d:
         times = step_times(args, train_ds, d)
-    print(f"step time, median of {args.timing_rounds} interleaved blocks of {4 * args.snapshot_every} steps: "
-          f"snapshots off {1e3 * times['off']:.3f} ms, on (every {args.snapshot_every}) {1e3 * times['on']:.3f} ms; "
-          f"median ratio on/off within a round {times['ratio']:.3f} ({100 * (times['ratio'] - 1):+.1f}%)")
+    print(f"step time, median of {args.timing_rounds} rounds of interleaved blocks of {4 * args.snapshot_every} "
+          f"steps: snapshots off {1e3 * times['off']:.3f} ms, on (every {args.snapshot_every}) "
+          f"{1e3 * times['on']:.3f} ms; ratio on/off {times['ratio']:.3f} ({100 * (times['ratio'] - 1):+.1f}%; "
+          f"the two runs' own difference {100 * (times['runs'] - 1):+.1f}%)")
 
 
 def main():

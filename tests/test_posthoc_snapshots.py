@@ -166,3 +166,49 @@ def test_a_snapshot_of_an_ema_with_tied_weights(tmp_path):
     assert info.step == 1 and set(loaded) == set(state)
     for key, value in state.items():
         assert torch.equal(loaded[key], value), key
+
+
+def test_packed_files_read_back_with_safetensors(tmp_path):
+    # Snapshots are written by safetensors from views of one packed buffer (NOTE [packed snapshots]): every dtype,
+    # shape and stride reads back with safetensors' own reader, tied keys each under their name.
+    from safetensors import safe_open
+
+    g = torch.Generator().manual_seed(3)
+    shared = torch.randn(3, generator=g)
+    state = {
+        "b.mask": torch.tensor([True, False, True]),
+        "a.w": torch.randn(2, 3, 4, 5, generator=g).to(memory_format=torch.channels_last),
+        "half": torch.randn(3, generator=g).half(),
+        "bf": torch.randn(5, generator=g).bfloat16(),
+        "count": torch.tensor(7, dtype=torch.int64),
+        "small": torch.arange(3, dtype=torch.int8),
+        "f64": torch.randn(2, generator=g, dtype=torch.float64),
+        "strided": torch.randn(6, generator=g)[::2],
+        "empty": torch.zeros(0, 4),
+        "tied.one": shared,
+        "tied.two": shared,
+        "u8": torch.arange(5, dtype=torch.uint8),
+    }
+    path = _write(tmp_path, 4, 0.1, state)
+    info, loaded = read_snapshot(path)
+    assert info.step == 4 and loaded.keys() == state.keys()
+    for key, value in state.items():
+        assert loaded[key].dtype == value.dtype and loaded[key].shape == value.shape and torch.equal(loaded[key], value)
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata()["step"] == "4"
+        assert set(f.keys()) == set(state)
+
+
+def test_pack_state_is_a_copy_with_views_at_their_element_size(tmp_path):
+    from ema_cuda.posthoc.snapshots import pack_state
+
+    state = {"n": torch.tensor(3, dtype=torch.int8), "w": torch.randn(2, 3), "d": torch.randn(2, dtype=torch.float64)}
+    packed = pack_state(state)
+    assert packed.data.dtype == torch.uint8 and packed.data.numel() == 1 + 6 * 4 + 2 * 8
+    views = packed.tensors()
+    assert all(torch.equal(views[k], v) for k, v in state.items())
+    for key, dtype, shape, begin, end in packed.entries:  # largest element size first: each view aligned
+        assert begin % dtype.itemsize == 0 and end - begin == state[key].numel() * dtype.itemsize
+    packed.data.zero_()  # a copy: the state keeps its values
+    assert state["w"].abs().sum() > 0
+    assert read_snapshot(_write(tmp_path, 2, 0.1, {}))[1] == {}  # a snapshot without tensors

@@ -27,7 +27,8 @@ from ema_cuda.ema.storage import EMAStorage
 from ema_cuda.ema.trees import ReplicatedTree
 from ema_cuda.posthoc.profiles import SIGMA_REL_MAX, PowerFunctionDecay, sigma_rel_to_gamma
 from ema_cuda.posthoc.reconstruct import reconstruct
-from ema_cuda.posthoc.snapshots import SnapshotInfo, list_snapshots, snapshot_filename, write_snapshot
+from ema_cuda.posthoc.snapshots import (SnapshotInfo, list_snapshots, serialize_packed, snapshot_filename,
+                                        snapshot_metadata, write_packed)
 from ema_cuda.posthoc.writer import SnapshotWriter, host_copy
 
 __all__ = ["PostHocEMA", "STATE_FORMAT"]
@@ -188,7 +189,10 @@ class PostHocEMA:
         self._ready: Callable[[], bool] = lambda: False
         self._update: Callable[[List[float]], None] = lambda decays: None
         self._swap_depth = 0
-        self._writer = SnapshotWriter(write_snapshot, where)
+        self._writer = SnapshotWriter(write_packed, where)
+        # Checked once here: a snapshot only puts its step in (it runs on the training thread).
+        self._metadata = [snapshot_metadata(where, step=1, gamma=g, sigma_rel=s) for s, g in zip(self.sigma_rels,
+                                                                                                  self.gammas)]
         self._dir_checked = False
 
     # ------------------------------------------------------------------ configuration values
@@ -321,11 +325,13 @@ class PostHocEMA:
             self._dir_checked = True
             self._warn_about_later_snapshots()
         jobs, from_cuda = [], False
-        for s, g, storage in zip(self.sigma_rels, self.gammas, self._storages):
-            tensors, cuda = host_copy({e.key: e.tensor for e in storage.entries()})
+        for s, metadata, storage in zip(self.sigma_rels, self._metadata, self._storages):
+            packed, cuda = host_copy({e.key: e.tensor for e in storage.entries()})
             from_cuda = from_cuda or cuda
             path = self.snapshot_dir / snapshot_filename(self.step, s)
-            jobs.append((path, tensors, {"step": self.step, "gamma": g, "sigma_rel": s}))
+            metadata = dict(metadata, step=str(self.step))
+            # NOTE [packed snapshots]: serialised here unless a copy from CUDA is still on its way.
+            jobs.append((path, packed if cuda else serialize_packed(packed, metadata), metadata))
         event = None
         if from_cuda:  # one event after the last copy covers all of them
             event = torch.cuda.Event()

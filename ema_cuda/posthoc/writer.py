@@ -2,9 +2,10 @@
 
 NOTE [background snapshots]: writing a snapshot means serialising every
 profile's tensors and an fsync, which takes far longer than an update.  The
-training thread only copies the tensors (to pinned host memory, without
-waiting, from a CUDA device; plainly from the CPU) and hands the copies to
-one writer thread, so the values written are those of the snapshot step
+training thread only copies the tensors, packed into one buffer (NOTE [packed
+snapshots] in :mod:`ema_cuda.posthoc.snapshots`; to pinned host memory,
+without waiting, from a CUDA device), and hands the copies to one writer
+thread, so the values written are those of the snapshot step
 whatever later updates do.  The queue holds at most ``MAX_PENDING``
 snapshots: a writer that falls behind (a slow disk) makes the training
 thread wait instead of piling up copies in host memory.  A failed write is
@@ -24,42 +25,35 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ema_cuda.posthoc.snapshots import PackedState, pack_state
+
 __all__ = ["MAX_PENDING", "SnapshotWriter", "host_copy"]
 
 #: Snapshots (all profiles of one step) copied but not yet written before the training thread waits.
 MAX_PENDING = 2
 
-# (path, tensors, metadata keyword arguments) of one file to write.
-Job = Tuple[Path, Dict[str, torch.Tensor], Dict[str, Any]]
+# (path, packed tensors, metadata) of one file to write.
+Job = Tuple[Path, PackedState, Dict[str, str]]
 
 
-def host_copy(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], bool]:
-    """A CPU copy of ``state`` (each tensor once, tied keys share it), and whether a copy came from CUDA.
+def host_copy(state: Dict[str, torch.Tensor]) -> Tuple[PackedState, bool]:
+    """A CPU copy of ``state`` packed into one buffer (NOTE [packed snapshots]), and whether it came from CUDA.
 
-    CUDA tensors go to pinned memory with ``non_blocking``: the copy is queued
-    on the current stream, before any later update, so it holds this step's
-    values once an event recorded after it has completed (the caller records
-    one and hands it to :meth:`SnapshotWriter.submit`).
+    From CUDA, the packed buffer goes to pinned memory with ``non_blocking``:
+    the copy is queued on the current stream, before any later update, so it
+    holds this step's values once an event recorded after it has completed
+    (the caller records one and hands it to :meth:`SnapshotWriter.submit`).
     """
-    copies: Dict[int, torch.Tensor] = {}
-    out: Dict[str, torch.Tensor] = {}
-    from_cuda = False
-    for key, t in state.items():
-        if id(t) not in copies:
-            src = t.detach()
-            if src.is_cuda:
-                buf = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
-                buf.copy_(src, non_blocking=True)
-                from_cuda = True
-            else:
-                buf = src.clone(memory_format=torch.contiguous_format)
-            copies[id(t)] = buf
-        out[key] = copies[id(t)]
-    return out, from_cuda
+    packed = pack_state(state)
+    if not packed.data.is_cuda:
+        return packed, False
+    buf = torch.empty(packed.data.shape, dtype=torch.uint8, pin_memory=True)
+    buf.copy_(packed.data, non_blocking=True)
+    return packed._replace(data=buf), True
 
 
 class SnapshotWriter:
-    """One background thread writing snapshot files with ``write(path, tensors, **metadata)`` (NOTE [background
+    """One background thread writing snapshot files with ``write(path, packed, metadata)`` (NOTE [background
     snapshots])."""
 
     def __init__(self, write: Callable[..., Any], where: str):
@@ -125,8 +119,8 @@ def _drain(jobs_queue: "queue.Queue", write: Callable[..., Any], errors: List[Ba
             jobs, event = item
             if event is not None:
                 event.synchronize()
-            for path, tensors, metadata in jobs:
-                write(path, tensors, **metadata)
+            for path, packed, metadata in jobs:
+                write(path, packed, metadata)
         except BaseException as e:  # kept for the training thread (NOTE [background snapshots])
             errors.append(e)
         finally:
