@@ -98,14 +98,12 @@ def serialize_packed(packed: PackedState, metadata: Dict[str, str]) -> bytes:
         from safetensors.torch import save
 
         return save(packed.tensors(), metadata=metadata)
-    data = packed.data
-    base = data.data_ptr()
+    # The specs point into packed.data, which the argument keeps alive through the call.
+    base = packed.data.data_ptr()
     specs = {key: TensorSpec(dtype=str(dtype).rpartition(".")[2], shape=list(shape), data_ptr=base + begin,
                              data_len=end - begin)
              for key, dtype, shape, begin, end in packed.entries}
-    out = bytes(serialize(specs, metadata=metadata))
-    del data  # the buffer the specs point into lives until here
-    return out
+    return bytes(serialize(specs, metadata=metadata))
 
 
 def write_packed(path: PathLike, packed: Union[PackedState, bytes], metadata: Optional[Dict[str, str]] = None) -> Path:

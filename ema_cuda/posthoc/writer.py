@@ -21,7 +21,7 @@ import queue
 import threading
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -32,8 +32,8 @@ __all__ = ["MAX_PENDING", "SnapshotWriter", "host_copy"]
 #: Snapshots (all profiles of one step) copied but not yet written before the training thread waits.
 MAX_PENDING = 2
 
-# (path, packed tensors, metadata) of one file to write.
-Job = Tuple[Path, PackedState, Dict[str, str]]
+# (path, packed tensors or the bytes serialised from them, metadata) of one file to write.
+Job = Tuple[Path, Union[PackedState, bytes], Dict[str, str]]
 
 
 def host_copy(state: Dict[str, torch.Tensor]) -> Tuple[PackedState, bool]:
