@@ -139,7 +139,21 @@ def multi_update_tensor(ema: List[torch.Tensor], model: List[torch.Tensor], deca
     apply_multi(ema, model, decays)
 
 
-class ListUpdater:
+class _CheckedLists:
+    """What the two updaters share: ``ready()`` is their ``_check()`` of the lists, as a bool."""
+
+    def _check(self) -> None:
+        raise NotImplementedError
+
+    def ready(self) -> bool:
+        try:
+            self._check()
+        except (RuntimeError, TypeError):
+            return False
+        return True
+
+
+class ListUpdater(_CheckedLists):
     """What ``ema_cuda._C.ListUpdater`` does, in Python: the fallback side of :class:`ema_cuda.FusedUpdater`.
 
     The lists are checked when constructed, and again on every update (there
@@ -163,13 +177,6 @@ class ListUpdater:
         check_lists(UPDATER_NAME, self._ema, self._model)
         check_copy_lists(UPDATER_NAME, self._ema, self._copy_ema, self._copy_model)
         check_no_overlap(UPDATER_NAME, self._ema, self._model, self._copy_ema, self._copy_model)
-
-    def ready(self) -> bool:
-        try:
-            self._check()
-        except (RuntimeError, TypeError):
-            return False
-        return True
 
     def update(self, decay: float) -> None:
         check_decay(UPDATER_NAME, decay)
@@ -196,7 +203,7 @@ class ListUpdater:
         return len(self._copy_ema)
 
 
-class MultiListUpdater:
+class MultiListUpdater(_CheckedLists):
     """What ``ema_cuda._C.MultiListUpdater`` does, in Python: the fallback side of
     :class:`ema_cuda.ops.MultiFusedUpdater` (``profiles`` EMAs of each model tensor, ``ema`` profile-major)."""
 
@@ -212,13 +219,6 @@ class MultiListUpdater:
     def _check(self) -> None:
         check_multi_lists(MULTI_UPDATER_NAME, self._ema, self._model, self.profiles)
         check_no_overlap(MULTI_UPDATER_NAME, self._ema, self._model, profiles=self.profiles)
-
-    def ready(self) -> bool:
-        try:
-            self._check()
-        except (RuntimeError, TypeError):
-            return False
-        return True
 
     def update(self, decays: List[float]) -> None:
         check_decays(MULTI_UPDATER_NAME, decays, self.profiles)
