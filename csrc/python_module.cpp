@@ -203,17 +203,25 @@ bool with_lists(const pybind11::list& ema, const pybind11::list& model, Call&& c
   return true;
 }
 
+using DecayTensorOp = c10::TypedOperatorHandle<void(at::TensorList, at::TensorList, const at::Tensor&)>;
+
+// A Tensor overload, with a decay tensor that must be plain too.
+bool with_decay_tensor(const DecayTensorOp& handle, const pybind11::list& ema, const pybind11::list& model,
+                       const pybind11::handle& decay) {
+  const at::Tensor* d = plain_tensor(decay);
+  return d != nullptr &&
+         with_lists(ema, model, [&](at::TensorList e, at::TensorList m) { handle.call(e, m, *d); });
+}
+
 bool update(const pybind11::list& ema, const pybind11::list& model, double decay) {
   static const auto handle = op<void(at::TensorList, at::TensorList, double)>(kOpName, "");
   return with_lists(ema, model, [&](at::TensorList e, at::TensorList m) { handle.call(e, m, decay); });
 }
 
 bool update_tensor(const pybind11::list& ema, const pybind11::list& model, const pybind11::handle& decay) {
-  static const auto handle =
+  static const DecayTensorOp handle =
       op<void(at::TensorList, at::TensorList, const at::Tensor&)>(kOpName, "Tensor");
-  const at::Tensor* d = plain_tensor(decay);
-  return d != nullptr &&
-         with_lists(ema, model, [&](at::TensorList e, at::TensorList m) { handle.call(e, m, *d); });
+  return with_decay_tensor(handle, ema, model, decay);
 }
 
 bool multi_update(const pybind11::list& ema, const pybind11::list& model, const std::vector<double>& decays) {
@@ -224,11 +232,9 @@ bool multi_update(const pybind11::list& ema, const pybind11::list& model, const 
 
 bool multi_update_tensor(const pybind11::list& ema, const pybind11::list& model,
                          const pybind11::handle& decays) {
-  static const auto handle =
+  static const DecayTensorOp handle =
       op<void(at::TensorList, at::TensorList, const at::Tensor&)>(kMultiOpName, "Tensor");
-  const at::Tensor* d = plain_tensor(decays);
-  return d != nullptr &&
-         with_lists(ema, model, [&](at::TensorList e, at::TensorList m) { handle.call(e, m, *d); });
+  return with_decay_tensor(handle, ema, model, decays);
 }
 
 }  // namespace listed
